@@ -1,0 +1,568 @@
+"""Layers written from scratch: forward, backward, named parameters and gradients.
+
+Conventions (every layer):
+- images are channels-last, (N, H, W, C); dense activations are (N, F);
+- ``build(input_shape, backend)`` fixes shapes (batch axis excluded) and
+  returns the output shape; ``param_specs()`` declares the parameters, which
+  the model then allocates as views into its flat buffers;
+- ``forward(x, train)`` keeps what backward needs; ``backward(dy, need_dx)``
+  *overwrites* ``self.grads`` and returns dL/dx (or None when not needed);
+- a wrong input shape or dtype raises ValueError naming the layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import init as initializers
+from . import kernels
+from .backend import STREAM_DROPOUT
+
+
+@dataclass
+class ParamSpec:
+    """One parameter a layer asks the model to allocate."""
+
+    name: str
+    shape: tuple
+    init: str
+    fan_in: int = 1
+    fan_out: int = 1
+    decay: bool = False  # weight decay / L2 applies (weights yes, biases and norms no)
+
+
+class Layer:
+    """Base class: shape bookkeeping and input checks."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name or type(self).__name__.lower()
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.buffers: dict = {}  # non-trained state that checkpoints keep (BatchNorm statistics)
+        self.input_shape: tuple | None = None
+        self.output_shape: tuple | None = None
+        self.config: dict = {"name": name}
+
+    def _remember(self, args: dict) -> None:
+        """Keep the constructor arguments, so a model can be saved and rebuilt by name."""
+        self.config = {k: v for k, v in args.items() if k not in ("self", "__class__")}
+
+    def build(self, input_shape, backend) -> tuple:
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.backend = backend
+        self.xp = backend.xp
+        self.dtype = backend.dtype
+        self.output_shape = tuple(self._build(self.input_shape))
+        return self.output_shape
+
+    def _build(self, input_shape) -> tuple:
+        return input_shape
+
+    def param_specs(self) -> list[ParamSpec]:
+        return []
+
+    def check_input(self, x) -> None:
+        if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
+            raise ValueError(f"layer {self.name!r}: expected input of shape (batch, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"layer {self.name!r}: expected dtype {np.dtype(self.dtype).name}, got {x.dtype}")
+
+    def forward(self, x, train: bool = False):
+        raise NotImplementedError
+
+    def backward(self, dy, need_dx: bool = True):
+        raise NotImplementedError
+
+    def flops(self) -> int:
+        """Forward multiply-adds x2 per image (for the summary table)."""
+        return 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, in={self.input_shape}, out={self.output_shape})"
+
+
+def _init_name(init, default):
+    name = default if init is None else init
+    initializers.get(name)  # fail early on an unknown name
+    return name
+
+
+class Conv2D(Layer):
+    """2-D convolution as im2col + one GEMM; weights (KH, KW, C_in, F), bias (F,)."""
+
+    def __init__(self, filters: int, kernel_size=3, stride: int = 1, padding="valid", bias: bool = True,
+                 init: str | None = None, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        if int(filters) < 1:
+            raise ValueError(f"Conv2D: filters must be >= 1, got {filters}")
+        self.filters = int(filters)
+        self.kh, self.kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else tuple(kernel_size)
+        if self.kh < 1 or self.kw < 1 or int(stride) < 1:
+            raise ValueError(f"Conv2D: kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
+        self.stride = int(stride)
+        self.padding = padding
+        self.use_bias = bias
+        self.init = _init_name(init, "he_normal")
+
+    def _build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"layer {self.name!r}: expects (H, W, C) images, got input shape {input_shape}")
+        h, w, self.cin = input_shape
+        self.pads = kernels.resolve_padding(self.padding, (h, w), (self.kh, self.kw), self.stride)
+        (t, b), (l, r) = self.pads
+        self.oh = kernels.conv_out_size(h, self.kh, self.stride, t, b)
+        self.ow = kernels.conv_out_size(w, self.kw, self.stride, l, r)
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"layer {self.name!r}: a {self.kh}x{self.kw} kernel does not fit input {input_shape}")
+        self.k = self.kh * self.kw * self.cin
+        return (self.oh, self.ow, self.filters)
+
+    def param_specs(self):
+        specs = [ParamSpec("W", (self.kh, self.kw, self.cin, self.filters), self.init,
+                           self.k, self.kh * self.kw * self.filters, decay=True)]
+        if self.use_bias:
+            specs.append(ParamSpec("b", (self.filters,), "zeros"))
+        return specs
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        xp = self.xp
+        n = x.shape[0]
+        xpad = kernels.pad_nhwc(x, self.pads)
+        self.padded_shape = xpad.shape
+        self.cols = kernels.im2col(xpad, self.kh, self.kw, self.stride, self.oh, self.ow)
+        y = xp.matmul(self.cols, self.params["W"].reshape(self.k, self.filters))
+        if self.use_bias:
+            y += self.params["b"]
+        return y.reshape(n, self.oh, self.ow, self.filters)
+
+    def backward(self, dy, need_dx=True):
+        xp = self.xp
+        dy2 = dy.reshape(-1, self.filters)
+        xp.matmul(self.cols.T, dy2, out=self.grads["W"].reshape(self.k, self.filters))
+        if self.use_bias:
+            dy2.sum(axis=0, out=self.grads["b"])
+        if not need_dx:
+            self.cols = None
+            return None
+        dcols = xp.matmul(dy2, self.params["W"].reshape(self.k, self.filters).T)
+        self.cols = None
+        dxpad = kernels.col2im(dcols, self.padded_shape, self.kh, self.kw, self.stride, self.oh, self.ow)
+        return kernels.unpad_nhwc(dxpad, self.pads)
+
+    def flops(self):
+        return 2 * self.oh * self.ow * self.k * self.filters
+
+
+class Pool2D(Layer):
+    """Max, average or min pooling over KxK windows (stride, padding).
+
+    Padded cells never win a max/min (they hold -inf/+inf); average pooling
+    divides by the full window size (padding counts as zeros, as PyTorch's
+    default ``count_include_pad=True``).
+    """
+
+    MODES = ("max", "avg", "min")
+
+    def __init__(self, pool_size=2, stride=None, padding=0, mode: str = "max", name=None):
+        super().__init__(name)
+        self._remember(locals())
+        if mode not in self.MODES:
+            raise ValueError(f"Pool2D: mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        self.kh, self.kw = (pool_size, pool_size) if np.isscalar(pool_size) else tuple(pool_size)
+        self.stride = int(stride) if stride is not None else self.kh
+        if self.kh < 1 or self.kw < 1 or self.stride < 1:
+            raise ValueError(f"Pool2D: pool_size and stride must be >= 1, got {pool_size}, {stride}")
+        self.padding = padding
+
+    def _build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"layer {self.name!r}: expects (H, W, C) images, got input shape {input_shape}")
+        h, w, c = input_shape
+        self.pads = kernels.resolve_padding(self.padding, (h, w), (self.kh, self.kw), self.stride)
+        (t, b), (l, r) = self.pads
+        self.oh = kernels.conv_out_size(h, self.kh, self.stride, t, b)
+        self.ow = kernels.conv_out_size(w, self.kw, self.stride, l, r)
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"layer {self.name!r}: a {self.kh}x{self.kw} window does not fit input {input_shape}")
+        # Non-overlapping windows that tile the input exactly: a reshape, no window copy.
+        self.tiles = (self.stride == self.kh == self.kw and self.pads == ((0, 0), (0, 0))
+                      and h % self.kh == 0 and w % self.kw == 0)
+        return (self.oh, self.ow, c)
+
+    def _windows(self, x):
+        """(N, OH, OW, KH*KW, C) windows of x (a view when they tile, else one copy)."""
+        n, h, w, c = x.shape
+        if self.tiles:
+            v = x.reshape(n, self.oh, self.kh, self.ow, self.kw, c).transpose(0, 1, 3, 2, 4, 5)
+            return v.reshape(n, self.oh, self.ow, self.kh * self.kw, c)
+        fill = {"max": -np.inf, "min": np.inf, "avg": 0.0}[self.mode]
+        xpad = kernels.pad_nhwc(x, self.pads, fill)
+        self.padded_shape = xpad.shape
+        v = kernels.window_view(xpad, self.kh, self.kw, self.stride, self.oh, self.ow)
+        return v.reshape(n, self.oh, self.ow, self.kh * self.kw, c)
+
+    def _scatter(self, dwin):
+        """Adjoint of :meth:`_windows` for a (N, OH, OW, KH*KW, C) gradient."""
+        n, c = dwin.shape[0], dwin.shape[-1]
+        if self.tiles:
+            d = dwin.reshape(n, self.oh, self.ow, self.kh, self.kw, c).transpose(0, 1, 3, 2, 4, 5)
+            return d.reshape((n,) + self.input_shape)
+        d6 = dwin.reshape(n, self.oh, self.ow, self.kh, self.kw, c)
+        dpad = kernels.scatter_windows(d6, self.padded_shape, self.kh, self.kw, self.stride, self.oh, self.ow)
+        return kernels.unpad_nhwc(dpad, self.pads)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        xp = self.xp
+        win = self._windows(x)
+        self.n = x.shape[0]
+        if self.mode == "avg":
+            return win.mean(axis=3)
+        arg = win.argmax(axis=3) if self.mode == "max" else win.argmin(axis=3)
+        self.arg = arg.astype(np.uint8) if self.kh * self.kw < 256 else arg
+        return xp.take_along_axis(win, arg[:, :, :, None, :], axis=3)[:, :, :, 0, :]
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        xp = self.xp
+        kk = self.kh * self.kw
+        if self.mode == "avg":
+            dwin = xp.broadcast_to((dy / kk)[:, :, :, None, :], dy.shape[:3] + (kk, dy.shape[3]))
+            if self.tiles:
+                dwin = xp.ascontiguousarray(dwin)
+        else:
+            # One-hot of the winning position times dy; ties go to the first winner.
+            slots = xp.arange(kk, dtype=self.arg.dtype)[None, None, None, :, None]
+            dwin = (self.arg[:, :, :, None, :] == slots) * dy[:, :, :, None, :]
+            self.arg = None
+        return self._scatter(dwin)
+
+    def flops(self):
+        return self.oh * self.ow * self.output_shape[2] * self.kh * self.kw
+
+
+def MaxPool2D(pool_size=2, stride=None, padding=0, name=None):
+    return Pool2D(pool_size, stride, padding, "max", name or "maxpool2d")
+
+
+def AvgPool2D(pool_size=2, stride=None, padding=0, name=None):
+    return Pool2D(pool_size, stride, padding, "avg", name or "avgpool2d")
+
+
+def MinPool2D(pool_size=2, stride=None, padding=0, name=None):
+    return Pool2D(pool_size, stride, padding, "min", name or "minpool2d")
+
+
+class GlobalAvgPool2D(Layer):
+    """(N, H, W, C) -> (N, C): the mean of each channel."""
+
+    def _build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"layer {self.name!r}: expects (H, W, C) images, got input shape {input_shape}")
+        return (input_shape[2],)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        return x.mean(axis=(1, 2))
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        h, w, c = self.input_shape
+        return self.xp.broadcast_to((dy / (h * w))[:, None, None, :], (dy.shape[0], h, w, c)).copy()
+
+
+class Flatten(Layer):
+    def _build(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, need_dx=True):
+        return dy.reshape((dy.shape[0],) + self.input_shape) if need_dx else None
+
+
+class Dense(Layer):
+    """y = x @ W + b with W (in, out)."""
+
+    def __init__(self, units: int, bias: bool = True, init: str | None = None, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        if int(units) < 1:
+            raise ValueError(f"Dense: units must be >= 1, got {units}")
+        self.units = int(units)
+        self.use_bias = bias
+        self.init = _init_name(init, "he_normal")
+
+    def _build(self, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(f"layer {self.name!r}: expects flat (features,) input, got {input_shape}; "
+                             "put a Flatten before it")
+        self.fan_in = input_shape[0]
+        return (self.units,)
+
+    def param_specs(self):
+        specs = [ParamSpec("W", (self.fan_in, self.units), self.init, self.fan_in, self.units, decay=True)]
+        if self.use_bias:
+            specs.append(ParamSpec("b", (self.units,), "zeros"))
+        return specs
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        self.x = x
+        y = self.xp.matmul(x, self.params["W"])
+        if self.use_bias:
+            y += self.params["b"]
+        return y
+
+    def backward(self, dy, need_dx=True):
+        xp = self.xp
+        xp.matmul(self.x.T, dy, out=self.grads["W"])
+        if self.use_bias:
+            dy.sum(axis=0, out=self.grads["b"])
+        self.x = None
+        return xp.matmul(dy, self.params["W"].T) if need_dx else None
+
+    def flops(self):
+        return 2 * self.fan_in * self.units
+
+
+class Dropout(Layer):
+    """Inverted dropout: scaled at train time, the identity at eval time.
+
+    The mask comes from a key the model sets before each step
+    (seed, rank, step, layer index), so runs and resumes are reproducible.
+    """
+
+    def __init__(self, rate: float, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+        self.key = (0, STREAM_DROPOUT, 0, 0, 0)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        if not train or self.rate == 0.0:
+            self.mask = None
+            return x
+        self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype)
+        return x * self.mask
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        return dy if self.mask is None else dy * self.mask
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over every axis but the last (channels or features).
+
+    Train mode normalises with the local batch statistics (no SyncBN: under
+    data parallelism each rank uses its own batch, like PyTorch DDP) and
+    updates running statistics; eval mode uses the running statistics.
+    """
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def _build(self, input_shape):
+        self.c = input_shape[-1]
+        self.buffers = {"running_mean": self.xp.zeros(self.c, self.dtype),
+                        "running_var": self.xp.ones(self.c, self.dtype)}
+        return input_shape
+
+    def param_specs(self):
+        return [ParamSpec("gamma", (self.c,), "ones"), ParamSpec("beta", (self.c,), "zeros")]
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            m = x.size // self.c
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            rm *= 1 - self.momentum
+            rm += self.momentum * mean
+            rv *= 1 - self.momentum
+            rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
+        else:
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+        self.batch_stats = train
+        self.invstd = 1.0 / self.xp.sqrt(var + self.eps)
+        self.xhat = (x - mean) * self.invstd
+        return self.xhat * self.params["gamma"] + self.params["beta"]
+
+    def backward(self, dy, need_dx=True):
+        axes = tuple(range(dy.ndim - 1))
+        m = dy.size // self.c
+        dy.sum(axis=axes, out=self.grads["beta"])
+        (dy * self.xhat).sum(axis=axes, out=self.grads["gamma"])
+        if not need_dx:
+            return None
+        dxhat = dy * self.params["gamma"]
+        if not self.batch_stats:  # eval mode: statistics are constants
+            self.xhat = None
+            return dxhat * self.invstd
+        # d/dx of (x - mean(x)) / std(x), with both statistics depending on x.
+        dx = (dxhat - dxhat.mean(axis=axes) - self.xhat * (dxhat * self.xhat).mean(axis=axes)) * self.invstd
+        self.xhat = None
+        return dx
+
+
+class ReLU(Layer):
+    def forward(self, x, train=False):
+        self.check_input(x)
+        self.pos = x > 0
+        return x * self.pos
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.pos if need_dx else None
+
+
+class LeakyReLU(Layer):
+    def __init__(self, alpha: float = 0.01, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        self.alpha = float(alpha)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        self.slope = self.xp.where(x > 0, self.dtype(1.0), self.dtype(self.alpha))
+        return x * self.slope
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.slope if need_dx else None
+
+
+class PReLU(Layer):
+    """Leaky ReLU whose negative slope is learned, one per channel/feature."""
+
+    def __init__(self, alpha_init: float = 0.25, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        self.alpha_init = float(alpha_init)
+
+    def _build(self, input_shape):
+        self.c = input_shape[-1]
+        return input_shape
+
+    def param_specs(self):
+        return [ParamSpec("alpha", (self.c,), f"const:{self.alpha_init}")]
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        self.x = x
+        self.neg = x <= 0
+        return self.xp.where(self.neg, x * self.params["alpha"], x)
+
+    def backward(self, dy, need_dx=True):
+        axes = tuple(range(dy.ndim - 1))
+        (dy * self.x * self.neg).sum(axis=axes, out=self.grads["alpha"])
+        self.x = None
+        return self.xp.where(self.neg, dy * self.params["alpha"], dy) if need_dx else None
+
+
+class Sigmoid(Layer):
+    def forward(self, x, train=False):
+        self.check_input(x)
+        xp = self.xp
+        # exp of a non-positive number only: no overflow for large |x|.
+        e = xp.exp(-xp.abs(x))
+        self.y = xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+        return self.y
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.y * (1.0 - self.y) if need_dx else None
+
+
+class Tanh(Layer):
+    def forward(self, x, train=False):
+        self.check_input(x)
+        self.y = self.xp.tanh(x)
+        return self.y
+
+    def backward(self, dy, need_dx=True):
+        return dy * (1.0 - self.y * self.y) if need_dx else None
+
+
+class ELU(Layer):
+    def __init__(self, alpha: float = 1.0, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        self.alpha = float(alpha)
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        xp = self.xp
+        self.pos = x > 0
+        # expm1 of min(x, 0) only: no overflow warning on large positive x.
+        self.neg_part = self.alpha * xp.expm1(xp.minimum(x, 0))
+        return xp.where(self.pos, x, self.neg_part)
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        return self.xp.where(self.pos, dy, dy * (self.neg_part + self.alpha))
+
+
+class SoftmaxCrossEntropy:
+    """Fused softmax + categorical cross-entropy on logits.
+
+    ``forward(logits, labels)`` returns the mean loss over the batch as a 0-d
+    device array (no host sync); ``backward()`` returns dL/dlogits =
+    (softmax - target) / batch.  With label smoothing eps the target is
+    (1 - eps) * one_hot + eps / classes.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.eps = float(label_smoothing)
+
+    def forward(self, logits, labels):
+        xp = _xp_of(logits)
+        if logits.ndim != 2:
+            raise ValueError(f"SoftmaxCrossEntropy: expected logits of shape (batch, classes), got {logits.shape}")
+        if labels.shape != (logits.shape[0],):
+            raise ValueError(f"SoftmaxCrossEntropy: expected labels of shape ({logits.shape[0]},), got {labels.shape}")
+        n, k = logits.shape
+        shifted = logits - logits.max(axis=1, keepdims=True)  # exp never overflows
+        logsumexp = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        logp = shifted - logsumexp
+        self.probs = xp.exp(logp)
+        self.labels = labels
+        picked = xp.take_along_axis(logp, labels[:, None].astype(np.int64), axis=1)[:, 0]
+        nll = -picked
+        if self.eps:
+            nll = (1.0 - self.eps) * nll - self.eps * logp.mean(axis=1)
+        return nll.mean()
+
+    def backward(self):
+        xp = _xp_of(self.probs)
+        n, k = self.probs.shape
+        d = self.probs.copy()
+        if self.eps:
+            d -= self.eps / k
+        rows = xp.arange(n)
+        d[rows, self.labels] -= 1.0 - self.eps
+        d /= n
+        return d
+
+
+def _xp_of(a):
+    from .backend import array_module
+    return array_module(a)

@@ -1,0 +1,229 @@
+"""Sequential models over ONE flat parameter buffer and ONE flat gradient buffer.
+
+Every layer's parameters and gradients are views into ``model.params`` and
+``model.grads``.  The allreduce, the optimizer, the broadcast and the
+checkpoint each handle one array, never a list of tensors.
+
+Parameters are laid out in *reverse* layer order: backward produces the last
+layer's gradients first, so the gradient buffer fills from its start, and a
+bucket ``grads[a:b]`` is complete as soon as backward has passed the layer
+that owns offset ``a``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import init as initializers
+from . import layers as L
+from .backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
+
+
+class Sequential:
+    """A stack of layers, built for an input shape (H, W, C) or (F,), on a backend."""
+
+    def __init__(self, layers, input_shape, backend: Backend | None = None, seed: int = 0,
+                 name: str = "custom", arch_kwargs: dict | None = None):
+        self.backend = backend or get_backend("cpu")
+        self.xp = self.backend.xp
+        self.layers = list(layers)
+        self.name = name
+        self.arch_kwargs = dict(arch_kwargs or {})
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.seed = int(seed)
+        self.rank = 0
+        _unique_names(self.layers)
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = layer.build(shape, self.backend)
+        self.output_shape = shape
+        self._allocate_and_init()
+
+    # ---- flat buffers -------------------------------------------------
+    def _allocate_and_init(self):
+        xp, dtype = self.xp, self.backend.dtype
+        self.entries = []  # (layer index, ParamSpec, offset) in buffer order
+        offset = 0
+        self.layer_offsets = [0] * len(self.layers)  # first offset of each layer's params
+        for i in reversed(range(len(self.layers))):
+            self.layer_offsets[i] = offset
+            for spec in self.layers[i].param_specs():
+                self.entries.append((i, spec, offset))
+                offset += int(np.prod(spec.shape))
+        self.num_params = offset
+        self.layer_ends = [self.layer_offsets[i] + sum(int(np.prod(s.shape)) for s in self.layers[i].param_specs())
+                           for i in range(len(self.layers))]
+        host = np.zeros(offset, dtype=np.float64)
+        # Initialise in forward order, whatever the layout, with one generator.
+        rng = host_rng(self.seed, STREAM_INIT)
+        for i, spec, off in sorted(self.entries, key=lambda e: (e[0], e[2])):
+            fn = initializers.get(spec.init)
+            host[off:off + int(np.prod(spec.shape))] = fn(rng, spec.shape, spec.fan_in, spec.fan_out).ravel()
+        self.params = xp.asarray(host.astype(dtype))
+        self.grads = xp.zeros(offset, dtype=dtype)
+        for i, spec, off in self.entries:
+            size = int(np.prod(spec.shape))
+            layer = self.layers[i]
+            layer.params[spec.name] = self.params[off:off + size].reshape(spec.shape)
+            layer.grads[spec.name] = self.grads[off:off + size].reshape(spec.shape)
+        self.decay_ranges = _merge_ranges(
+            [(off, off + int(np.prod(spec.shape))) for _, spec, off in self.entries if spec.decay])
+
+    def param_names(self) -> list[str]:
+        """Names in buffer order, e.g. ``conv2d.W``."""
+        return [f"{self.layers[i].name}.{spec.name}" for i, spec, _ in self.entries]
+
+    def named_params(self) -> dict:
+        return {f"{self.layers[i].name}.{spec.name}": self.layers[i].params[spec.name] for i, spec, _ in self.entries}
+
+    def named_buffers(self) -> dict:
+        """Non-trained state (BatchNorm running statistics), by name."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.buffers.items()}
+
+    # ---- compute ------------------------------------------------------
+    def check_input(self, x) -> None:
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"model {self.name!r}: expected input of shape (batch, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        if x.dtype != self.backend.dtype:
+            raise ValueError(f"model {self.name!r}: expected input dtype {np.dtype(self.backend.dtype).name}, "
+                             f"got {x.dtype}")
+
+    def forward(self, x, train: bool = False, step: int = 0):
+        """Logits for a batch.  `step` keys the dropout masks (with seed and rank)."""
+        self.check_input(x)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, L.Dropout):
+                layer.key = (self.seed, STREAM_DROPOUT, self.rank, step, i)
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dlogits, on_layer_done=None) -> None:
+        """Fill ``self.grads``.  ``on_layer_done(i)`` runs after layer i's backward,
+        when grads[:layer_ends[i]]... is final (the reducer starts buckets there)."""
+        dy = dlogits
+        for i in reversed(range(len(self.layers))):
+            dy = self.layers[i].backward(dy, need_dx=i > 0)
+            if on_layer_done is not None:
+                on_layer_done(i)
+
+    def predict(self, x, batch_size: int = 1024):
+        """Eval-mode logits for any number of samples, in batches."""
+        outs = [self.forward(x[i:i + batch_size], train=False) for i in range(0, x.shape[0], batch_size)]
+        return self.xp.concatenate(outs) if outs else self.xp.zeros((0,) + self.output_shape, self.backend.dtype)
+
+    # ---- description --------------------------------------------------
+    def describe(self) -> dict:
+        """Everything needed to rebuild this architecture (not the weights)."""
+        return {"name": self.name, "input_shape": list(self.input_shape), "arch_kwargs": self.arch_kwargs,
+                "layers": [{"type": type(l).__name__, **l.config} for l in self.layers]}
+
+    def summary_rows(self):
+        """(name, type, output shape, params, forward MFLOP per image) per layer."""
+        rows = []
+        for layer in self.layers:
+            n = sum(int(np.prod(s.shape)) for s in layer.param_specs())
+            rows.append((layer.name, type(layer).__name__, layer.output_shape, n, layer.flops() / 1e6))
+        return rows
+
+
+def _unique_names(layers) -> None:
+    """Give repeated default names a number (conv2d, conv2d_1, ...) so names are keys."""
+    seen: dict = {}
+    for layer in layers:
+        base = layer.name
+        if base in seen:
+            seen[base] += 1
+            layer.name = f"{base}_{seen[base]}"
+        else:
+            seen[base] = 0
+
+
+def _merge_ranges(ranges):
+    merged = []
+    for a, b in sorted(ranges):
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+# ---- named architectures ----------------------------------------------
+
+def _act(kind: str, alpha: float):
+    return {"relu": lambda: L.ReLU(), "leaky_relu": lambda: L.LeakyReLU(alpha), "prelu": lambda: L.PReLU(),
+            "elu": lambda: L.ELU(), "tanh": lambda: L.Tanh(), "sigmoid": lambda: L.Sigmoid()}[kind]()
+
+
+def fmnist_cnn(num_classes=10, dropout=True, batchnorm=False, activation="leaky_relu", alpha=0.1):
+    """Seed 002's network: conv3x3-32, conv3x3-64, pool, conv3x3-128, pool, dense 3200->512->10."""
+    def block(filters):
+        out = [L.Conv2D(filters, 3, bias=not batchnorm)]
+        if batchnorm:
+            out.append(L.BatchNorm())
+        return out + [_act(activation, alpha)]
+
+    drop = (lambda r: [L.Dropout(r)]) if dropout else (lambda r: [])
+    return (block(32) + block(64) + [L.MaxPool2D(2)] + drop(0.25) + block(128) + [L.MaxPool2D(2)] + drop(0.25)
+            + [L.Flatten(), L.Dense(512)] + ([L.BatchNorm()] if batchnorm else []) + [_act(activation, alpha)]
+            + drop(0.5) + [L.Dense(num_classes, init="glorot_uniform")])
+
+
+def fmnist_vgg(num_classes=10, dropout=True, activation="relu", alpha=0.1, width=64):
+    """A VGG-style stack with batch norm: 2x(conv-bn-act) per stage, 3 stages, global average pool."""
+    layers = []
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        for _ in range(2):
+            layers += [L.Conv2D(filters, 3, padding="same", bias=False), L.BatchNorm(), _act(activation, alpha)]
+        if stage < 2:
+            layers.append(L.MaxPool2D(2))
+            if dropout:
+                layers.append(L.Dropout(0.1 * (stage + 1)))
+    layers += [L.GlobalAvgPool2D(), L.Dense(num_classes, init="glorot_uniform")]
+    return layers
+
+
+def lenet(num_classes=10, dropout=False, activation="relu", alpha=0.1):
+    """A small, fast CNN for CI: conv5x5-6, pool, conv5x5-16, pool, dense 120-84-10."""
+    return [L.Conv2D(6, 5, padding="same"), _act(activation, alpha), L.MaxPool2D(2),
+            L.Conv2D(16, 5), _act(activation, alpha), L.MaxPool2D(2),
+            L.Flatten(), L.Dense(120), _act(activation, alpha)] + ([L.Dropout(0.25)] if dropout else []) + [
+            L.Dense(84), _act(activation, alpha), L.Dense(num_classes, init="glorot_uniform")]
+
+
+def mlp(num_classes=10, dropout=False, activation="relu", alpha=0.1, hidden=(128, 64)):
+    """784 -> 128 -> 64 -> 10 (the seeds' MLP)."""
+    layers = [L.Flatten()]
+    for h in hidden:
+        layers += [L.Dense(h), _act(activation, alpha)] + ([L.Dropout(0.2)] if dropout else [])
+    return layers + [L.Dense(num_classes, init="glorot_uniform")]
+
+
+ARCHITECTURES = {"fmnist-cnn": fmnist_cnn, "fmnist-vgg": fmnist_vgg, "lenet": lenet, "mlp": mlp}
+
+
+def build(name: str, backend: Backend | None = None, seed: int = 0, input_shape=(28, 28, 1), num_classes=10,
+          **arch_kwargs) -> Sequential:
+    """A named architecture (see ARCHITECTURES), initialised from `seed`."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"--model: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    layers = ARCHITECTURES[name](num_classes=num_classes, **arch_kwargs)
+    return Sequential(layers, input_shape, backend, seed, name=name, arch_kwargs=arch_kwargs)
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (
+    L.Conv2D, L.Pool2D, L.GlobalAvgPool2D, L.Flatten, L.Dense, L.Dropout, L.BatchNorm, L.ReLU, L.LeakyReLU,
+    L.PReLU, L.Sigmoid, L.Tanh, L.ELU)}
+
+
+def from_description(desc: dict, backend: Backend | None = None, seed: int = 0) -> Sequential:
+    """Rebuild a model from :meth:`Sequential.describe` (weights are loaded separately)."""
+    layers = []
+    for spec in desc["layers"]:
+        spec = dict(spec)
+        kind = spec.pop("type")
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"model description: unknown layer type {kind!r}")
+        layers.append(LAYER_TYPES[kind](**spec))
+    return Sequential(layers, desc["input_shape"], backend, seed, name=desc.get("name", "custom"),
+                      arch_kwargs=desc.get("arch_kwargs"))

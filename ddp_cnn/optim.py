@@ -1,0 +1,212 @@
+"""Optimizers and learning-rate schedules over the flat parameter buffer.
+
+An optimizer's whole state is a few flat arrays the size of the parameter
+buffer (plus a step counter), so a checkpoint or a broadcast is one array
+each.  Every rank runs the same update on bitwise-identical inputs, so the
+replicas stay bitwise identical.
+
+Regularisation, for every optimizer:
+- ``l2``: coupled L2, adds ``l2 * p`` to the gradient (what "weight decay"
+  means for plain SGD);
+- ``weight_decay``: decoupled decay, ``p -= lr * weight_decay * p`` apart from
+  the gradient step (AdamW is Adam with this).
+Both apply to weights only (``model.decay_ranges``), never to biases or norms.
+"""
+from __future__ import annotations
+
+import math
+
+
+
+class Optimizer:
+    state_names: tuple = ()
+
+    def __init__(self, params, grads, lr: float = 0.01, l2: float = 0.0, weight_decay: float = 0.0,
+                 decay_ranges=None):
+        if not lr > 0:
+            raise ValueError(f"--lr: must be > 0, got {lr}")
+        if l2 < 0 or weight_decay < 0:
+            raise ValueError(f"--l2/--weight-decay: must be >= 0, got {l2}, {weight_decay}")
+        self.params, self.grads = params, grads
+        self.lr = float(lr)
+        self.l2 = float(l2)
+        self.weight_decay = float(weight_decay)
+        self.decay_ranges = [(0, params.size)] if decay_ranges is None else list(decay_ranges)
+        self.t = 0
+        xp = _xp(params)
+        self.state = {name: xp.zeros_like(params) for name in self.state_names}
+
+    def step(self, lr: float | None = None) -> None:
+        """Apply one update with `lr` (default: the base lr) using ``self.grads``."""
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        if self.l2:
+            for a, b in self.decay_ranges:
+                self.grads[a:b] += self.l2 * self.params[a:b]
+        if self.weight_decay:
+            for a, b in self.decay_ranges:
+                self.params[a:b] *= 1.0 - lr * self.weight_decay
+        self._update(lr)
+
+    def _update(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, **self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        for name in self.state_names:
+            self.state[name][...] = _xp(self.params).asarray(state[name])
+
+
+class SGD(Optimizer):
+    """p -= lr * g."""
+
+    def _update(self, lr):
+        self.params -= lr * self.grads
+
+
+class Momentum(Optimizer):
+    """Heavy ball (PyTorch form): v = mu v + g; p -= lr v.  Nesterov: p -= lr (g + mu v)."""
+
+    state_names = ("velocity",)
+
+    def __init__(self, params, grads, lr=0.01, momentum: float = 0.9, nesterov: bool = False, **kw):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"--momentum: must be in [0, 1), got {momentum}")
+        super().__init__(params, grads, lr, **kw)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+
+    def _update(self, lr):
+        v = self.state["velocity"]
+        v *= self.momentum
+        v += self.grads
+        if self.nesterov:
+            self.params -= lr * (self.grads + self.momentum * v)
+        else:
+            self.params -= lr * v
+
+
+class Adam(Optimizer):
+    """Adam with bias correction; AdamW = Adam(weight_decay=...) (decoupled)."""
+
+    state_names = ("m", "v")
+
+    def __init__(self, params, grads, lr=1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kw):
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or eps <= 0:
+            raise ValueError(f"--beta1/--beta2 must be in [0, 1) and --eps > 0, got {beta1}, {beta2}, {eps}")
+        super().__init__(params, grads, lr, **kw)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def _update(self, lr):
+        xp = _xp(self.params)
+        m, v, g = self.state["m"], self.state["v"], self.grads
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
+        v += (1 - self.beta2) * (g * g)
+        # Fold both bias corrections into one step size (as the Adam paper's sec. 2 suggests).
+        step = lr * math.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
+        eps_hat = self.eps * math.sqrt(1 - self.beta2 ** self.t)
+        self.params -= step * (m / (xp.sqrt(v) + eps_hat))
+
+
+class AdaGrad(Optimizer):
+    """s += g^2; p -= lr g / (sqrt(s) + eps)."""
+
+    state_names = ("sum_sq",)
+
+    def __init__(self, params, grads, lr=0.01, eps: float = 1e-10, **kw):
+        super().__init__(params, grads, lr, **kw)
+        self.eps = float(eps)
+
+    def _update(self, lr):
+        xp = _xp(self.params)
+        s = self.state["sum_sq"]
+        s += self.grads * self.grads
+        self.params -= lr * self.grads / (xp.sqrt(s) + self.eps)
+
+
+class RMSprop(Optimizer):
+    """s = rho s + (1 - rho) g^2; p -= lr g / (sqrt(s) + eps)."""
+
+    state_names = ("mean_sq",)
+
+    def __init__(self, params, grads, lr=1e-3, rho: float = 0.9, eps: float = 1e-8, **kw):
+        if not 0 <= rho < 1:
+            raise ValueError(f"--rho: must be in [0, 1), got {rho}")
+        super().__init__(params, grads, lr, **kw)
+        self.rho, self.eps = float(rho), float(eps)
+
+    def _update(self, lr):
+        xp = _xp(self.params)
+        s = self.state["mean_sq"]
+        s *= self.rho
+        s += (1 - self.rho) * (self.grads * self.grads)
+        self.params -= lr * self.grads / (xp.sqrt(s) + self.eps)
+
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
+
+
+def create(name: str, params, grads, lr: float, *, momentum=0.9, beta1=0.9, beta2=0.999, eps=None,
+           rho=0.9, l2=0.0, weight_decay=0.0, decay_ranges=None) -> Optimizer:
+    """The optimizer called `name` (one of OPTIMIZERS) over the flat buffers."""
+    kw = dict(l2=l2, weight_decay=weight_decay, decay_ranges=decay_ranges)
+    if name == "sgd":
+        return SGD(params, grads, lr, **kw)
+    if name in ("momentum", "nesterov"):
+        return Momentum(params, grads, lr, momentum=momentum, nesterov=name == "nesterov", **kw)
+    if name in ("adam", "adamw"):
+        if name == "adamw" and weight_decay == 0.0:
+            kw["weight_decay"] = 0.01  # AdamW's customary default
+        return Adam(params, grads, lr, beta1=beta1, beta2=beta2, eps=1e-8 if eps is None else eps, **kw)
+    if name == "adagrad":
+        return AdaGrad(params, grads, lr, eps=1e-10 if eps is None else eps, **kw)
+    if name == "rmsprop":
+        return RMSprop(params, grads, lr, rho=rho, eps=1e-8 if eps is None else eps, **kw)
+    raise ValueError(f"--optimizer: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+class Schedule:
+    """Learning rate at a step: linear warmup, then constant, step or cosine decay.
+
+    - constant: base
+    - step: base * gamma ** (completed decay periods), one period = `step_size` steps
+    - cosine: min_lr + (base - min_lr) * (1 + cos(pi * progress)) / 2 over the steps after warmup
+    Warmup ramps linearly from base/warmup to base over `warmup` steps.
+    """
+
+    KINDS = ("constant", "step", "cosine")
+
+    def __init__(self, base_lr: float, total_steps: int, kind: str = "constant", warmup: int = 0,
+                 step_size: int = 1, gamma: float = 0.1, min_lr: float = 0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"--schedule: expected one of {', '.join(self.KINDS)}, got {kind!r}")
+        if warmup < 0 or step_size < 1:
+            raise ValueError(f"--warmup must be >= 0 and the decay period >= 1, got {warmup}, {step_size}")
+        self.base_lr, self.total, self.kind = float(base_lr), int(total_steps), kind
+        self.warmup, self.step_size, self.gamma, self.min_lr = int(warmup), int(step_size), float(gamma), float(min_lr)
+
+    def __call__(self, step: int) -> float:
+        """LR for the update number `step` (0-based)."""
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        after = step - self.warmup
+        if self.kind == "constant":
+            return self.base_lr
+        if self.kind == "step":
+            return self.base_lr * self.gamma ** (after // self.step_size)
+        span = max(self.total - self.warmup, 1)
+        progress = min(after / span, 1.0)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _xp(a):
+    from .backend import array_module
+    return array_module(a)
+
+
+__all__ = ["SGD", "Momentum", "Adam", "AdaGrad", "RMSprop", "Schedule", "create", "OPTIMIZERS"]

@@ -1,0 +1,72 @@
+"""Shared test helpers: backends to parametrize over, and the gradient check."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddp_cnn.backend import get_backend, gpu_available, to_host
+from ddp_cnn.model import Sequential
+
+GPU_REASON = "needs CuPy and a CUDA GPU (run the suite on the GPU machine)"
+
+# Every numeric check runs on NumPy and, where a GPU is present, on CuPy.
+BACKENDS = [pytest.param("cpu", id="cpu"),
+            pytest.param("gpu", id="gpu", marks=[pytest.mark.gpu,
+                                                  pytest.mark.skipif(not gpu_available(), reason=GPU_REASON)])]
+
+
+def backend64(device="cpu"):
+    return get_backend(device, "float64")
+
+
+def rel_error(a, b) -> float:
+    a, b = np.asarray(to_host(a), np.float64), np.asarray(to_host(b), np.float64)
+    denom = max(np.linalg.norm(a), np.linalg.norm(b), 1e-30)
+    return float(np.linalg.norm(a - b) / denom)
+
+
+def check_layer_gradients(layer, input_shape, device="cpu", batch=2, train=True, eps=1e-6, seed=0,
+                          x=None, tol=1e-6):
+    """Central finite differences vs backward, element by element, float64.
+
+    L(x, params) = sum(forward(x) * R) for a fixed random R, so dL/dy = R.
+    Checks dL/dx and dL/dparam for every parameter; returns the errors.
+    """
+    bk = backend64(device)
+    xp = bk.xp
+    model = Sequential([layer], input_shape, bk, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    if x is None:
+        x = rng.standard_normal((batch,) + tuple(input_shape))
+    x = xp.asarray(x, dtype=np.float64)
+    # Perturb parameters away from their (often constant) init so gradients are generic.
+    model.params[...] = xp.asarray(to_host(model.params) + 0.1 * rng.standard_normal(model.num_params))
+    r = xp.asarray(rng.standard_normal((batch,) + tuple(model.output_shape)))
+
+    def loss():
+        return float(to_host((model.forward(x, train=train, step=7) * r).sum()))
+
+    model.forward(x, train=train, step=7)
+    dx = layer.backward(r, need_dx=True)
+    dx = to_host(dx).copy()
+    grads = to_host(model.grads).copy()
+
+    def numeric(arr):
+        flat = arr.reshape(-1)
+        out = np.empty(flat.size)
+        for i in range(flat.size):
+            old = float(flat[i])
+            flat[i] = old + eps
+            up = loss()
+            flat[i] = old - eps
+            down = loss()
+            flat[i] = old
+            out[i] = (up - down) / (2 * eps)
+        return out
+
+    errors = {"x": rel_error(dx.ravel(), numeric(x))}
+    if model.num_params:
+        errors["params"] = rel_error(grads, numeric(model.params))
+    for what, err in errors.items():
+        assert err < tol, f"{layer.name}: d{what} relative error {err:.3e} >= {tol}"
+    return errors

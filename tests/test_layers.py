@@ -1,0 +1,274 @@
+"""Every layer's backward against central finite differences in float64, and
+conv/pool forward against direct nested-loop references."""
+import numpy as np
+import pytest
+
+from ddp_cnn import layers as L
+from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.model import Sequential
+from helpers import BACKENDS, backend64, check_layer_gradients, rel_error
+
+CONV_CASES = [  # (kernel, stride, padding, input H, W, C)
+    (3, 1, "valid", 5, 6, 2),
+    (3, 1, "same", 5, 5, 2),
+    (3, 2, "same", 6, 5, 2),
+    (3, 2, 1, 5, 5, 1),
+    (5, 1, "same", 6, 6, 1),  # lenet's first conv
+    (2, 3, "valid", 7, 7, 2),  # stride larger than the kernel: gaps
+    ((1, 3), 1, "valid", 4, 5, 2),
+]
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("k,stride,padding,h,w,c", CONV_CASES)
+def test_conv2d_gradients(device, k, stride, padding, h, w, c):
+    check_layer_gradients(L.Conv2D(3, k, stride=stride, padding=padding), (h, w, c), device)
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+def test_conv2d_without_bias_gradients(device):
+    check_layer_gradients(L.Conv2D(2, 3, bias=False), (4, 4, 2), device)
+
+
+POOL_CASES = [  # (window, stride, padding, H, W, C)
+    (2, None, 0, 4, 6, 2),   # tiling windows: the reshape path
+    (2, None, 0, 5, 5, 2),   # 5 is not a multiple of 2: the window-view path
+    (3, 2, 1, 5, 5, 2),      # overlapping windows with padding
+    (3, 1, 0, 4, 4, 1),
+    (2, 1, 1, 3, 3, 2),
+]
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "avg", "min"])
+@pytest.mark.parametrize("k,stride,padding,h,w,c", POOL_CASES)
+def test_pool_gradients(device, mode, k, stride, padding, h, w, c):
+    check_layer_gradients(L.Pool2D(k, stride, padding, mode), (h, w, c), device)
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("layer,shape", [
+    (lambda: L.Dense(4), (5,)),
+    (lambda: L.Dense(3, bias=False), (4,)),
+    (lambda: L.Flatten(), (3, 2, 2)),
+    (lambda: L.GlobalAvgPool2D(), (3, 4, 2)),
+    (lambda: L.ReLU(), (4, 3)),
+    (lambda: L.LeakyReLU(0.1), (3, 3, 2)),
+    (lambda: L.PReLU(), (3, 3, 2)),
+    (lambda: L.PReLU(), (6,)),
+    (lambda: L.Sigmoid(), (7,)),
+    (lambda: L.Tanh(), (7,)),
+    (lambda: L.ELU(), (7,)),
+    (lambda: L.BatchNorm(), (3, 3, 2)),
+    (lambda: L.BatchNorm(), (5,)),
+    (lambda: L.Dropout(0.4), (4, 3)),
+], ids=lambda v: v if isinstance(v, tuple) else v().name)
+def test_layer_gradients(device, layer, shape):
+    check_layer_gradients(layer(), shape, device, batch=3)
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+def test_batchnorm_eval_mode_gradients(device):
+    check_layer_gradients(L.BatchNorm(), (2, 2, 3), device, batch=3, train=False)
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy_gradient(device, smoothing):
+    bk = backend64(device)
+    xp = bk.xp
+    rng = np.random.default_rng(3)
+    logits = xp.asarray(rng.standard_normal((4, 5)) * 3)
+    labels = xp.asarray(rng.integers(0, 5, 4))
+    loss = L.SoftmaxCrossEntropy(smoothing)
+    loss.forward(logits, labels)
+    analytic = to_host(loss.backward())
+    numeric = np.zeros_like(analytic)
+    flat = logits.reshape(-1)
+    for i in range(flat.size):
+        old = float(flat[i])
+        flat[i] = old + 1e-6
+        up = float(loss.forward(logits, labels))
+        flat[i] = old - 1e-6
+        down = float(loss.forward(logits, labels))
+        flat[i] = old
+        numeric.reshape(-1)[i] = (up - down) / 2e-6
+    assert rel_error(analytic, numeric) < 1e-6
+
+
+def test_softmax_cross_entropy_value_and_stability():
+    loss = L.SoftmaxCrossEntropy()
+    logits = np.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # overflow or nan would raise
+        value = float(loss.forward(logits, np.array([0, 2])))
+    assert value == pytest.approx((0.0 + np.log(3.0)) / 2, rel=1e-12)
+    smoothed = L.SoftmaxCrossEntropy(0.3)
+    uniform = np.zeros((1, 4))
+    assert float(smoothed.forward(uniform, np.array([1]))) == pytest.approx(np.log(4.0), rel=1e-12)
+
+
+def test_activations_do_not_overflow():
+    bk = get_backend("cpu", "float64")
+    x = np.array([[-1e4, -50.0, 0.0, 50.0, 1e4]])
+    for layer in (L.Sigmoid(), L.Tanh(), L.ELU()):
+        Sequential([layer], (5,), bk)
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            y = layer.forward(x, train=True)
+            layer.backward(np.ones_like(x))
+        assert np.all(np.isfinite(y))
+        assert np.all(np.isfinite(layer.backward(np.ones_like(x))))
+
+
+def test_whole_model_gradient_along_a_random_direction():
+    """Directional derivative of a small conv net: two forwards, whatever the size."""
+    bk = get_backend("cpu", "float64")
+    layers = [L.Conv2D(3, 3, padding="same"), L.BatchNorm(), L.PReLU(), L.MaxPool2D(2), L.Conv2D(4, 3, stride=2),
+              L.ELU(), L.Flatten(), L.Dropout(0.3), L.Dense(5)]
+    model = Sequential(layers, (8, 8, 2), bk, seed=5)
+    loss = L.SoftmaxCrossEntropy(0.1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 8, 2))
+    y = rng.integers(0, 5, 4)
+    loss.forward(model.forward(x, train=True, step=1), y)
+    model.backward(loss.backward())
+    direction = rng.standard_normal(model.num_params)
+    analytic = float(model.grads @ direction)
+    base = model.params.copy()
+    eps = 1e-6
+    model.params[...] = base + eps * direction
+    up = float(loss.forward(model.forward(x, train=True, step=1), y))
+    model.params[...] = base - eps * direction
+    down = float(loss.forward(model.forward(x, train=True, step=1), y))
+    numeric = (up - down) / (2 * eps)
+    assert abs(analytic - numeric) / max(abs(numeric), 1e-12) < 1e-6
+
+
+# ---- forward against nested-loop references -------------------------------
+
+def conv_reference(x, w, b, stride, pads):
+    (t, bt), (l, r) = pads
+    n, h, wd, c = x.shape
+    kh, kw, _, f = w.shape
+    xp = np.zeros((n, h + t + bt, wd + l + r, c))
+    xp[:, t:t + h, l:l + wd] = x
+    oh = (h + t + bt - kh) // stride + 1
+    ow = (wd + l + r - kw) // stride + 1
+    out = np.zeros((n, oh, ow, f))
+    for i in range(n):
+        for y in range(oh):
+            for xx in range(ow):
+                for o in range(f):
+                    total = b[o]
+                    for dy in range(kh):
+                        for dx in range(kw):
+                            for ch in range(c):
+                                total += xp[i, y * stride + dy, xx * stride + dx, ch] * w[dy, dx, ch, o]
+                    out[i, y, xx, o] = total
+    return out
+
+
+def pool_reference(x, k, stride, pads, mode):
+    (t, bt), (l, r) = pads
+    n, h, w, c = x.shape
+    fill = {"max": -np.inf, "min": np.inf, "avg": 0.0}[mode]
+    xp = np.full((n, h + t + bt, w + l + r, c), fill)
+    xp[:, t:t + h, l:l + w] = x
+    oh = (h + t + bt - k) // stride + 1
+    ow = (w + l + r - k) // stride + 1
+    out = np.zeros((n, oh, ow, c))
+    reduce = {"max": max, "min": min, "avg": lambda v: sum(v) / len(v)}[mode]
+    for i in range(n):
+        for y in range(oh):
+            for xx in range(ow):
+                for ch in range(c):
+                    out[i, y, xx, ch] = reduce([xp[i, y * stride + a, xx * stride + bb, ch]
+                                                for a in range(k) for bb in range(k)])
+    return out
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, "valid"), (3, 1, "same"), (3, 2, "same"), (5, 2, 2), (2, 2, 0)])
+def test_conv2d_forward_matches_nested_loops(device, k, stride, padding):
+    bk = backend64(device)
+    layer = L.Conv2D(4, k, stride=stride, padding=padding)
+    model = Sequential([layer], (7, 6, 3), bk, seed=1)
+    model.params[...] = bk.xp.asarray(np.random.default_rng(0).standard_normal(model.num_params))
+    x = np.random.default_rng(1).standard_normal((2, 7, 6, 3))
+    got = to_host(model.forward(bk.xp.asarray(x)))
+    want = conv_reference(x, to_host(layer.params["W"]), to_host(layer.params["b"]), stride, layer.pads)
+    assert got.shape == want.shape
+    assert rel_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "avg", "min"])
+@pytest.mark.parametrize("k,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 0), (2, 1, 1)])
+def test_pool_forward_matches_nested_loops(device, mode, k, stride, padding):
+    bk = backend64(device)
+    layer = L.Pool2D(k, stride, padding, mode)
+    Sequential([layer], (6, 5, 2), bk)
+    x = np.random.default_rng(2).standard_normal((2, 6, 5, 2))
+    got = to_host(layer.forward(bk.xp.asarray(x)))
+    want = pool_reference(x, k, stride, layer.pads, mode)
+    assert got.shape == want.shape
+    assert rel_error(got, want) < 1e-12
+
+
+def test_same_padding_keeps_size_and_stride_halves_it():
+    bk = get_backend("cpu")
+    assert Sequential([L.Conv2D(2, 3, padding="same")], (9, 7, 1), bk).output_shape == (9, 7, 2)
+    assert Sequential([L.Conv2D(2, 3, stride=2, padding="same")], (9, 7, 1), bk).output_shape == (5, 4, 2)
+    assert Sequential([L.Conv2D(2, 5)], (9, 7, 1), bk).output_shape == (5, 3, 2)
+
+
+# ---- modes ---------------------------------------------------------------
+
+def test_dropout_is_identity_in_eval_and_inverted_in_train():
+    bk = get_backend("cpu", "float64")
+    layer = L.Dropout(0.5)
+    Sequential([layer], (1000,), bk)
+    x = np.ones((20, 1000))
+    assert np.array_equal(layer.forward(x, train=False), x)
+    y = layer.forward(x, train=True)
+    assert set(np.unique(y)) <= {0.0, 2.0}
+    assert abs(y.mean() - 1.0) < 0.02  # the scale keeps the expectation
+
+
+def test_batchnorm_running_statistics_used_in_eval():
+    bk = get_backend("cpu", "float64")
+    layer = L.BatchNorm(momentum=1.0)
+    model = Sequential([layer], (3,), bk)
+    x = np.random.default_rng(0).normal(5.0, 2.0, (500, 3))
+    out = layer.forward(x, train=True)
+    assert np.allclose(out.mean(axis=0), 0, atol=1e-12) and np.allclose(out.std(axis=0), 1, atol=1e-6)
+    assert np.allclose(layer.buffers["running_mean"], x.mean(axis=0))
+    assert np.allclose(layer.buffers["running_var"], x.var(axis=0, ddof=1))
+    assert np.allclose(layer.forward(x, train=False), (x - x.mean(0)) / np.sqrt(x.var(0, ddof=1) + 1e-5))
+    assert model.named_buffers()["batchnorm.running_mean"] is layer.buffers["running_mean"]
+
+
+# ---- bad input -------------------------------------------------------------
+
+def test_wrong_input_shape_names_the_layer_and_the_expected_shape():
+    model = Sequential([L.Conv2D(2, 3, name="conv_a"), L.Flatten(), L.Dense(3)], (6, 6, 1), get_backend("cpu"))
+    with pytest.raises(ValueError, match=r"expected input of shape \(batch, 6, 6, 1\), got \(2, 5, 6, 1\)"):
+        model.forward(np.zeros((2, 5, 6, 1), np.float32))
+    with pytest.raises(ValueError, match=r"layer 'conv_a': expected input of shape \(batch, 6, 6, 1\)"):
+        model.layers[0].forward(np.zeros((2, 6, 6, 3), np.float32))
+    with pytest.raises(ValueError, match="expected input dtype float32, got float64"):
+        model.forward(np.zeros((2, 6, 6, 1)))
+    with pytest.raises(ValueError, match="layer 'conv_a': expected dtype float32, got int64"):
+        model.layers[0].forward(np.zeros((2, 6, 6, 1), np.int64))
+
+
+def test_bad_layer_arguments_are_refused():
+    with pytest.raises(ValueError, match="padding"):
+        Sequential([L.Conv2D(2, 3, padding="full")], (5, 5, 1), get_backend("cpu"))
+    with pytest.raises(ValueError, match="does not fit"):
+        Sequential([L.Conv2D(2, 7)], (5, 5, 1), get_backend("cpu"))
+    with pytest.raises(ValueError, match="Flatten"):
+        Sequential([L.Dense(2)], (5, 5, 1), get_backend("cpu"))
+    with pytest.raises(ValueError, match="mode"):
+        L.Pool2D(2, mode="median")
+    with pytest.raises(ValueError, match="initialiser"):
+        L.Dense(3, init="normalish")
