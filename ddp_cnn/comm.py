@@ -7,11 +7,16 @@ staging, NCCL), chosen by :func:`create`.  Every method documented as
 from __future__ import annotations
 
 import os
-import sys
+import socket
 
 import numpy as np
 
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+def hostname() -> str:
+    """This node's name (ranks with the same name share a node and its GPUs)."""
+    return socket.gethostname()
 
 
 def launched_by_mpi() -> bool:

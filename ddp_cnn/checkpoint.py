@@ -1,0 +1,125 @@
+"""Checkpoints: one HDF5 file per save, written by rank 0 alone, atomically.
+
+A save goes to ``<name>.tmp-<pid>``, is fsynced, renamed into place, and the
+folder is fsynced, so a crash (even ``kill -9``) leaves either the previous
+checkpoint or the new one, never a torn file.  Each file carries a sha256 of
+its parameters; a file that does not open or whose hash disagrees is
+reported by name and skipped by ``--resume latest``.
+
+Contents: ``params`` (flat), ``optim/<name>`` (flat optimizer state),
+``buffers/<name>`` (BatchNorm statistics), and attributes: model description,
+training config, epoch, step within the epoch, global step, optimizer step
+count, seed, world size, dataset identity, class names, normalisation.
+Everything is loaded to host memory first; the caller moves it to its device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, corrupt or of another model."""
+
+
+def checkpoint_path(directory, global_step: int) -> Path:
+    return Path(directory) / f"ckpt-{global_step:08d}.h5"
+
+
+def params_digest(params: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()
+
+
+def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buffers: dict, meta: dict,
+         keep: int = 0) -> Path:
+    """Write one checkpoint atomically (rank 0 only); keep the newest `keep` (0: all)."""
+    import h5py
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, global_step)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("params", data=params)
+            for name, value in optim_state.items():
+                if np.ndim(value) == 0:
+                    f.attrs[f"optim.{name}"] = value
+                else:
+                    f.create_dataset(f"optim/{name}", data=value)
+            for name, value in buffers.items():
+                f.create_dataset(f"buffers/{name}", data=value)
+            for key, value in meta.items():
+                f.attrs[key] = json.dumps(value)
+            f.attrs["params_sha256"] = params_digest(params)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(directory) -> list[Path]:
+    """Checkpoint files in `directory`, oldest first (temporary files excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if NAME_RE.match(p.name))
+
+
+def load(path) -> dict:
+    """Read a checkpoint fully into host memory and check its parameter hash.
+
+    Returns {"params", "optim", "buffers", "meta"}; CheckpointError naming the
+    file on anything wrong.
+    """
+    import h5py
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            params = f["params"][...]
+            optim = {k: f["optim"][k][...] for k in f["optim"]} if "optim" in f else {}
+            optim.update({k[len("optim."):]: f.attrs[k].item() for k in f.attrs if k.startswith("optim.")})
+            buffers = {k: f["buffers"][k][...] for k in f["buffers"]} if "buffers" in f else {}
+            meta = {k: json.loads(f.attrs[k]) for k in f.attrs
+                    if not k.startswith("optim.") and k != "params_sha256"}
+            digest = f.attrs["params_sha256"]
+    except CheckpointError:
+        raise
+    except Exception as exc:  # OSError from a truncated file, KeyError from a foreign one
+        raise CheckpointError(f"checkpoint {path}: unreadable or incomplete ({type(exc).__name__}: {exc})") from None
+    if params_digest(params) != digest:
+        raise CheckpointError(f"checkpoint {path}: parameter checksum mismatch (corrupt file)")
+    return {"params": params, "optim": optim, "buffers": buffers, "meta": meta, "path": str(path)}
+
+
+def load_latest(directory, warn=print):
+    """The newest checkpoint in `directory` that loads, or None; bad ones are reported via `warn`."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return load(path)
+        except CheckpointError as exc:
+            warn(f"warning: skipping {exc}")
+    return None

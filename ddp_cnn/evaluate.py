@@ -1,0 +1,97 @@
+"""Distributed evaluation, and ``python -m ddp_cnn.evaluate`` for a saved model.
+
+Each rank scores its own contiguous slice of the test set (every sample on
+exactly one rank, no padding, so nothing is counted twice); the loss sum,
+the correct count and the confusion matrix are summed over ranks with one
+allreduce.  The result is the same whatever the number of ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .backend import to_host
+from .layers import SoftmaxCrossEntropy
+
+
+def evaluate(model, loader, comm, num_classes: int) -> dict:
+    """Collective: loss, accuracy and confusion matrix (rows: true, cols: predicted) over all ranks."""
+    xp = model.xp
+    loss_fn = SoftmaxCrossEntropy()
+    loss_sum = xp.zeros((), dtype=np.float64)
+    confusion = xp.zeros(num_classes * num_classes, dtype=np.int64)
+    for x, y in loader.epoch(0):
+        logits = model.forward(to_model_layout(x, model), train=False)
+        loss_sum += loss_fn.forward(logits, y).astype(np.float64) * y.shape[0]
+        pred = logits.argmax(axis=1)
+        confusion += xp.bincount(y.astype(np.int64) * num_classes + pred, minlength=num_classes * num_classes)
+    local = np.concatenate([[float(to_host(loss_sum))], to_host(confusion).astype(np.float64)])
+    total = comm.allreduce_host(local)
+    conf = total[1:].reshape(num_classes, num_classes).astype(np.int64)
+    count = int(conf.sum())
+    return {"loss": total[0] / max(count, 1), "accuracy": float(np.trace(conf)) / max(count, 1),
+            "count": count, "confusion": conf}
+
+
+def to_model_layout(x, model):
+    """Loader batches are (B, 1, H, W); the model is channels-last (B, H, W, C)."""
+    if x.ndim == 4 and len(model.input_shape) == 3 and x.shape[1] == 1:
+        return x.reshape((x.shape[0],) + tuple(x.shape[2:]) + (1,))
+    if len(model.input_shape) == 1 and x.ndim > 2:
+        return x.reshape(x.shape[0], -1)
+    return x
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    totals = confusion.sum(axis=1)
+    return np.divide(np.diag(confusion), totals, out=np.zeros(len(totals)), where=totals > 0)
+
+
+def format_confusion(confusion: np.ndarray, class_names) -> str:
+    width = max(6, max(len(n) for n in class_names) + 1)
+    head = " " * width + "".join(f"{i:>7d}" for i in range(len(class_names)))
+    rows = [f"{name:<{width}}" + "".join(f"{v:>7d}" for v in row) for name, row in zip(class_names, confusion)]
+    return "\n".join([head + "   <- predicted"] + rows)
+
+
+def main(argv=None) -> int:
+    from . import comm as comm_mod
+    from .faults import EXIT_USAGE
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .inference import load_model_from_checkpoint
+    from .data import Loader, open_rank_data
+
+    p = argparse.ArgumentParser(prog="python -m ddp_cnn.evaluate",
+                                description="Accuracy, per-class accuracy and confusion matrix of a saved model.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (.h5) written by ddp_cnn.train")
+    p.add_argument("--data", required=True, help="folder with test.h5 (made by data_tools.shard)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="which split to score (default: test)")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch per rank (default: 1000)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="default: cpu")
+    args = p.parse_args(argv)
+    comm = comm_mod.create("auto")
+    try:
+        model, meta = load_model_from_checkpoint(args.checkpoint, device=args.device)
+        data = open_rank_data(args.data, args.split, comm)
+        loader = Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp,
+                        dtype=model.backend.dtype, shuffle=False, drop_last=False,
+                        mean=meta.get("mean"), std=meta.get("std"))
+    except (CheckpointError, DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result = evaluate(model, loader, comm, model.output_shape[0])
+    if comm.is_root:
+        names = meta.get("class_names") or [str(i) for i in range(model.output_shape[0])]
+        print(f"{args.split} accuracy {result['accuracy'] * 100:.2f}%  loss {result['loss']:.4f}  "
+              f"({result['count']} images)")
+        for name, acc in zip(names, per_class_accuracy(result["confusion"])):
+            print(f"  {name:<14} {acc * 100:6.2f}%")
+        print(format_confusion(result["confusion"], names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Failure handling: one rank's exception ends the whole job; signals stop it cleanly.
+
+Under plain ``mpirun python ...`` an uncaught exception on one rank leaves the
+others blocked in their next collective forever.  :func:`install_abort_hook`
+prints the traceback with the rank, then calls ``MPI_Abort`` so the launcher
+kills every rank.
+
+SIGTERM/SIGINT (what SLURM sends on preemption, what Ctrl-C sends) only set
+a flag; the training loop agrees on it at the next step boundary, writes a
+checkpoint and exits with :data:`EXIT_PREEMPTED`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2          # bad flags, config, data or checkpoint: nothing was trained
+EXIT_PREEMPTED = 75     # stopped by a signal after writing a checkpoint (EX_TEMPFAIL): resume with --resume latest
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by --fail-at, to test that a failing rank ends the job."""
+
+
+def install_abort_hook(comm) -> None:
+    """Make an uncaught exception on any rank (main or worker thread) abort all ranks."""
+    if comm.size == 1:
+        return
+
+    def hook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n{text}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        comm.abort(EXIT_FAILED)
+
+    sys.excepthook = hook
+    threading.excepthook = lambda args: hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; read by the loop at step boundaries."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+
+def parse_fail_at(spec: str | None):
+    """``RANK:STEP`` -> (rank, step), from --fail-at or $DDP_CNN_FAIL_AT; None when unset."""
+    spec = spec or os.environ.get("DDP_CNN_FAIL_AT")
+    if not spec:
+        return None
+    try:
+        rank, step = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--fail-at: expected RANK:STEP (two integers), got {spec!r}") from None
+    return rank, step
+
+
+def maybe_fail(fail_at, rank: int, step: int) -> None:
+    if fail_at is not None and fail_at == (rank, step):
+        raise InjectedFault(f"injected failure on rank {rank} at step {step} (--fail-at)")

@@ -1,0 +1,44 @@
+"""``python -m ddp_cnn.summary --model NAME``: layers, output shapes, parameters, MFLOPs."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import model as model_mod
+from .backend import get_backend
+
+
+def format_summary(model) -> str:
+    """A table of the model's layers and the totals (forward MFLOP per image)."""
+    rows = model.summary_rows()
+    lines = [f"{'layer':<16}{'type':<16}{'output shape':<18}{'params':>12}{'MFLOP':>10}"]
+    lines.append("-" * len(lines[0]))
+    for name, kind, shape, n, mflop in rows:
+        lines.append(f"{name:<16}{kind:<16}{str(tuple(shape)):<18}{n:>12,}{mflop:>10.3f}")
+    lines.append("-" * len(lines[0]))
+    total_params = sum(r[3] for r in rows)
+    total_mflop = sum(r[4] for r in rows)
+    lines.append(f"{'total':<50}{total_params:>12,}{total_mflop:>10.3f}")
+    lines.append(f"input {tuple(model.input_shape)}; forward+backward is about 3x the forward MFLOP")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddp_cnn.summary", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("--model", default="fmnist-cnn", choices=sorted(model_mod.ARCHITECTURES),
+                   help="architecture (default: fmnist-cnn)")
+    p.add_argument("--input-shape", default="28,28,1", help="H,W,C of one image (default: 28,28,1)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        model = model_mod.build(args.model, get_backend("cpu"), input_shape=shape, num_classes=args.classes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(model))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
