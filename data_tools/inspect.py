@@ -1,0 +1,94 @@
+"""``python -m data_tools.inspect FILE``: what one HDF5 file holds, and optionally a picture of it.
+
+    python -m data_tools.inspect data/fmnist/train-00000-of-00004.h5
+    python -m data_tools.inspect data/fmnist/test.h5 --grid samples.png --count 48
+
+The summary gives counts, the class histogram, the stored (training) mean/std
+and this file's own.  ``--grid`` needs matplotlib, imported only then.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from data_tools import h5format
+from data_tools.atomic import temp_path
+from data_tools.errors import DataError, run_cli
+
+
+def summarize(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict) -> str:
+    """A few lines for a person: who, how many, which classes, what pixel statistics."""
+    names = attrs["class_names"]
+    counts = np.bincount(labels, minlength=len(names))
+    pixels = images.astype(np.float64) / 255.0 if len(images) else np.zeros(1)
+    where = f"shard index {attrs['shard_index']} of {attrs['shard_count']}" if attrs["split"] == "train" else attrs["split"]
+    lines = [
+        f"{path}: {attrs['dataset']} {where}, {len(labels)} samples of {attrs['image_shape'][0]}x{attrs['image_shape'][1]}",
+        f"totals: {attrs['num_train_total']} train, {attrs['num_val_total']} val, {attrs['num_test_total']} test; "
+        f"seed {attrs['seed']}, stratified {attrs['stratified']}, sharding_id {attrs['sharding_id'][:12]}",
+        f"mean/std: stored (training set) {attrs['mean']:.4f}/{attrs['std']:.4f}, "
+        f"this file {pixels.mean():.4f}/{pixels.std():.4f}",
+        "classes:",
+    ]
+    width = max(len(n) for n in names)
+    lines += [f"  {i:3d} {name:<{width}} {int(c):7d}" for i, (name, c) in enumerate(zip(names, counts))]
+    return "\n".join(lines)
+
+
+def save_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[str], count: int, seed: int) -> None:
+    """A grid of ``count`` random samples titled with their labels, written atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    if not out.parent.is_dir():
+        raise DataError(f"--grid {out}: folder {out.parent} does not exist")
+    pick = np.sort(np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False))
+    cols = min(8, len(pick))
+    rows = -(-len(pick) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), pick):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{labels[i]}: {names[labels[i]]}", fontsize=7)
+    fig.tight_layout()
+    tmp = temp_path(out)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _body(argv: Sequence[str] | None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n")[0])
+    p.add_argument("file", type=Path, help="a .h5 file written by data_tools.shard")
+    p.add_argument("--grid", type=Path, metavar="OUT.png", help="also save a picture of sample images with labels")
+    p.add_argument("--count", type=int, default=32, help="images in the grid (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="which samples go in the grid")
+    args = p.parse_args(argv)
+    if args.count < 1:
+        raise DataError(f"--count must be at least 1, got {args.count}")
+    images, labels, _, attrs = h5format.read_rows(args.file)
+    print(summarize(args.file, images, labels, attrs))
+    if args.grid is not None:
+        if not len(images):
+            raise DataError(f"{args.file}: no images to draw")
+        save_grid(args.grid, images, labels, attrs["class_names"], args.count, args.seed)
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

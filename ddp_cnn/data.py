@@ -1,0 +1,333 @@
+"""Per-rank data: open this rank's rows, shuffle per epoch, the same steps on every rank, augment, prefetch.
+
+The files are those of ``python -m data_tools.shard`` (format in
+``data_tools/h5format.py``).  Three promises the training loop relies on:
+
+* every rank runs the same number of steps per epoch (agreed over the
+  communicator), so no rank waits forever in an allreduce;
+* a batch depends only on (seed, epoch, rank, step), so a run resumed
+  mid-epoch sees exactly the batches an uninterrupted run would;
+* bad data raises :class:`DataError` (one line naming the file) on every
+  rank at once, never on one rank while the others wait in a collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from data_tools import h5format
+from data_tools.errors import DataError
+
+__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "Loader"]
+
+
+# ---------------------------------------------------------------- opening a rank's rows
+
+@dataclass
+class ShardData:
+    """The rows one rank trains or evaluates on, in host memory."""
+
+    images: np.ndarray  # uint8 (n, H, W)
+    labels: np.ndarray  # int64 (n,)
+    attrs: dict  # decoded attributes of the first file read (mean, std, class_names, sharding_id, ...)
+    paths: list[Path] = field(default_factory=list)
+    source_index: np.ndarray | None = None  # row of each sample in its source IDX file
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def find_shards(data_dir) -> list[Path]:
+    """Sorted training shard paths of ``data_dir``; DataError if there are none or the set is incomplete."""
+    return h5format.list_shards(Path(data_dir))
+
+
+def _row_counts(paths: list[Path]) -> list[int]:
+    return [h5format.num_rows(p) for p in paths]
+
+
+def slice_rows(counts: list[int], rank: int, size: int) -> list[tuple[int, int, int]]:
+    """(file number, start, stop) hyperslabs giving ``rank`` its contiguous share of the concatenated files.
+
+    Rank r gets global rows [r*n//size, (r+1)*n//size): every row on exactly one rank.
+    """
+    total = sum(counts)
+    lo, hi = rank * total // size, (rank + 1) * total // size
+    out, offset = [], 0
+    for i, n in enumerate(counts):
+        start, stop = max(lo - offset, 0), min(hi - offset, n)
+        if start < stop:
+            out.append((i, start, stop))
+        offset += n
+    return out
+
+
+def plan_reads(data_dir: Path, split: str, rank: int, size: int, slice_single: bool):
+    """[(path, start, stop)] this rank must read; start/stop None means the whole file."""
+    if split in ("test", "val"):
+        path = data_dir / h5format.split_name(split)
+        if split == "val" and not path.exists():
+            raise DataError(f"{path}: no validation file; shard with --val-fraction to make one")
+        return [(path, *rows) for _, *rows in slice_rows(_row_counts([path]), rank, size)] or [(path, 0, 0)]
+    if split != "train":
+        raise DataError(f"split must be train, test or val, got {split!r}")
+    shards = find_shards(data_dir)
+    m = len(shards)
+    if slice_single:
+        # Treat all shards as one array and cut it by rank: any shard count works.
+        return [(shards[i], a, b) for i, a, b in slice_rows(_row_counts(shards), rank, size)] or [(shards[0], 0, 0)]
+    if m % size == 0:
+        return [(shards[i], None, None) for i in range(rank, m, size)]
+    fix = f"re-shard with --shards {size} (or a multiple of it), or slice the shards by rank (--slice-data)"
+    if m < size:
+        raise DataError(f"{data_dir}: {m} training shards for {size} ranks, fewer shards than ranks: {fix}")
+    raise DataError(f"{data_dir}: {m} training shards cannot be shared evenly by {size} ranks: {fix}")
+
+
+def read_planned(reads) -> ShardData:
+    """Read the hyperslabs, check they come from one sharding run, and concatenate them."""
+    parts = [h5format.read_rows(path, start, stop) for path, start, stop in reads]
+    first = parts[0][3]
+    for (path, *_), (*_, attrs) in zip(reads, parts):
+        if attrs["sharding_id"] != first["sharding_id"] or attrs["image_shape"] != first["image_shape"]:
+            raise DataError(f"{path}: from another sharding run than {reads[0][0]} (sharding_id differs)")
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    if len(labels) and labels.max() >= len(first["class_names"]):
+        raise DataError(f"{reads[0][0]}: label {labels.max()} but only {len(first['class_names'])} class names")
+    return ShardData(images, labels, first, [p for p, *_ in reads], np.concatenate([p[2] for p in parts]))
+
+
+def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False) -> ShardData:
+    """Collective: this rank's rows of ``split`` ("train", "test" or "val") from ``data_dir``.
+
+    train: with M shards and N ranks, M == N gives one shard per rank, M a
+    multiple of N gives rank r the shards r, r+N, ...; otherwise DataError,
+    unless ``slice_single``, which cuts the concatenated shards (usually one
+    file) into N contiguous hyperslabs.  test/val: the single file cut the same
+    way, so every sample is evaluated on exactly one rank.  Only the rows this
+    rank needs are read.  Every rank raises the same DataError when any rank
+    fails or when ranks read files of different sharding runs.
+    """
+    data_dir = Path(data_dir)
+    try:
+        data, error = read_planned(plan_reads(data_dir, split, comm.rank, comm.size, slice_single)), None
+    except DataError as exc:
+        data, error = None, str(exc)
+    outcomes = comm.allgather_obj((error, data.attrs["sharding_id"] if data else None))
+    failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e]
+    if failed:
+        raise DataError(error if error else f"rank {failed[0][0]}: {failed[0][1]}")
+    if len({sid for _, sid in outcomes}) > 1:
+        raise DataError(f"{data_dir}: ranks read files of different sharding runs (sharding_id differs); re-shard")
+    return data
+
+
+# ---------------------------------------------------------------- augmentation
+
+def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each image by a random (dy, dx) in [-shift, shift]^2, zero filling: a crop of the padded image."""
+    b, h, w = images.shape
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
+    oy, ox = rng.integers(0, 2 * shift + 1, size=(2, b))
+    # A (b, 2s+1, 2s+1, h, w) view of every crop; picking one per image copies whole rows (3x faster
+    # than gathering single pixels with three broadcast index arrays).
+    crops = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+    return crops[np.arange(b), oy, ox]
+
+
+def random_hflip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each image left-right with probability 1/2."""
+    flip = rng.random(len(images)) < 0.5
+    out = images.copy()
+    out[flip] = images[flip, :, ::-1]
+    return out
+
+
+def random_erase(images: np.ndarray, p: float, rng: np.random.Generator, fill: int) -> np.ndarray:
+    """With probability p per image, set one random rectangle (2-25% of the area, aspect 0.3-3.3) to ``fill``."""
+    b, h, w = images.shape
+    chosen = rng.random(b) < p
+    area = rng.uniform(0.02, 0.25, b) * h * w
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3), b))
+    eh = np.clip(np.rint(np.sqrt(area * aspect)), 1, h).astype(np.int64)
+    ew = np.clip(np.rint(np.sqrt(area / aspect)), 1, w).astype(np.int64)
+    y0 = (rng.random(b) * (h - eh + 1)).astype(np.int64)
+    x0 = (rng.random(b) * (w - ew + 1)).astype(np.int64)
+    ys, xs = np.arange(h), np.arange(w)
+    in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]) & chosen[:, None]  # (b, h)
+    in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (b, w)
+    return np.where(in_rows[:, :, None] & in_cols[:, None, :], np.uint8(fill), images)
+
+
+@dataclass
+class Augment:
+    """Random training-time changes to uint8 images (B, H, W), vectorised over the batch.
+
+    shift: random translation in [-shift, shift] pixels (zero padding, then a crop);
+    hflip: mirror half the images (leave off for digits: a mirrored 2 is no 2);
+    erase: probability of blanking one random rectangle (to the mean pixel).
+    """
+
+    shift: int = 0
+    hflip: bool = False
+    erase: float = 0.0
+
+    def __post_init__(self):
+        if self.shift < 0:
+            raise DataError(f"augment shift must be >= 0, got {self.shift}")
+        if not 0.0 <= self.erase <= 1.0:
+            raise DataError(f"augment erase must be a probability in [0, 1], got {self.erase}")
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator, fill: int = 0) -> np.ndarray:
+        if self.shift:
+            images = random_shift(images, self.shift, rng)
+        if self.hflip:
+            images = random_hflip(images, rng)
+        if self.erase:
+            images = random_erase(images, self.erase, rng, fill)
+        return images
+
+
+# ---------------------------------------------------------------- batches
+
+def _device_scope(xp) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that makes the prefetch thread use the caller's GPU (CuPy's current device is per thread)."""
+    cuda = getattr(xp, "cuda", None)
+    if cuda is None:
+        return contextlib.nullcontext
+    device_id = cuda.Device().id
+    return lambda: cuda.Device(device_id)
+
+
+def _prefetched(produce: Callable, items: Iterable, depth: int, scope) -> Iterator:
+    """Yield produce(item) for each item, computed up to ``depth`` ahead in a background thread.
+
+    An exception in the thread is re-raised here; closing the generator early
+    stops the thread (it notices within 0.1 s of finishing its current item).
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(message) -> None:
+        while not stop.is_set():
+            try:
+                q.put(message, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def work() -> None:
+        try:
+            with scope():
+                for item in items:
+                    if stop.is_set():
+                        return
+                    put(("item", produce(item)))
+        except BaseException as exc:  # handed to the consumer, who decides
+            put(("error", exc))
+            return
+        put(("done", None))
+
+    thread = threading.Thread(target=work, name="ddp_cnn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Loader:
+    """Batches (x, y) of one rank's data: x (B, 1, H, W) in ``dtype`` on ``xp``, y (B,) int64 on ``xp``.
+
+    x = (pixel/255 - mean)/std with the stored training mean/std unless given.
+    With ``drop_last`` (training) the constructor is collective: every rank
+    gets steps_per_epoch = min over ranks of len(data)//batch_size.  Without
+    it (evaluation) each rank covers all its samples in ceil(len/batch) steps,
+    a count that differs between ranks, so only reduce totals afterwards.
+    """
+
+    def __init__(self, data: ShardData, *, batch_size: int, comm, seed: int, xp=np, dtype=np.float32,
+                 shuffle: bool = True, drop_last: bool = True, augment: Augment | None = None,
+                 prefetch: int = 2, mean: float | None = None, std: float | None = None):
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        if prefetch < 0:
+            raise DataError(f"prefetch must be >= 0, got {prefetch}")
+        self.data, self.batch_size, self.comm, self.seed = data, batch_size, comm, seed
+        self.xp, self.dtype, self.shuffle, self.drop_last = xp, np.dtype(dtype), shuffle, drop_last
+        self.augment, self.prefetch = augment, prefetch
+        self.mean = float(data.attrs["mean"] if mean is None else mean)
+        self.std = float(data.attrs["std"] if std is None else std)
+        if not self.std > 0:
+            raise DataError(f"pixel std must be > 0, got {self.std} (from {data.paths[:1] or 'the caller'})")
+        self.steps_per_epoch = self._agree_steps() if drop_last else math.ceil(len(data) / batch_size)
+        self._scope = _device_scope(xp)
+
+    def _agree_steps(self) -> int:
+        smallest = self.comm.allreduce_scalar(len(self.data), "min")
+        if smallest < self.batch_size:
+            raise DataError(f"batch size {self.batch_size} per rank is larger than the smallest rank's data "
+                            f"({smallest} samples): use a smaller batch size or fewer ranks")
+        return smallest // self.batch_size
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample order of an epoch on this rank: a permutation seeded by (seed, epoch, rank)."""
+        n = len(self.data)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, self.comm.rank]).permutation(n)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
+        """Batches start_step .. steps_per_epoch-1 of ``epoch``; identical whether or not the epoch was resumed."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise DataError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        order = self.order(epoch)
+
+        def produce(step: int):
+            return self.batch(order, epoch, step)
+
+        steps = range(start_step, self.steps_per_epoch)
+        if self.prefetch == 0:
+            return (produce(s) for s in steps)
+        return _prefetched(produce, steps, self.prefetch, self._scope)
+
+    def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
+        """Batch ``step`` of the epoch whose sample order is ``order``, ready on the device."""
+        rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+        images = self.data.images[rows]
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])
+            images = self.augment(images, rng, fill=int(round(self.mean * 255)))
+        return self.to_device(images, self.data.labels[rows])
+
+    def to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple:
+        """uint8 crosses to the device (4x fewer bytes than float32) and is normalised there."""
+        xp = self.xp
+        x = xp.asarray(np.ascontiguousarray(images[:, None])).astype(self.dtype)
+        x /= 255
+        x -= self.mean
+        x /= self.std
+        y = xp.asarray(labels)
+        cuda = getattr(xp, "cuda", None)
+        if cuda is not None:
+            # Ready before the consumer touches it, whatever stream the consumer uses.
+            cuda.get_current_stream().synchronize()
+        return x, y
