@@ -222,10 +222,8 @@ def arch_kwargs(args) -> dict:
     return kw
 
 
-def setup_local(args, comm, log):
-    """Everything a rank can do without talking to the others.  Raises on bad input."""
-    from .data import Augment, open_rank_data
-
+def setup_device(args, comm) -> dict:
+    """Local checks and the device binding; no collective.  Raises on bad input."""
     if args.local_batch_size:
         local_batch = args.local_batch_size
         global_batch = local_batch * comm.size
@@ -238,14 +236,26 @@ def setup_local(args, comm, log):
         raise ValueError(f"--data {args.data}: no such folder; make it with "
                          f"`python -m data_tools.shard --out {args.data} --shards {comm.size}`")
     backend = get_backend(args.device, args.dtype, comm.local_rank, comm.local_size)
+    return dict(backend=backend, global_batch=global_batch, local_batch=local_batch)
+
+
+def setup_data(args, comm) -> dict:
+    """Collective: this rank's train rows and test slice (DataError on every rank at once)."""
+    from .data import open_rank_data
     train_data = open_rank_data(args.data, "train", comm, slice_single=args.slice_data)
     test_data = open_rank_data(args.data, "test", comm) if args.eval_every else None
-    image_shape = tuple(int(v) for v in train_data.images.shape[1:])
-    class_names = list(train_data.attrs.get("class_names") or [str(i) for i in range(10)])
-    model = model_mod.build(args.model, backend, seed=args.seed, input_shape=image_shape + (1,),
+    return dict(train_data=train_data, test_data=test_data)
+
+
+def setup_model(args, comm, log, s) -> dict:
+    """Model, optimizer and (rank 0) the checkpoint to resume; no collective.  Raises on bad input."""
+    from .data import Augment
+    image_shape = tuple(int(v) for v in s["train_data"].images.shape[1:])
+    class_names = list(s["train_data"].attrs.get("class_names") or [str(i) for i in range(10)])
+    model = model_mod.build(args.model, s["backend"], seed=args.seed, input_shape=image_shape + (1,),
                             num_classes=len(class_names), **arch_kwargs(args))
     model.rank = comm.rank
-    lr = args.lr * global_batch / args.lr_base_batch if args.scale_lr else args.lr
+    lr = args.lr * s["global_batch"] / args.lr_base_batch if args.scale_lr else args.lr
     opt = optim.create(args.optimizer, model.params, model.grads, lr, momentum=args.momentum, beta1=args.beta1,
                        beta2=args.beta2, eps=args.eps, rho=args.rho, l2=args.l2, weight_decay=args.weight_decay,
                        decay_ranges=model.decay_ranges)
@@ -261,9 +271,7 @@ def setup_local(args, comm, log):
             raise ckpt.CheckpointError(f"checkpoint {resume['path']}: holds a {resume['meta']['model']['name']} "
                                        f"model that differs from --model {args.model} with these flags")
     augment = Augment(shift=args.augment_shift, hflip=args.hflip, erase=args.erase)
-    return dict(backend=backend, train_data=train_data, test_data=test_data, model=model, opt=opt, lr=lr,
-                global_batch=global_batch, local_batch=local_batch, class_names=class_names, resume=resume,
-                augment=augment)
+    return dict(model=model, opt=opt, lr=lr, class_names=class_names, resume=resume, augment=augment)
 
 
 def agree_on_errors(comm, error):
@@ -330,12 +338,19 @@ def main(argv=None) -> int:
     log = Log(comm)
     from .data import DataError, Loader
 
-    error, s = None, None
-    try:
-        s = setup_local(args, comm, log)
-    except (ValueError, RuntimeError, OSError, DataError) as exc:
-        error = str(exc)
-    error = agree_on_errors(comm, error)
+    # Each phase ends with the ranks agreeing on errors, so a rank that fails
+    # never leaves the others waiting in a collective it skipped.
+    s: dict = {}
+    error = None
+    for phase in (lambda: setup_device(args, comm), lambda: setup_data(args, comm),
+                  lambda: setup_model(args, comm, log, s)):
+        try:
+            s.update(phase())
+        except (ValueError, RuntimeError, OSError, DataError) as exc:
+            error = str(exc)
+        error = agree_on_errors(comm, error)
+        if error is not None:
+            break
     if error is None:
         error = check_same_everywhere(comm, identity(args, s))
     if error is None:
@@ -499,6 +514,7 @@ class Trainer:
             return EXIT_FAILED
         finally:
             self.reducer.close()
+        comm.barrier()  # nobody exits before rank 0's last checkpoint is on disk
         self.log(f"done: {self.global_step} steps; metrics in {args.metrics}")
         return 0
 
@@ -534,6 +550,7 @@ class Trainer:
             # Every rank learns whether any rank was signalled, at the same step.
             if comm.allreduce_scalar(int(self.stop.requested), "max"):
                 self.save_checkpoint()
+                comm.barrier()
                 self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
                          "continue with --resume latest")
                 return EXIT_PREEMPTED

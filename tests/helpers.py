@@ -70,3 +70,38 @@ def check_layer_gradients(layer, input_shape, device="cpu", batch=2, train=True,
     for what, err in errors.items():
         assert err < tol, f"{layer.name}: d{what} relative error {err:.3e} >= {tol}"
     return errors
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """A raw (uncompressed) IDX file of unsigned bytes."""
+    import struct
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def make_synthetic_idx(folder, n_train=1200, n_test=300, seed=0, size=28):
+    """An MNIST-style folder of easy classes: class c lights up a band at row 2c (+ noise)."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 3:2 * c + 6, 4:24] = 220
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+def make_synthetic_shards(out, shards, seed=0, **kw):
+    """Shard a synthetic set with the real tool; returns the output folder."""
+    from pathlib import Path
+    from data_tools.shard import main as shard_main
+    src = make_synthetic_idx(Path(out).parent / (Path(out).name + "-idx"), seed=seed, **kw)
+    code = shard_main([str(src), "--out", str(out), "--shards", str(shards), "--dataset", "synthetic"])
+    assert code in (0, None), f"sharding the synthetic set failed with {code}"
+    return Path(out)
