@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-node launcher: `launch/mpirun.sh -n N python -m ddp_cnn.train [flags]`.
+#
+# Adds the flags the installed MPI needs (Open MPI refuses root and more ranks
+# than cores without them; MPICH needs none) and splits the cores between the
+# ranks' BLAS threads, unless OMP_NUM_THREADS is already set.
+# MPIRUN=/path/to/mpirun picks another launcher.
+set -euo pipefail
+
+ranks=""
+if [ "${1:-}" = "-n" ] || [ "${1:-}" = "-np" ]; then
+    ranks="${2:?launch/mpirun.sh: -n needs a number}"
+    shift 2
+fi
+if ! [[ "$ranks" =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: launch/mpirun.sh -n RANKS COMMAND..." >&2
+    exit 2
+fi
+[ $# -gt 0 ] || { echo "usage: launch/mpirun.sh -n RANKS COMMAND..." >&2; exit 2; }
+
+mpirun="${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}"
+[ -n "$mpirun" ] || { echo "launch/mpirun.sh: no mpirun on PATH; pip install mpich (or apt-get install openmpi-bin)" >&2; exit 2; }
+
+extra=()
+if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-rte"; then
+    extra+=(--oversubscribe --bind-to none)
+    [ "$(id -u)" = 0 ] && extra+=(--allow-run-as-root)
+fi
+
+cores=$(nproc 2>/dev/null || echo 1)
+threads=$(( cores / ranks ))
+[ "$threads" -ge 1 ] || threads=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}"
+
+exec "$mpirun" "${extra[@]}" -n "$ranks" "$@"
