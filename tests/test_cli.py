@@ -1,0 +1,104 @@
+"""Bad flags, config and input: one clear line, exit code 2, before any work starts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddp_cnn.train import main as train_main
+from helpers import make_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("cli") / "data", 1)
+
+
+def run(argv, capsys):
+    try:
+        code = train_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "resnet9000"], "--model: invalid choice"),
+    (["--optimizer", "lbfgs"], "--optimizer: invalid choice"),
+    (["--lr", "0"], "--lr: must be a number > 0"),
+    (["--lr", "-0.1"], "--lr: must be a number > 0"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["--epochs", "-1"], "--epochs: must be an integer >= 1"),
+    (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1)"),
+    (["--fail-at", "x"], "--fail-at: expected RANK:STEP"),
+    (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert needle in err[-1]
+
+
+def test_missing_data_folder_exits_2(tmp_path, capsys):
+    code, err = run(["--data", tmp_path / "nope", "--comm", "single", "--run-dir", tmp_path], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: --data") and "no such folder" in err[0] and "data_tools.shard" in err[0]
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing written
+
+
+def test_unknown_config_key_and_bad_value_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "lenet"\nlearning_rate = 0.1\n')
+    code, err = run(["--config", cfg], capsys)
+    assert code == 2 and "unknown key 'learning_rate'" in err[-1]
+    cfg.write_text('lr = -1\n')
+    code, err = run(["--config", cfg], capsys)
+    assert code == 2 and "key 'lr'" in err[-1]
+    cfg.write_text('model = "lenet\n')
+    code, err = run(["--config", cfg], capsys)
+    assert code == 2 and "not valid TOML" in err[-1]
+
+
+def test_config_supplies_defaults_and_flags_override(tmp_path):
+    from ddp_cnn.train import parse_args
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "mlp"\nlr = 0.5\nhflip = true\nbatch-size = 64\n')
+    args = parse_args(["--config", str(cfg), "--lr", "0.25"])
+    assert (args.model, args.lr, args.hflip, args.batch_size) == ("mlp", 0.25, True, 64)
+
+
+def test_recipes_parse():
+    from ddp_cnn.train import parse_args
+    for recipe in sorted((REPO / "recipes").glob("*.toml")):
+        parse_args(["--config", str(recipe)])
+
+
+def test_checkpoint_of_another_architecture_exits_2(data, tmp_path, capsys):
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
+              "--progress", "off"]
+    assert train_main([str(a) for a in common + ["--model", "mlp", "--max-steps", 2]]) == 0
+    capsys.readouterr()
+    code, err = run(common + ["--model", "lenet", "--resume", "latest"], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: checkpoint") and "mlp" in err[0] and "--model lenet" in err[0]
+
+
+def test_corrupt_checkpoint_given_by_path_exits_2(data, tmp_path, capsys):
+    bad = tmp_path / "ckpt-00000001.h5"
+    bad.write_bytes(b"not an hdf5 file at all")
+    code, err = run(["--data", data, "--comm", "single", "--resume", bad, "--run-dir", tmp_path], capsys)
+    assert code == 2 and len(err) == 1 and str(bad) in err[0]
+
+
+def test_help_documents_every_flag_with_default():
+    out = subprocess.run([sys.executable, "-m", "ddp_cnn.train", "--help"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    for flag in ("--data", "--model", "--epochs", "--batch-size", "--local-batch-size", "--optimizer", "--lr",
+                 "--weight-decay", "--schedule", "--warmup-epochs", "--scale-lr", "--seed", "--device", "--comm",
+                 "--bucket-mb", "--checkpoint-dir", "--checkpoint-every", "--resume", "--eval-every", "--metrics",
+                 "--config", "--check-replicas", "--keep", "--skip-nonfinite"):
+        assert flag in out, flag
+    assert "(default: 4.0)" in out  # bucket size default shown
