@@ -61,15 +61,15 @@ class StopFlag:
         return self.signum != 0
 
 
-def parse_fail_at(spec: str | None):
-    """``RANK:STEP`` -> (rank, step), from --fail-at or $DDP_CNN_FAIL_AT; None when unset."""
-    spec = spec or os.environ.get("DDP_CNN_FAIL_AT")
+def parse_fail_at(spec: str | None, env: str = "DDP_CNN_FAIL_AT", flag: str = "--fail-at"):
+    """``RANK:STEP`` -> (rank, step), from the flag or the environment variable; None when unset."""
+    spec = spec or os.environ.get(env)
     if not spec:
         return None
     try:
         rank, step = (int(v) for v in spec.split(":"))
     except ValueError:
-        raise ValueError(f"--fail-at: expected RANK:STEP (two integers), got {spec!r}") from None
+        raise ValueError(f"{flag}: expected RANK:STEP (two integers), got {spec!r}") from None
     return rank, step
 
 

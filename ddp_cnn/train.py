@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every N steps, verify that all ranks hold bitwise-identical parameters (0: never)")
     g.add_argument("--fail-at", metavar="RANK:STEP", default=None,
                    help="testing: raise on RANK at global step STEP (also $DDP_CNN_FAIL_AT)")
+    g.add_argument("--inject-nan", metavar="RANK:STEP", default=None,
+                   help="testing: make RANK's gradient NaN at global step STEP (also $DDP_CNN_NAN_AT)")
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="folder for metrics and checkpoints (default: runs/MODEL)")
     g.add_argument("--metrics", default=None, help="JSON-lines metrics file (default: RUN_DIR/metrics.jsonl)")
@@ -192,6 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else args.run_dir / "checkpoints"
     try:
         args.fail_at = parse_fail_at(args.fail_at)
+        args.inject_nan = parse_fail_at(args.inject_nan, env="DDP_CNN_NAN_AT", flag="--inject-nan")
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -285,7 +288,7 @@ def agree_on_errors(comm, error):
 
 def identity(args, s) -> dict:
     """What must be equal on every rank before step 1."""
-    config = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("fail_at", "progress")}
+    config = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("fail_at", "inject_nan", "progress")}
     return {"model": hashlib.sha256(json.dumps(s["model"].describe(), sort_keys=True).encode()).hexdigest(),
             "num_params": s["model"].num_params,
             "dataset": s["train_data"].attrs.get("sharding_id"),
@@ -371,7 +374,7 @@ def main(argv=None) -> int:
     return Trainer(args, comm, log, s).run()
 
 
-def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int):
+def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison: bool = False):
     """One step's gradient, averaged over ranks into ``model.grads``.  Returns (loss, correct) on device.
 
     Collective: every rank calls it once per step.  Each bucket's allreduce
@@ -380,8 +383,11 @@ def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int):
     logits = model.forward(to_model_layout(x, model), train=True, step=step)
     loss = loss_fn.forward(logits, y)
     correct = (logits.argmax(axis=1) == y).sum()
+    dlogits = loss_fn.backward()
+    if poison:  # --inject-nan: this rank's gradient turns NaN, as after an overflow
+        dlogits[...] = float("nan")
     reducer.begin()
-    model.backward(loss_fn.backward(), reducer.layer_done)
+    model.backward(dlogits, reducer.layer_done)
     reducer.finish()
     return loss, correct
 
@@ -479,7 +485,8 @@ class Trainer:
     def train_step(self, x, y):
         """Forward, backward with bucketed allreduce, finiteness check, update.  Returns (loss, correct) on device."""
         model = self.model
-        loss, correct = forward_backward_allreduce(model, self.loss_fn, self.reducer, x, y, self.global_step)
+        poison = self.args.inject_nan == (self.comm.rank, self.global_step)
+        loss, correct = forward_backward_allreduce(model, self.loss_fn, self.reducer, x, y, self.global_step, poison)
         # The averaged gradient is bitwise identical on every rank, so this test agrees
         # everywhere without another collective: a NaN on any rank has spread to all.
         if not bool(self.xp.isfinite(model.grads).all()):

@@ -1,0 +1,191 @@
+"""Reliability: failing ranks, preemption, kill -9, corrupt checkpoints, non-finite
+gradients, mismatched ranks, and a soak run.  Each test launches real MPI jobs
+(launch/mpirun.sh) in subprocesses and bounds them with timeouts, so a hang
+fails the test instead of stalling the suite."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.faults import EXIT_PREEMPTED
+from helpers import make_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = str(REPO / "launch" / "mpirun.sh")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
+    return {n: make_synthetic_shards(base / f"d{n}", n) for n in (2, 4)}
+
+
+def train_cmd(ranks, data_dir, run_dir, *flags):
+    return [LAUNCH, "-n", str(ranks), sys.executable, "-m", "ddp_cnn.train", "--data", str(data_dir),
+            "--run-dir", str(run_dir), "--device", "cpu", "--progress", "off", "--local-batch-size", "8",
+            "--model", "lenet", *map(str, flags)]
+
+
+def run(cmd, timeout=120):
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - t0
+
+
+def start(cmd):
+    """A job in its own process group, so the whole job can be signalled or killed."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(predicate, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early with {proc.returncode}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def step_records(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    return [json.loads(l) for l in lines]
+
+
+def last_step(run_dir):
+    steps = [r["step"] for r in step_records(run_dir) if r["kind"] == "step"]
+    return max(steps, default=0)
+
+
+def final(run_dir):
+    return ckpt.load(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")[-1])
+
+
+def test_a_rank_that_raises_ends_the_whole_job_within_30_seconds(data, tmp_path):
+    proc, elapsed = run(train_cmd(2, data[2], tmp_path, "--epochs", 5, "--fail-at", "1:3"), timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to go down"
+    assert "[rank 1] uncaught exception" in out
+    assert "InjectedFault: injected failure on rank 1 at step 3" in out  # that rank's traceback
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches_uninterrupted(data, tmp_path):
+    flags = ["--epochs", 20, "--max-steps", 60, "--log-every", 1, "--eval-every", 0, "--augment-shift", 1]
+    whole, _ = run(train_cmd(2, data[2], tmp_path / "whole", *flags))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    job = start(train_cmd(2, data[2], tmp_path / "parts", *flags))
+    wait_for(lambda: last_step(tmp_path / "parts") >= 10, job)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "stopped by a signal" in out
+    stopped_at = final(tmp_path / "parts")["meta"]["global_step"]
+    assert 10 <= stopped_at < 60
+    resumed, _ = run(train_cmd(2, data[2], tmp_path / "parts", *flags, "--resume", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at epoch" in resumed.stdout and f"(global step {stopped_at})" in resumed.stdout
+    a, b = final(tmp_path / "whole"), final(tmp_path / "parts")
+    assert a["meta"]["global_step"] == b["meta"]["global_step"] == 60
+    assert np.array_equal(a["params"], b["params"]), "resumed parameters differ from the uninterrupted run"
+
+
+def test_kill_9_during_checkpointing_leaves_loadable_checkpoints(data, tmp_path):
+    # fmnist-cnn with Adam: ~21 MB per checkpoint, written after every step, so the kill
+    # is likely to land inside a save.
+    cmd = train_cmd(2, data[2], tmp_path, "--model", "fmnist-cnn", "--epochs", 5, "--checkpoint-every", 1,
+                    "--keep", 0, "--eval-every", 0)
+    job = start(cmd)
+    wait_for(lambda: len(ckpt.list_checkpoints(tmp_path / "checkpoints")) >= 3, job, timeout=90)
+    time.sleep(0.15)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate(timeout=30)
+    files = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert len(files) >= 3
+    for path in files:  # every file that carries a checkpoint name is complete
+        ckpt.load(path)
+    newest = ckpt.load_latest(tmp_path / "checkpoints")
+    assert newest["path"] == str(files[-1])
+
+
+def test_corrupt_newest_checkpoint_is_named_and_resume_falls_back(data, tmp_path):
+    flags = ["--epochs", 2, "--max-steps", 12, "--checkpoint-every", 4, "--keep", 2, "--eval-every", 0]
+    first, _ = run(train_cmd(2, data[2], tmp_path, *flags))
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in files] == ["ckpt-00000008.h5", "ckpt-00000012.h5"]  # --keep 2
+    newest = files[-1]
+    newest.write_bytes(newest.read_bytes()[:5000])  # truncated, as by a full disk
+    proc, _ = run(train_cmd(2, data[2], tmp_path, *flags, "--max-steps", 14, "--resume", "latest"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warning: skipping checkpoint {newest}" in proc.stdout
+    assert f"resumed from {files[0]}" in proc.stdout
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_non_finite_gradient_on_one_rank_is_seen_by_all(data, tmp_path, skip):
+    flags = ["--epochs", 1, "--max-steps", 10, "--inject-nan", "1:5", "--eval-every", 0, "--check-replicas", 1]
+    proc, elapsed = run(train_cmd(2, data[2], tmp_path, *flags, *(["--skip-nonfinite"] if skip else [])),
+                        timeout=60)
+    if skip:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "skipped the update of step 5" in proc.stdout
+        epoch = [r for r in step_records(tmp_path) if r["kind"] == "epoch"][-1]
+        assert epoch["skipped_steps"] == 1 and epoch["step"] == 10
+    else:
+        assert proc.returncode == 1
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert lines == ["error: non-finite gradient at global step 5 (epoch 0); "
+                         "lower --lr or use --skip-nonfinite"]
+        assert "Traceback" not in proc.stderr  # a decision taken by every rank, not a crash
+
+
+def test_ranks_with_different_configs_are_refused(data, tmp_path):
+    one = [sys.executable, "-m", "ddp_cnn.train", "--data", str(data[2]), "--run-dir", str(tmp_path),
+           "--device", "cpu", "--progress", "off"]
+    proc, _ = run([LAUNCH, "-n", "1", *one, "--lr", "0.1", ":", "-n", "1", *one, "--lr", "0.2"])
+    assert proc.returncode == 2
+    assert "error: ranks disagree on the training configuration" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_missing_shard_for_a_rank_is_refused(data, tmp_path):
+    broken = tmp_path / "data"
+    broken.mkdir()
+    for f in Path(data[4]).iterdir():
+        if f.name != "train-00002-of-00004.h5":
+            (broken / f.name).symlink_to(f)
+    proc, _ = run(train_cmd(4, broken, tmp_path / "run", "--epochs", 1))
+    assert proc.returncode == 2
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "train-00002-of-00004.h5" in err[0]
+
+
+def test_soak_4_ranks_300_steps_with_a_preemption(data, tmp_path):
+    flags = ["--epochs", 20, "--max-steps", 300, "--checkpoint-every", 50, "--log-every", 1, "--check-replicas", 10,
+             "--keep", 0]
+    job = start(train_cmd(4, data[4], tmp_path, *flags))
+    wait_for(lambda: last_step(tmp_path) >= 120, job, timeout=240)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == EXIT_PREEMPTED, err[-2000:]
+    proc, _ = run(train_cmd(4, data[4], tmp_path, *flags, "--resume", "latest"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # --check-replicas would have raised on drift
+    records = step_records(tmp_path)
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == list(range(1, 301)), "lost or duplicated steps in the metrics file"
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch" and r["complete"]]
+    assert epochs == sorted(set(epochs)) and epochs == list(range(len(epochs)))
+    assert final(tmp_path)["meta"]["global_step"] == 300
