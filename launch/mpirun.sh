@@ -21,15 +21,24 @@ fi
 mpirun="${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}"
 [ -n "$mpirun" ] || { echo "launch/mpirun.sh: no mpirun on PATH; pip install mpich (or apt-get install openmpi-bin)" >&2; exit 2; }
 
-extra=()
-if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-rte"; then
-    extra+=(--oversubscribe --bind-to none)
-    [ "$(id -u)" = 0 ] && extra+=(--allow-run-as-root)
-fi
-
 cores=$(nproc 2>/dev/null || echo 1)
 threads=$(( cores / ranks ))
 [ "$threads" -ge 1 ] || threads=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}"
+
+# Resolve the program here: Open MPI's daemons may search another PATH
+# (seen: `python3` found a Python without numpy).
+if [[ "$1" != */* ]] && command -v "$1" >/dev/null; then
+    set -- "$(command -v "$1")" "${@:2}"
+fi
+
+extra=()
+if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-rte"; then
+    extra+=(--oversubscribe --bind-to none)
+    for var in PATH PYTHONPATH OMP_NUM_THREADS; do  # Open MPI passes only what -x names to other nodes
+        if [ -n "${!var:-}" ]; then extra+=(-x "$var"); fi
+    done
+    if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi
+fi
 
 exec "$mpirun" "${extra[@]}" -n "$ranks" "$@"
