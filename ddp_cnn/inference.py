@@ -1,9 +1,15 @@
-"""Rebuilding a trained model from a checkpoint, for evaluation and prediction."""
+"""Rebuilding a trained model from a checkpoint (.h5) or an exported .npz; pixels to class probabilities."""
 from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
 
 from . import checkpoint as ckpt
 from . import model as model_mod
-from .backend import get_backend
+from .backend import get_backend, to_host
 
 
 def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = None):
@@ -21,3 +27,133 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
     for name, buf in model.named_buffers().items():
         buf[...] = backend.xp.asarray(state["buffers"][name], dtype=backend.dtype)
     return model, meta
+
+
+# ---- portable .npz models (written by ``python -m ddp_cnn.export``) ---------
+#
+# A .npz holds ``params`` (the flat parameter buffer), ``buffers/<name>``
+# (BatchNorm statistics) and ``meta``: a JSON string with the model
+# description, class names, mean and std.  Reading one needs NumPy alone: no
+# h5py, no MPI, and no pickle (np.load with allow_pickle=False).
+
+NPZ_FORMAT = "ddp_cnn-npz"
+NPZ_VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def load(path, device: str = "cpu", dtype: str | None = None):
+    """(model, meta) from a .npz written by ``python -m ddp_cnn.export``, ready for eval mode.
+
+    meta holds "model" (the description), "class_names", "mean", "std" and
+    "source".  Raises CheckpointError naming the file on anything wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with z:
+            if "meta" not in z.files or "params" not in z.files:
+                raise KeyError("'meta' or 'params' is missing")
+            meta = json.loads(str(z["meta"][()]))
+            params = z["params"]
+            buffers = {k[len("buffers/"):]: z[k] for k in z.files if k.startswith("buffers/")}
+        if params.dtype.kind != "f":
+            raise ValueError(f"params of dtype {params.dtype}, expected floats")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ckpt.CheckpointError(f"{path}: not a model exported by ddp_cnn.export "
+                                   f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != NPZ_FORMAT:
+        raise ckpt.CheckpointError(f"{path}: not a model exported by ddp_cnn.export (no '{NPZ_FORMAT}' marker)")
+    if meta.get("format_version", 0) > NPZ_VERSION:
+        raise ckpt.CheckpointError(f"{path}: format version {meta['format_version']} is newer than this "
+                                   f"ddp_cnn reads ({NPZ_VERSION}); upgrade ddp_cnn")
+    if ckpt.params_digest(params) != meta.get("params_sha256"):
+        raise ckpt.CheckpointError(f"{path}: parameter checksum mismatch (corrupt file)")
+    if dtype is None:
+        dtype = "float64" if params.dtype.itemsize == 8 else "float32"
+    model = _model_from_arrays(path, meta.get("model"), params, buffers, get_backend(device, dtype))
+    return model, meta
+
+
+def load_model(path, device: str = "cpu", dtype: str | None = None):
+    """(model, meta) from either a training checkpoint (.h5) or an exported .npz, told apart by content."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_HDF5_MAGIC))
+    except FileNotFoundError:
+        raise ckpt.CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ckpt.CheckpointError(f"{path}: is a folder, expected a checkpoint (.h5) or an exported .npz") from None
+    except OSError as exc:
+        raise ckpt.CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if head.startswith(_ZIP_MAGIC):
+        return load(path, device, dtype)
+    if head != _HDF5_MAGIC:
+        raise ckpt.CheckpointError(f"{path}: neither a checkpoint (.h5, from ddp_cnn.train) nor a model "
+                                   "exported to .npz (by ddp_cnn.export)")
+    try:
+        import h5py  # noqa: F401  (checkpoint.load imports it lazily; say what is missing, and the way out)
+    except ImportError:
+        raise ckpt.CheckpointError(f"{path}: reading .h5 checkpoints needs h5py (pip install h5py); "
+                                   "or export the model with python -m ddp_cnn.export and use the .npz") from None
+    try:
+        return load_model_from_checkpoint(path, device, dtype)
+    except ckpt.CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:  # a description that does not build
+        raise ckpt.CheckpointError(f"{path}: bad model description ({type(exc).__name__}: {exc})") from None
+
+
+def _model_from_arrays(path, desc, params, buffers, backend):
+    if not isinstance(desc, dict) or "layers" not in desc or "input_shape" not in desc:
+        raise ckpt.CheckpointError(f"{path}: holds no model description")
+    try:
+        model = model_mod.from_description(desc, backend)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{path}: bad model description ({type(exc).__name__}: {exc})") from None
+    if params.ndim != 1 or model.num_params != params.size:
+        raise ckpt.CheckpointError(f"{path}: {params.size} parameters, but its model description has "
+                                   f"{model.num_params}")
+    model.params[...] = backend.xp.asarray(params, dtype=backend.dtype)
+    for name, buf in model.named_buffers().items():
+        if name not in buffers or buffers[name].shape != buf.shape:
+            raise ckpt.CheckpointError(f"{path}: buffer {name!r} is missing or of the wrong shape")
+        buf[...] = backend.xp.asarray(buffers[name], dtype=backend.dtype)
+    return model
+
+
+# ---- from pixels to class probabilities -------------------------------------
+
+def normalize(images, mean: float, std: float, dtype):
+    """(N, H, W) pixels -> (N, H, W, 1) model input, x = (pixel/255 - mean)/std.
+
+    uint8 images are 0..255, float images 0..1.  The arithmetic is the data
+    loader's (in the model dtype, same order), so a test image gives the
+    model exactly the input it gets during evaluation.
+    """
+    images = np.asarray(images)
+    x = images.astype(dtype)
+    if images.dtype == np.uint8:
+        x /= 255
+    x -= mean
+    x /= std
+    return x[..., None]
+
+
+def probabilities(logits):
+    """Softmax over the last axis, in float64 on the host."""
+    z = np.asarray(to_host(logits), dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(probs, k: int):
+    """Per row, the k (class index, probability) pairs of highest probability, highest first."""
+    order = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return [[(int(c), float(p[c])) for c in row] for p, row in zip(probs, order)]
