@@ -508,6 +508,10 @@ class Trainer:
         if self.global_step == 0:
             from .summary import format_summary
             self.log(format_summary(self.model))
+            self.write_metrics({"kind": "start", "step": 0, "model": self.model.name, "params": self.model.num_params,
+                                "world_size": comm.size, "device": self.backend.name, "comm": self.reducer.transport,
+                                "global_batch": self.global_batch, "class_names": self.class_names,
+                                "config": {k: str(v) for k, v in sorted(vars(args).items())}})
         try:
             while self.epoch < args.epochs:
                 status = self.run_epoch()
