@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.atomic import fsync_dir, fsync_file, temp_path
+
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 
 
@@ -44,7 +46,7 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, global_step)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = temp_path(final)
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("params", data=params)
@@ -58,10 +60,9 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
             for key, value in meta.items():
                 f.attrs[key] = json.dumps(value)
             f.attrs["params_sha256"] = params_digest(params)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -69,14 +70,6 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(directory) -> list[Path]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.atomic import fsync_dir, temp_path
+
 from . import checkpoint as ckpt
 from .backend import to_host
 from .faults import EXIT_USAGE
@@ -56,7 +58,7 @@ def npz_contents(model, meta: dict, source: str) -> dict:
 
 def write_atomic(out: Path, arrays: dict, force: bool) -> None:
     """np.savez to a temporary sibling, fsync, then rename (no-clobber unless force)."""
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     try:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a bare name
             np.savez(fh, **arrays)
@@ -73,13 +75,7 @@ def write_atomic(out: Path, arrays: dict, force: bool) -> None:
                 if out.exists():
                     raise ExportError(f"{out}: already exists; use --force to replace it") from None
                 os.replace(tmp, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some filesystems refuse to fsync a folder
-        finally:
-            os.close(fd)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
