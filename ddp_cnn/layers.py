@@ -43,6 +43,7 @@ class Layer:
         self.input_shape: tuple | None = None
         self.output_shape: tuple | None = None
         self.config: dict = {"name": name}
+        self.scratch = kernels.Scratch()  # buffers reused across steps (kernels.Scratch)
 
     def _remember(self, args: dict) -> None:
         """Keep the constructor arguments, so a model can be saved and rebuilt by name."""
@@ -133,24 +134,74 @@ class Conv2D(Layer):
         n = x.shape[0]
         xpad = kernels.pad_nhwc(x, self.pads)
         self.padded_shape = xpad.shape
-        self.cols = kernels.im2col(xpad, self.kh, self.kw, self.stride, self.oh, self.ow)
-        y = xp.matmul(self.cols, self.params["W"].reshape(self.k, self.filters))
-        if self.use_bias:
-            y += self.params["b"]
+        per = self.oh * self.ow
+        w = self.params["W"].reshape(self.k, self.filters)
+        y = self.scratch.output("y", (n * per, self.filters), x.dtype, xp) if train else \
+            xp.empty((n * per, self.filters), dtype=x.dtype)
+        if self.cin == 1:
+            # One channel: build the rows transposed (kernels.im2col_t_into); cols is
+            # then a transposed view, which both GEMMs take as is.
+            shape = (self.k, n * per)
+            cols_t = self.scratch.get("cols", shape, x.dtype, xp) if train else xp.empty(shape, dtype=x.dtype)
+            self.cols = kernels.im2col_t_into(xpad, self.kh, self.kw, self.stride, self.oh, self.ow, cols_t).T
+            xp.matmul(self.cols, w, out=y)
+            if self.use_bias:
+                y += self.params["b"]
+            return y.reshape(n, self.oh, self.ow, self.filters)
+        shape = (n * per, self.k)
+        # The rows live until backward: in training one buffer serves every step.
+        self.cols = self.scratch.get("cols", shape, x.dtype, xp) if train else xp.empty(shape, dtype=x.dtype)
+        # A few images at a time: the GEMM reads rows im2col has just written, and
+        # the bias is added while the outputs are still in cache.
+        for a, b in kernels.batch_chunks(xp, n, per * self.k * x.dtype.itemsize):
+            cols = kernels.im2col_into(xpad[a:b], self.kh, self.kw, self.stride, self.oh, self.ow,
+                                       self.cols[a * per:b * per])
+            ya = y[a * per:b * per]
+            xp.matmul(cols, w, out=ya)
+            if self.use_bias:
+                ya += self.params["b"]
         return y.reshape(n, self.oh, self.ow, self.filters)
 
     def backward(self, dy, need_dx=True):
         xp = self.xp
         dy2 = dy.reshape(-1, self.filters)
+        # cols.T is a transposed view: BLAS reads it as is, no copy.
         xp.matmul(self.cols.T, dy2, out=self.grads["W"].reshape(self.k, self.filters))
         if self.use_bias:
-            dy2.sum(axis=0, out=self.grads["b"])
-        if not need_dx:
-            self.cols = None
-            return None
-        dcols = xp.matmul(dy2, self.params["W"].reshape(self.k, self.filters).T)
+            # ones @ dy2 (a GEMV) sums the rows 2-5x faster than dy2.sum(axis=0).
+            ones = self.scratch.get("ones", (dy2.shape[0],), dy2.dtype, xp)
+            ones.fill(1)
+            xp.matmul(ones, dy2, out=self.grads["b"])
         self.cols = None
-        dxpad = kernels.col2im(dcols, self.padded_shape, self.kh, self.kw, self.stride, self.oh, self.ow)
+        if not need_dx:
+            return None
+        # dcols tap by tap, (KH*KW, M, C), so each col2im add streams over
+        # contiguous rows; a few images at a time, so the taps are still in
+        # cache when they are added (2.2x faster than one dcols GEMM + col2im).
+        # With stride 1 the dy rows are first padded with zeros to the padded
+        # width, which makes each add one run per image (kernels.col2im_taps_wide).
+        kk, per = self.kh * self.kw, self.oh * self.ow
+        n, _, wp, _ = self.padded_shape
+        wide = self.stride == 1
+        row = wp if wide else self.ow
+        w_taps = xp.ascontiguousarray(self.params["W"].reshape(kk, self.cin, self.filters).transpose(0, 2, 1))
+        dy4 = dy2.reshape(n, self.oh, self.ow, self.filters)
+        dxpad = self.scratch.output("dx", self.padded_shape, dy2.dtype, xp)
+        dxpad.fill(0)
+        for a, b in kernels.batch_chunks(xp, n, kk * self.oh * row * self.cin * dy2.dtype.itemsize):
+            rows = dy2[a * per:b * per]
+            if wide:
+                dy_wide = self.scratch.get("dy_wide", (b - a, self.oh, wp, self.filters), dy2.dtype, xp)
+                dy_wide[:, :, self.ow:, :] = 0
+                dy_wide[:, :, :self.ow, :] = dy4[a:b]
+                rows = dy_wide.reshape(-1, self.filters)
+            taps = self.scratch.get("taps", (kk, rows.shape[0], self.cin), dy2.dtype, xp)
+            xp.matmul(rows, w_taps, out=taps)
+            if wide:
+                kernels.col2im_taps_wide(taps, dxpad[a:b], self.kh, self.kw, self.oh)
+            else:
+                kernels.col2im_taps(taps, (b - a,) + self.padded_shape[1:], self.kh, self.kw, self.stride,
+                                    self.oh, self.ow, out=dxpad[a:b])
         return kernels.unpad_nhwc(dxpad, self.pads)
 
     def flops(self):
@@ -219,8 +270,15 @@ class Pool2D(Layer):
     def forward(self, x, train=False):
         self.check_input(x)
         xp = self.xp
-        win = self._windows(x)
         self.n = x.shape[0]
+        if self.tiles and self.mode != "avg":
+            shape = (self.n,) + self.output_shape
+            y = self.scratch.output("y", shape, x.dtype, xp) if train else None
+            # arg is read by backward only, so the buffer may be the same from step to step.
+            arg = self.scratch.get("arg", shape, np.uint8, xp) if train else None
+            y, self.arg = kernels.pool_tiles_forward(x, self.kh, self.kw, self.mode, y, arg)
+            return y
+        win = self._windows(x)
         if self.mode == "avg":
             return win.mean(axis=3)
         arg = win.argmax(axis=3) if self.mode == "max" else win.argmin(axis=3)
@@ -236,6 +294,11 @@ class Pool2D(Layer):
             dwin = xp.broadcast_to((dy / kk)[:, :, :, None, :], dy.shape[:3] + (kk, dy.shape[3]))
             if self.tiles:
                 dwin = xp.ascontiguousarray(dwin)
+        elif self.tiles:
+            dx = self.scratch.output("dx", (dy.shape[0],) + self.input_shape, dy.dtype, xp)
+            kernels.pool_tiles_backward(dy, self.arg, self.kh, self.kw, dx)
+            self.arg = None
+            return dx
         else:
             # One-hot of the winning position times dy; ties go to the first winner.
             slots = xp.arange(kk, dtype=self.arg.dtype)[None, None, None, :, None]
@@ -356,12 +419,14 @@ class Dropout(Layer):
             self.mask = None
             return x
         self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype)
-        return x * self.mask
+        return self.xp.multiply(x, self.mask, out=self.scratch.output("out", x.shape, x.dtype, self.xp))
 
     def backward(self, dy, need_dx=True):
         if not need_dx:
             return None
-        return dy if self.mask is None else dy * self.mask
+        if self.mask is None:
+            return dy
+        return self.xp.multiply(dy, self.mask, out=self.scratch.output("out", dy.shape, dy.dtype, self.xp))
 
 
 class BatchNorm(Layer):
@@ -441,11 +506,23 @@ class LeakyReLU(Layer):
 
     def forward(self, x, train=False):
         self.check_input(x)
-        self.slope = self.xp.where(x > 0, self.dtype(1.0), self.dtype(self.alpha))
-        return x * self.slope
+        xp = self.xp
+        if not 0.0 <= self.alpha <= 1.0:
+            self.slope = xp.where(x > 0, self.dtype(1.0), self.dtype(self.alpha))
+            return x * self.slope
+        if not train:
+            y, self.slope = kernels.leaky_relu(x, self.alpha)
+            return y
+        # The slope is kept until backward only: one buffer serves every step.
+        y, self.slope = kernels.leaky_relu(x, self.alpha, self.scratch.get("slope", x.shape, x.dtype, xp),
+                                           self.scratch.output("out", x.shape, x.dtype, xp))
+        return y
 
     def backward(self, dy, need_dx=True):
-        return dy * self.slope if need_dx else None
+        if not need_dx:
+            return None
+        # Same shape as the forward output, which nobody holds by now: one buffer for both.
+        return self.xp.multiply(dy, self.slope, out=self.scratch.output("out", dy.shape, dy.dtype, self.xp))
 
 
 class PReLU(Layer):

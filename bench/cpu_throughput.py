@@ -1,0 +1,387 @@
+"""CPU training throughput: ddp_cnn (NumPy backend) against PyTorch on the same network.
+
+    python bench/cpu_throughput.py                       # table for batch 64/128/256 + per-layer split
+    python bench/cpu_throughput.py --batches 128 --no-torch
+    python bench/cpu_throughput.py --ranks                # also 2 ranks x 1 thread vs 1 rank x 2 threads
+
+Every measurement runs in its own subprocess, so each framework's peak RSS
+(``ru_maxrss``) is its own and the BLAS thread count is fixed before NumPy or
+PyTorch loads.  Both train seed 002's ``fmnist-cnn`` (conv3x3-32, conv3x3-64,
+pool, dropout .25, conv3x3-128, pool, dropout .25, dense 3200->512, dropout
+.5, dense 512->10, LeakyReLU 0.1, valid padding) with Adam lr 1e-3 on the same
+images: random ones of the Fashion-MNIST shape by default, or the real training
+set with ``--data real``.  A timed repeat is ``--steps`` steps (forward,
+backward, optimizer step, dropout on) after ``--warmup`` steps; the table shows
+the median of ``--repeats`` repeats.
+
+PyTorch is an optional bench dependency (``pip install torch``, CPU build);
+it is never imported by ddp_cnn itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+N_IMAGES = 2048  # distinct images cycled through (the same for both frameworks)
+
+
+# ---- data -----------------------------------------------------------------
+
+def load_images(kind: str, n: int, seed: int = 0):
+    """(n, 28, 28, 1) float32 standardised images and int64 labels."""
+    import numpy as np
+    if kind == "real":
+        sys.path.insert(0, str(ROOT))
+        from data_tools import idx
+        folder = Path("/usr/share/datasets/fashion-mnist")
+        images = idx.read_idx(folder / "train-images-idx3-ubyte.gz").array[:n]
+        labels = idx.read_idx(folder / "train-labels-idx1-ubyte.gz").array[:n]
+        x = images.astype(np.float32) / 255.0
+        x = (x - x.mean()) / x.std()
+        return np.ascontiguousarray(x[..., None]), labels.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '')} "
+                     f"x{i.get('num_threads')}" for i in threadpool_info())
+
+
+def time_repeats(step, batch: int, steps: int, warmup: int, repeats: int) -> list[float]:
+    """images/s of `repeats` timed runs of `steps` calls of step(i), after `warmup` calls."""
+    for i in range(warmup):
+        step(i)
+    rates, i = [], warmup
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(i)
+            i += 1
+        rates.append(batch * steps / (time.perf_counter() - t0))
+    time_repeats.cpu_per_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return rates
+
+
+# ---- workers (one per subprocess) ------------------------------------------
+
+def worker_ddp(args) -> dict:
+    import numpy as np
+    sys.path.insert(0, str(ROOT))
+    from ddp_cnn import model as model_mod
+    from ddp_cnn import optim
+    from ddp_cnn.backend import get_backend
+    from ddp_cnn.layers import SoftmaxCrossEntropy
+
+    x_all, y_all = load_images(args.data, N_IMAGES)
+    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+    opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
+    loss_fn = SoftmaxCrossEntropy()
+    b = args.batch
+    per_epoch = N_IMAGES // b
+
+    def step(i):
+        k = i % per_epoch
+        logits = model.forward(x_all[k * b:(k + 1) * b], train=True, step=i)
+        loss_fn.forward(logits, y_all[k * b:(k + 1) * b])
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    rates = time_repeats(step, b, args.steps, args.warmup, args.repeats)
+    assert np.isfinite(model.params).all()
+    return {"framework": "ddp_cnn", "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
+            "peak_rss_mb": peak_rss_mb(), "blas": blas_info(), "cpu_per_wall": time_repeats.cpu_per_wall}
+
+
+def torch_net():
+    import torch.nn as nn
+    act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
+    return nn.Sequential(nn.Conv2d(1, 32, 3), act(), nn.Conv2d(32, 64, 3), act(), nn.MaxPool2d(2), nn.Dropout(0.25),
+                         nn.Conv2d(64, 128, 3), act(), nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+                         nn.Linear(3200, 512), act(), nn.Dropout(0.5), nn.Linear(512, 10))
+
+
+def worker_torch(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x_np, y_np = load_images(args.data, N_IMAGES)
+    x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()  # NCHW, PyTorch's native layout
+    y_all = torch.from_numpy(y_np)
+    net = torch_net()
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    b = args.batch
+    per_epoch = N_IMAGES // b
+
+    def step(i):
+        k = i % per_epoch
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(net(x_all[k * b:(k + 1) * b]), y_all[k * b:(k + 1) * b])
+        loss.backward()
+        opt.step()
+
+    rates = time_repeats(step, b, args.steps, args.warmup, args.repeats)
+    return {"framework": "torch", "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
+            "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_per_wall": time_repeats.cpu_per_wall}
+
+
+def worker_profile(args) -> dict:
+    """Seconds per step of each layer's forward and backward, the loss and the optimizer (ddp_cnn)."""
+    import numpy as np
+    sys.path.insert(0, str(ROOT))
+    from ddp_cnn import model as model_mod
+    from ddp_cnn import optim
+    from ddp_cnn.backend import STREAM_DROPOUT, get_backend
+    from ddp_cnn.layers import Dropout, SoftmaxCrossEntropy
+
+    x_all, y_all = load_images(args.data, N_IMAGES)
+    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+    opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
+    loss_fn = SoftmaxCrossEntropy()
+    b = args.batch
+    per_epoch = N_IMAGES // b
+    names = [f"{layer.name}" for layer in model.layers]
+    totals = {key: 0.0 for key in [f"fwd {n}" for n in names] + ["loss"] + [f"bwd {n}" for n in reversed(names)]
+              + ["optimizer"]}
+    clock = time.perf_counter
+
+    def step(i, record):
+        k = i % per_epoch
+        x = x_all[k * b:(k + 1) * b]
+        for j, layer in enumerate(model.layers):  # model.forward, timed layer by layer
+            if isinstance(layer, Dropout):
+                layer.key = (model.seed, STREAM_DROPOUT, model.rank, i, j)
+            t0 = clock()
+            x = layer.forward(x, True)
+            record[f"fwd {layer.name}"] += clock() - t0
+        t0 = clock()
+        loss_fn.forward(x, y_all[k * b:(k + 1) * b])
+        dy = loss_fn.backward()
+        record["loss"] += clock() - t0
+        for j in reversed(range(len(model.layers))):
+            t0 = clock()
+            dy = model.layers[j].backward(dy, need_dx=j > 0)
+            record[f"bwd {model.layers[j].name}"] += clock() - t0
+        t0 = clock()
+        opt.step()
+        record["optimizer"] += clock() - t0
+
+    scratch = dict(totals)
+    for i in range(args.warmup):
+        step(i, scratch)
+    steps = args.steps * args.repeats
+    t0 = clock()
+    for i in range(args.warmup, args.warmup + steps):
+        step(i, totals)
+    wall = clock() - t0
+    assert np.isfinite(model.params).all()
+    return {"framework": "ddp_cnn-profile", "batch": b, "ms_per_step": {k: 1e3 * v / steps for k, v in totals.items()},
+            "wall_ms_per_step": 1e3 * wall / steps, "images_per_s": b * steps / wall}
+
+
+def worker_mpi(args) -> dict:
+    """Data-parallel steps over the ranks of mpirun: local batch = batch / ranks, the real GradReducer."""
+    import numpy as np
+    sys.path.insert(0, str(ROOT))
+    from ddp_cnn import comm as comm_mod
+    from ddp_cnn import model as model_mod
+    from ddp_cnn import optim
+    from ddp_cnn.backend import get_backend
+    from ddp_cnn.layers import SoftmaxCrossEntropy
+    from ddp_cnn.reducer import GradReducer
+    from ddp_cnn.train import forward_backward_allreduce
+
+    comm = comm_mod.create("auto")
+    x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)
+    backend = get_backend("cpu")
+    model = model_mod.build("fmnist-cnn", backend, seed=0)
+    model.rank = comm.rank
+    opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
+    loss_fn = SoftmaxCrossEntropy()
+    transport = "mpi" if comm.size > 1 else "single"
+    reducer = GradReducer(comm, model.grads, list(zip(model.layer_offsets, model.layer_ends)), args.bucket_mb,
+                          backend, transport)
+    local = args.batch // comm.size
+    per_epoch = N_IMAGES // local
+
+    def step(i):
+        k = i % per_epoch
+        forward_backward_allreduce(model, loss_fn, reducer, x_all[k * local:(k + 1) * local],
+                                   y_all[k * local:(k + 1) * local], i)
+        opt.step()
+
+    for i in range(args.warmup):
+        step(i)
+    comm.barrier()
+    rates, comm_s, exposed_s, walls = [], [], [], []
+    i = args.warmup
+    for _ in range(args.repeats):
+        reducer.comm_seconds = reducer.exposed_seconds = 0.0
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(i)
+            i += 1
+        wall = time.perf_counter() - t0
+        walls.append(wall)
+        rates.append(args.batch * args.steps / wall)
+        comm_s.append(reducer.comm_seconds)
+        exposed_s.append(reducer.exposed_seconds)
+    reducer.close()
+    digests = comm.allgather_obj(float(np.abs(model.params).sum()))
+    rss = comm.allgather_obj(peak_rss_mb())
+    r = rates.index(statistics.median(rates))
+    return {"framework": "ddp_cnn-mpi", "ranks": comm.size, "threads": args.threads, "batch": args.batch,
+            "images_per_s": rates[r], "rates": rates, "comm_share": comm_s[r] / walls[r],
+            "exposed_share": exposed_s[r] / walls[r], "ms_per_step": 1e3 * walls[r] / args.steps,
+            "replicas_equal": len(set(digests)) == 1, "peak_rss_mb_per_rank": rss, "blas": blas_info(),
+            "is_root": comm.is_root}
+
+
+WORKERS = {"ddp": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+
+
+# ---- driver -------------------------------------------------------------------
+
+def run_worker(kind: str, args, batch: int, threads: int, ranks: int = 1) -> dict:
+    env = dict(os.environ)
+    for var in THREAD_VARS:
+        env[var] = str(threads)
+    if args.unset_coretype:
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--batch", str(batch),
+           "--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
+    if ranks > 1:
+        cmd = ["mpirun", "-n", str(ranks)] + cmd
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")][-1]
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One result for several rounds: the median rate over every timed repeat, the largest peak RSS."""
+    out = dict(rounds[0])
+    out["rates"] = [r for one in rounds for r in one["rates"]]
+    out["images_per_s"] = statistics.median(out["rates"])
+    out["peak_rss_mb"] = max(one["peak_rss_mb"] for one in rounds)
+    out["cpu_per_wall"] = statistics.median(one["cpu_per_wall"] for one in rounds)
+    return out
+
+
+def print_profile(p: dict) -> None:
+    ms = p["ms_per_step"]
+    total = sum(ms.values())
+    print(f"\nddp_cnn per-layer split, batch {p['batch']}: {p['wall_ms_per_step']:.1f} ms/step "
+          f"({p['images_per_s']:.0f} img/s while timing each layer)")
+    print(f"| {'phase':<22} | {'ms/step':>8} | {'share':>6} |")
+    print(f"| {'-' * 22} | {'-' * 8}:| {'-' * 6}:|")
+    for key, v in ms.items():
+        print(f"| {key:<22} | {v:8.2f} | {100 * v / total:5.1f}% |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS / torch threads")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="subprocess runs per framework and batch, interleaved")
+    p.add_argument("--data", choices=["random", "real"], default="random")
+    p.add_argument("--no-torch", action="store_true", help="ddp_cnn only")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-layer split")
+    p.add_argument("--profile-batch", type=int, default=128)
+    p.add_argument("--ranks", action="store_true",
+                   help="also: 2 ranks x 1 BLAS thread vs 1 rank x 2 threads (mpirun), with the allreduce share")
+    p.add_argument("--bucket-mb", type=float, default=4.0, help="allreduce bucket size (as ddp_cnn.train)")
+    p.add_argument("--unset-coretype", action="store_true",
+                   help="drop OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers (benchmark only)")
+    p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        if result.get("is_root", True):  # under mpirun, rank 0 alone reports
+            print(json.dumps(result), flush=True)
+        return 0
+
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+          f"{args.threads} thread(s); data {args.data}; median of {args.repeats} x {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    # Rounds interleave the two frameworks, so a slow spell of a shared machine hits both.
+    runs: dict = {}
+    for _ in range(args.rounds):
+        for b in args.batches:
+            for kind in ("ddp",) + (() if args.no_torch else ("torch",)):
+                runs.setdefault((kind, b), []).append(run_worker(kind, args, b, args.threads))
+    results = [r for rs in runs.values() for r in rs]
+    rows = [(b, merge(runs[("ddp", b)]), None if args.no_torch else merge(runs[("torch", b)])) for b in args.batches]
+    ddp0 = rows[0][1]
+    torch0 = rows[0][2]
+    print(f"BLAS: {ddp0['blas']}; ddp_cnn uses {ddp0['cpu_per_wall']:.2f} cores"
+          + ("" if torch0 is None else f"; torch {torch0['torch']} ({torch0['torch_threads']} threads) uses "
+                                       f"{torch0['cpu_per_wall']:.2f} cores"))
+    print("\n| batch | ddp_cnn img/s | PyTorch img/s | ratio | ddp_cnn peak RSS MB | PyTorch peak RSS MB | RSS ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for b, d, t in rows:
+        if t:
+            print(f"| {b} | {d['images_per_s']:.0f} | {t['images_per_s']:.0f} | "
+                  f"{d['images_per_s'] / t['images_per_s']:.2f} | {d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | "
+                  f"{d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
+        else:
+            print(f"| {b} | {d['images_per_s']:.0f} | - | - | {d['peak_rss_mb']:.0f} | - | - |")
+    if not args.no_profile:
+        prof = run_worker("profile", args, args.profile_batch, args.threads)
+        results.append(prof)
+        print_profile(prof)
+    if args.ranks:
+        cores = os.cpu_count() or 1
+        print(f"\nData parallel on this machine, global batch {args.profile_batch}, bucket {args.bucket_mb} MB:")
+        print("| layout | img/s | ms/step | allreduce time / step time | exposed (waited) share |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        layouts = ((1, cores), (cores, 1))
+        per_layout: dict = {}
+        for _ in range(args.rounds):  # interleaved, like the table above
+            for ranks, threads in layouts:
+                per_layout.setdefault(ranks, []).append(run_worker("mpi", args, args.profile_batch, threads, ranks))
+        for ranks, threads in layouts:
+            rs = sorted(per_layout[ranks], key=lambda r: r["images_per_s"])
+            results += rs
+            r = rs[len(rs) // 2]  # the median round
+            print(f"| {ranks} rank(s) x {threads} thread(s) | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+                  f"{100 * r['comm_share']:.1f}% | {100 * r['exposed_share']:.1f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
