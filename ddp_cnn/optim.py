@@ -109,6 +109,11 @@ class Adam(Optimizer):
         # Fold both bias corrections into one step size (as the Adam paper's sec. 2 suggests).
         step = lr * math.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
         eps_hat = self.eps * math.sqrt(1 - self.beta2 ** self.t)
+        if xp is not np:  # one fused kernel over the whole flat buffer (cuda_kernels.adam_update)
+            from . import cuda_kernels
+            cuda_kernels.adam_update(self.params, self.grads, self.state["m"], self.state["v"],
+                                     self.beta1, self.beta2, step, eps_hat)
+            return
         # In place, one cache-sized slice at a time, with one reused temporary: the
         # same operations in the same order as m = b1 m + (1 - b1) g;
         # v = b2 v + (1 - b2) g^2; p -= step * (m / (sqrt(v) + eps_hat)), so the
