@@ -14,28 +14,33 @@ from helpers import GPU_REASON
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=GPU_REASON)]
 
 
-def twenty_steps(device):
-    bk = get_backend(device, "float32")
+def twenty_steps(device, dtype, optimizer):
+    bk = get_backend(device, dtype)
     model = M.build("fmnist-cnn", bk, seed=4, dropout=False)
-    opt = optim.create("adam", model.params, model.grads, 1e-3)
+    opt = optim.create(optimizer, model.params, model.grads, 1e-3 if optimizer == "adam" else 0.005)
     loss_fn = L.SoftmaxCrossEntropy(0.1)
     losses = []
     for step in range(20):
         rng = np.random.default_rng(step)
-        x = bk.xp.asarray(rng.standard_normal((32, 28, 28, 1)).astype(np.float32))
+        x = bk.xp.asarray(rng.standard_normal((32, 28, 28, 1)), dtype=bk.dtype)
         y = bk.xp.asarray(rng.integers(0, 10, 32))
         losses.append(float(loss_fn.forward(model.forward(x, train=True, step=step), y)))
         model.backward(loss_fn.backward())
         opt.step()
-    return to_host(model.params), np.array(losses)
+    return to_host(model.params).astype(np.float64), np.array(losses)
 
 
-def test_gpu_and_cpu_training_agree_to_float32_tolerance():
-    p_gpu, l_gpu = twenty_steps("gpu")
-    p_cpu, l_cpu = twenty_steps("cpu")
+@pytest.mark.parametrize("dtype,optimizer,tol", [
+    ("float64", "adam", 1e-9),       # the same math in float64: only rounding differs
+    ("float32", "momentum", 1e-4),   # float32, an update rule that does not amplify rounding
+    ("float32", "adam", 2e-3),       # Adam divides tiny noisy gradients by their own size:
+])                                   # float32 rounding grows to ~5e-4 in 20 steps (measured on the H100)
+def test_gpu_and_cpu_training_agree(dtype, optimizer, tol):
+    p_gpu, l_gpu = twenty_steps("gpu", dtype, optimizer)
+    p_cpu, l_cpu = twenty_steps("cpu", dtype, optimizer)
     assert np.allclose(l_gpu, l_cpu, rtol=1e-3, atol=1e-4), (l_gpu, l_cpu)
     rel = np.linalg.norm(p_gpu - p_cpu) / np.linalg.norm(p_cpu)
-    assert rel < 1e-4, f"GPU vs CPU parameters after 20 steps: relative difference {rel:.2e}"
+    assert rel < tol, f"GPU vs CPU parameters after 20 steps ({dtype}, {optimizer}): relative difference {rel:.2e}"
 
 
 def test_nccl_communicator_with_one_rank_averages_in_place():
