@@ -499,7 +499,6 @@ class BatchNorm(Layer):
 
     def backward(self, dy, need_dx=True):
         axes = tuple(range(dy.ndim - 1))
-        m = dy.size // self.c
         dy.sum(axis=axes, out=self.grads["beta"])
         (dy * self.xhat).sum(axis=axes, out=self.grads["gamma"])
         if not need_dx:

@@ -7,7 +7,6 @@ from ddp_cnn import layers as L
 from ddp_cnn import model as M
 from ddp_cnn import optim
 from ddp_cnn.backend import get_backend, gpu_available, to_host
-from ddp_cnn.comm import SingleComm
 from ddp_cnn.reducer import GradReducer
 from helpers import GPU_REASON
 
