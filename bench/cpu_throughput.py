@@ -84,8 +84,8 @@ def time_repeats(step, batch: int, steps: int, warmup: int, repeats: int) -> lis
 
 # ---- workers (one per subprocess) ------------------------------------------
 
-def worker_ddp(args) -> dict:
-    import numpy as np
+def ddp_setup(args):
+    """The model, Adam, the loss and the images both ddp_cnn workers train on."""
     sys.path.insert(0, str(ROOT))
     from ddp_cnn import model as model_mod
     from ddp_cnn import optim
@@ -95,7 +95,12 @@ def worker_ddp(args) -> dict:
     x_all, y_all = load_images(args.data, N_IMAGES)
     model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
-    loss_fn = SoftmaxCrossEntropy()
+    return model, opt, SoftmaxCrossEntropy(), x_all, y_all
+
+
+def worker_ddp(args) -> dict:
+    import numpy as np
+    model, opt, loss_fn, x_all, y_all = ddp_setup(args)
     b = args.batch
     per_epoch = N_IMAGES // b
 
@@ -150,16 +155,9 @@ def worker_torch(args) -> dict:
 def worker_profile(args) -> dict:
     """Seconds per step of each layer's forward and backward, the loss and the optimizer (ddp_cnn)."""
     import numpy as np
-    sys.path.insert(0, str(ROOT))
-    from ddp_cnn import model as model_mod
-    from ddp_cnn import optim
-    from ddp_cnn.backend import STREAM_DROPOUT, get_backend
-    from ddp_cnn.layers import Dropout, SoftmaxCrossEntropy
-
-    x_all, y_all = load_images(args.data, N_IMAGES)
-    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
-    opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
-    loss_fn = SoftmaxCrossEntropy()
+    model, opt, loss_fn, x_all, y_all = ddp_setup(args)
+    from ddp_cnn.backend import STREAM_DROPOUT
+    from ddp_cnn.layers import Dropout
     b = args.batch
     per_epoch = N_IMAGES // b
     names = [f"{layer.name}" for layer in model.layers]
