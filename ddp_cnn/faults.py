@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 EXIT_OK = 0
@@ -37,6 +38,9 @@ def install_abort_hook(comm) -> None:
         sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n{text}")
         sys.stderr.flush()
         sys.stdout.flush()
+        # Give the launcher a moment to forward what we printed: MPICH's hydra tears
+        # the job down on MPI_Abort and was seen to drop a traceback still in flight.
+        time.sleep(1.0)
         comm.abort(EXIT_FAILED)
 
     sys.excepthook = hook
