@@ -6,7 +6,6 @@ kernel really differs live in :mod:`ddp_cnn.kernels`, beside their NumPy twins.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -116,11 +115,3 @@ def host_rng(*key: int) -> np.random.Generator:
 STREAM_INIT = 1
 STREAM_DROPOUT = 2
 STREAM_DATA = 3
-
-
-def blas_threads_hint() -> str:
-    """What the BLAS thread count is set to, for logs (OMP/OPENBLAS/MKL env)."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        if var in os.environ:
-            return f"{var}={os.environ[var]}"
-    return "BLAS threads: library default"
