@@ -93,7 +93,9 @@ def ddp_setup(args):
     from ddp_cnn.layers import SoftmaxCrossEntropy
 
     x_all, y_all = load_images(args.data, N_IMAGES)
-    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+    # "ddp-blas": the layers in one thread, BLAS with its own threads (ddp_cnn before ddp_cnn.threads).
+    backend = get_backend("cpu", threads=1 if args.worker == "ddp-blas" else None)
+    model = model_mod.build("fmnist-cnn", backend, seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     return model, opt, SoftmaxCrossEntropy(), x_all, y_all
 
@@ -113,7 +115,7 @@ def worker_ddp(args) -> dict:
 
     rates = time_repeats(step, b, args.steps, args.warmup, args.repeats)
     assert np.isfinite(model.params).all()
-    return {"framework": "ddp_cnn", "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
+    return {"framework": args.worker, "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
             "peak_rss_mb": peak_rss_mb(), "blas": blas_info(), "cpu_per_wall": time_repeats.cpu_per_wall}
 
 
@@ -258,7 +260,7 @@ def worker_mpi(args) -> dict:
             "is_root": comm.is_root}
 
 
-WORKERS = {"ddp": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+WORKERS = {"ddp": worker_ddp, "ddp-blas": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
 
 
 # ---- driver -------------------------------------------------------------------
@@ -338,24 +340,29 @@ def main(argv=None) -> int:
     runs: dict = {}
     for _ in range(args.rounds):
         for b in args.batches:
-            for kind in ("ddp",) + (() if args.no_torch else ("torch",)):
+            for kind in ("ddp", "ddp-blas") + (() if args.no_torch else ("torch",)):
                 runs.setdefault((kind, b), []).append(run_worker(kind, args, b, args.threads))
     results = [r for rs in runs.values() for r in rs]
-    rows = [(b, merge(runs[("ddp", b)]), None if args.no_torch else merge(runs[("torch", b)])) for b in args.batches]
-    ddp0 = rows[0][1]
-    torch0 = rows[0][2]
-    print(f"BLAS: {ddp0['blas']}; ddp_cnn uses {ddp0['cpu_per_wall']:.2f} cores"
+    rows = [(b, merge(runs[("ddp", b)]), merge(runs[("ddp-blas", b)]),
+             None if args.no_torch else merge(runs[("torch", b)])) for b in args.batches]
+    ddp0, blas0, torch0 = rows[0][1:]
+    print(f"BLAS: {ddp0['blas']}; ddp_cnn uses {ddp0['cpu_per_wall']:.2f} cores "
+          f"(with BLAS threads: {blas0['blas']}, {blas0['cpu_per_wall']:.2f} cores)"
           + ("" if torch0 is None else f"; torch {torch0['torch']} ({torch0['torch_threads']} threads) uses "
                                        f"{torch0['cpu_per_wall']:.2f} cores"))
-    print("\n| batch | ddp_cnn img/s | PyTorch img/s | ratio | ddp_cnn peak RSS MB | PyTorch peak RSS MB | RSS ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for b, d, t in rows:
+    print("\n(ddp_cnn: the layers split over threads, BLAS in one thread each; "
+          "BLAS threads: the layers in one thread, BLAS with its own threads)")
+    print("| batch | ddp_cnn img/s | ddp_cnn, BLAS threads | PyTorch img/s | ratio | ddp_cnn peak RSS MB "
+          "| PyTorch peak RSS MB | RSS ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for b, d, old, t in rows:
         if t:
-            print(f"| {b} | {d['images_per_s']:.0f} | {t['images_per_s']:.0f} | "
+            print(f"| {b} | {d['images_per_s']:.0f} | {old['images_per_s']:.0f} | {t['images_per_s']:.0f} | "
                   f"{d['images_per_s'] / t['images_per_s']:.2f} | {d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | "
                   f"{d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
         else:
-            print(f"| {b} | {d['images_per_s']:.0f} | - | - | {d['peak_rss_mb']:.0f} | - | - |")
+            print(f"| {b} | {d['images_per_s']:.0f} | {old['images_per_s']:.0f} | - | - | {d['peak_rss_mb']:.0f} "
+                  "| - | - |")
     if not args.no_profile:
         prof = run_worker("profile", args, args.profile_batch, args.threads)
         results.append(prof)

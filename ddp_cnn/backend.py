@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import threads as _threads
+
 try:  # CuPy is optional: CPU-only machines import everything without it.
     import cupy as _cupy
 except Exception:  # ImportError, or a CUDA library that fails to load
@@ -76,13 +78,15 @@ def array_module(a):
 
 
 def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 0,
-                local_size: int = 1) -> Backend:
+                local_size: int = 1, threads: int | None = None) -> Backend:
     """Pick and bind the compute device.
 
     device: ``cpu``, ``gpu`` (error if none) or ``auto`` (GPU when CuPy sees one).
     A rank binds GPU ``local_rank % device_count`` *before* any other CUDA work,
     so that no rank creates a context on GPU 0 by accident.  More ranks than
     GPUs on a node share GPUs, with a warning.
+    On the CPU, the layers split their work over `threads` threads (None: as
+    configured before, else the cores of this rank; see :mod:`ddp_cnn.threads`).
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"--device: expected auto|cpu|gpu, got {device!r}")
@@ -93,6 +97,7 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
         reason = "CuPy is not installed" if _cupy is None else "CuPy sees no CUDA device"
         raise RuntimeError(f"--device gpu: {reason}; install cupy-cuda12x/cupy-cuda13x or use --device cpu")
     if n_gpus == 0:
+        _threads.configure(threads)
         return Backend(np, DTYPES[dtype], None)
     device_id = local_rank % n_gpus
     if local_size > n_gpus and local_rank < n_gpus:

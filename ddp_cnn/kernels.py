@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from . import threads
 from .backend import array_module
 
 
@@ -211,6 +212,15 @@ def batch_chunks(xp, n: int, bytes_per_image: int, budget: int | None = None):
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
+def split_batch(xp, n: int, fn, nbytes: int) -> int:
+    """fn(part, start, stop) over the batch split between the CPU threads
+    (:func:`threads.parallel`); one call with the whole batch on a GPU.  Returns the parts."""
+    if xp is not np:
+        fn(0, 0, n)
+        return 1
+    return threads.parallel(n, fn, nbytes)
+
+
 def pool_tiles_forward(x, kh, kw, mode, y=None, arg=None):
     """Max/min pooling over KHxKW windows that tile x exactly (stride = window, no padding).
 
@@ -231,16 +241,20 @@ def pool_tiles_forward(x, kh, kw, mode, y=None, arg=None):
         y = xp.empty((n, h // kh, w // kw, c), dtype=x.dtype)
     if arg is None:
         arg = xp.empty(y.shape, dtype=np.uint8)
-    arg.fill(0)
-    for a, b in batch_chunks(xp, n, h * w * c * x.dtype.itemsize, L2_BYTES):
-        xa, ya, arga = x[a:b], y[a:b], arg[a:b]
-        ya[...] = xa[:, 0::kh, 0::kw, :]
-        wins = xp.empty(ya.shape, dtype=bool)
-        for k in range(1, kh * kw):
-            v = xa[:, k // kw::kh, k % kw::kw, :]
-            better(v, ya, out=wins)  # strictly: ties keep the earlier position
-            xp.maximum(arga, wins.view(np.uint8) * np.uint8(k), out=arga)
-            pick(ya, v, out=ya)
+
+    def part(_, start, stop):
+        arg[start:stop].fill(0)
+        for a, b in batch_chunks(xp, stop - start, h * w * c * x.dtype.itemsize, L2_BYTES):
+            a, b = a + start, b + start
+            xa, ya, arga = x[a:b], y[a:b], arg[a:b]
+            ya[...] = xa[:, 0::kh, 0::kw, :]
+            wins = xp.empty(ya.shape, dtype=bool)
+            for k in range(1, kh * kw):
+                v = xa[:, k // kw::kh, k % kw::kw, :]
+                better(v, ya, out=wins)  # strictly: ties keep the earlier position
+                xp.maximum(arga, wins.view(np.uint8) * np.uint8(k), out=arga)
+                pick(ya, v, out=ya)
+    split_batch(xp, n, part, 2 * x.nbytes)
     return y, arg
 
 
@@ -250,10 +264,14 @@ def pool_tiles_backward(dy, arg, kh, kw, dx=None):
     n, oh, ow, c = dy.shape
     if dx is None:
         dx = xp.empty((n, oh * kh, ow * kw, c), dtype=dy.dtype)
-    for a, b in batch_chunks(xp, n, oh * ow * c * dy.dtype.itemsize * kh * kw, L2_BYTES):
-        for k in range(kh * kw):
-            # A float one-hot: multiplying by a bool array casts element by element (3x slower).
-            xp.multiply(dy[a:b], (arg[a:b] == k).astype(dy.dtype), out=dx[a:b, k // kw::kh, k % kw::kw, :])
+
+    def part(_, start, stop):
+        for a, b in batch_chunks(xp, stop - start, oh * ow * c * dy.dtype.itemsize * kh * kw, L2_BYTES):
+            a, b = a + start, b + start
+            for k in range(kh * kw):
+                # A float one-hot: multiplying by a bool array casts element by element (3x slower).
+                xp.multiply(dy[a:b], (arg[a:b] == k).astype(dy.dtype), out=dx[a:b, k // kw::kh, k % kw::kw, :])
+    split_batch(xp, n, part, 2 * dx.nbytes)
     return dx
 
 
@@ -267,10 +285,23 @@ def leaky_relu(x, alpha, slope=None, y=None):
     xp = array_module(x)
     slope = xp.empty_like(x) if slope is None else slope
     y = xp.empty_like(x) if y is None else y
-    slope[...] = x > 0
-    xp.maximum(slope, x.dtype.type(alpha), out=slope)
-    xp.multiply(x, slope, out=y)
+
+    def part(_, a, b):
+        slope[a:b] = x[a:b] > 0
+        xp.maximum(slope[a:b], x.dtype.type(alpha), out=slope[a:b])
+        xp.multiply(x[a:b], slope[a:b], out=y[a:b])
+    split_batch(xp, x.shape[0], part, 3 * x.nbytes)
     return y, slope
+
+
+def multiply_into(a, b, out):
+    """out = a * b for arrays of one shape, split over the batch (first) axis."""
+    xp = array_module(a)
+
+    def part(_, start, stop):
+        xp.multiply(a[start:stop], b[start:stop], out=out[start:stop])
+    split_batch(xp, a.shape[0], part, 3 * a.nbytes)
+    return out
 
 
 def unpad_nhwc(x, pads):
@@ -293,11 +324,26 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype):
     layer), so a resumed run draws exactly the masks of an uninterrupted one.
     """
     keep = 1.0 - p
-    if xp is np:
-        u = np.random.default_rng([int(k) for k in key]).random(shape, dtype=np.float32)
-    else:
+    scale = dtype(1.0 / keep) if isinstance(dtype, type) else 1.0 / keep
+    if xp is not np:
         seed = int(np.random.default_rng([int(k) for k in key]).integers(2**63))
         u = xp.random.default_rng(seed).random(shape, dtype=np.float32)
-    mask = (u < keep).astype(dtype)
-    mask *= dtype(1.0 / keep) if isinstance(dtype, type) else 1.0 / keep
+        mask = (u < keep).astype(dtype)
+        mask *= scale
+        return mask
+    mask = np.empty(shape, dtype=dtype)
+    flat, size = mask.reshape(-1), mask.size
+
+    # Split over the CPU threads, each drawing its share of the one stream that
+    # default_rng(key) gives: float32 draws 2i and 2i+1 come from 64-bit output
+    # i of PCG64, so a thread starting at draw 2a advances the generator by a.
+    # The masks are bitwise those of a single draw, whatever the thread count.
+    def pairs(_, a, b):
+        start, stop = 2 * a, min(size, 2 * b)
+        generator = np.random.PCG64(np.random.SeedSequence([int(k) for k in key]))
+        generator.advance(a)
+        u = np.random.Generator(generator).random(stop - start, dtype=np.float32)
+        flat[start:stop] = u < keep
+        flat[start:stop] *= scale
+    threads.parallel((size + 1) // 2, pairs, 4 * size)
     return mask

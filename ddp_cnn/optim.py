@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from . import threads
+
 # Elements per slice of the fused CPU updates: five float32 slices of 1 MiB stay in L2.
 _CHUNK = 1 << 18
 
@@ -103,6 +105,7 @@ class Adam(Optimizer):
             raise ValueError(f"--beta1/--beta2 must be in [0, 1) and --eps > 0, got {beta1}, {beta2}, {eps}")
         super().__init__(params, grads, lr, **kw)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self._tmps = {}  # one reused temporary per CPU thread
 
     def _update(self, lr):
         xp = _xp(self.params)
@@ -118,26 +121,31 @@ class Adam(Optimizer):
         # same operations in the same order as m = b1 m + (1 - b1) g;
         # v = b2 v + (1 - b2) g^2; p -= step * (m / (sqrt(v) + eps_hat)), so the
         # result is bitwise that of the textbook lines.
-        n = self.params.size
-        chunk = n if xp is not np else min(n, _CHUNK)
-        if getattr(self, "_tmp", None) is None or self._tmp.size < chunk or _xp(self._tmp) is not xp:
-            self._tmp = xp.empty(chunk, dtype=self.params.dtype)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
+        threads.parallel(self.params.size, lambda part, a, b: self._adam_slices(part, a, b, step, eps_hat),
+                         self.params.nbytes * 5)
+
+    def _adam_slices(self, part, start, stop, step, eps_hat):
+        """The CPU update of elements start..stop (one thread's share), a slice at a time."""
+        xp = np  # this path is the CPU's
+        tmp = self._tmps.get(part)
+        if tmp is None or tmp.dtype != self.params.dtype:
+            tmp = self._tmps[part] = np.empty(_CHUNK, dtype=self.params.dtype)
+        for a in range(start, stop, _CHUNK):
+            b = min(stop, a + _CHUNK)
             p, g = self.params[a:b], self.grads[a:b]
-            m, v, tmp = self.state["m"][a:b], self.state["v"][a:b], self._tmp[:b - a]
+            m, v, t = self.state["m"][a:b], self.state["v"][a:b], tmp[:b - a]
             m *= self.beta1
-            xp.multiply(g, 1 - self.beta1, out=tmp)
-            m += tmp
+            xp.multiply(g, 1 - self.beta1, out=t)
+            m += t
             v *= self.beta2
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1 - self.beta2
-            v += tmp
-            xp.sqrt(v, out=tmp)
-            tmp += eps_hat
-            xp.divide(m, tmp, out=tmp)
-            tmp *= step
-            p -= tmp
+            xp.multiply(g, g, out=t)
+            t *= 1 - self.beta2
+            v += t
+            xp.sqrt(v, out=t)
+            t += eps_hat
+            xp.divide(m, t, out=t)
+            t *= step
+            p -= t
 
 
 class AdaGrad(Optimizer):

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order, augmentation and dropout")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: the GPU of this rank's node-local rank when CuPy sees one")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU: split each layer's work over N threads, BLAS single-threaded in each "
+                        "(default: $OMP_NUM_THREADS, which ddp_cnn sets to the cores per rank on a node; "
+                        "1: BLAS with its own threads only)")
     g.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--bucket-mb", type=non_negative_float, default=4.0,
@@ -238,7 +242,7 @@ def setup_device(args, comm) -> dict:
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with "
                          f"`python -m data_tools.shard --out {args.data} --shards {comm.size}`")
-    backend = get_backend(args.device, args.dtype, comm.local_rank, comm.local_size)
+    backend = get_backend(args.device, args.dtype, comm.local_rank, comm.local_size, args.threads)
     return dict(backend=backend, global_batch=global_batch, local_batch=local_batch)
 
 
