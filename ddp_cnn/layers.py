@@ -192,11 +192,11 @@ class Conv2D(Layer):
         (t, b), (l, r) = self.pads
         if self.stride == 1 and max(t, b) < self.kh and max(l, r) < self.kw:
             return self._input_grad_as_conv(dy2)
-        # Other strides: dcols tap by tap, (KH*KW, M, C), so each col2im add streams over
-        # contiguous rows; a few images at a time, so the taps are still in
-        # cache when they are added (2.2x faster than one dcols GEMM + col2im).
-        # With stride 1 the dy rows are first padded with zeros to the padded
-        # width, which makes each add one run per image (kernels.col2im_taps_wide).
+        # Stride > 1, or padding >= kernel: dcols tap by tap, (KH*KW, M, C), so each
+        # col2im add streams over contiguous rows; a few images at a time, so the
+        # taps are still in cache when they are added (2.2x faster than one dcols
+        # GEMM + col2im).  With stride 1 the dy rows are first padded with zeros to
+        # the padded width, which makes each add one run per image (kernels.col2im_taps_wide).
         kk, per = self.kh * self.kw, self.oh * self.ow
         n, _, wp, _ = self.padded_shape
         wide = self.stride == 1

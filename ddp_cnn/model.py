@@ -191,11 +191,12 @@ def lenet(num_classes=10, dropout=False, activation="relu", alpha=0.1):
             L.Dense(84), _act(activation, alpha), L.Dense(num_classes, init="glorot_uniform")]
 
 
-def mlp(num_classes=10, dropout=False, activation="relu", alpha=0.1, hidden=(128, 64)):
-    """784 -> 128 -> 64 -> 10 (the seeds' MLP)."""
+def mlp(num_classes=10, dropout=False, batchnorm=False, activation="relu", alpha=0.1, hidden=(128, 64)):
+    """784 -> 128 -> 64 -> 10 (the seeds' MLP), optionally with batch norm after each hidden layer."""
     layers = [L.Flatten()]
     for h in hidden:
-        layers += [L.Dense(h), _act(activation, alpha)] + ([L.Dropout(0.2)] if dropout else [])
+        layers += [L.Dense(h, bias=not batchnorm)] + ([L.BatchNorm()] if batchnorm else [])
+        layers += [_act(activation, alpha)] + ([L.Dropout(0.2)] if dropout else [])
     return layers + [L.Dense(num_classes, init="glorot_uniform")]
 
 
@@ -207,7 +208,11 @@ def build(name: str, backend: Backend | None = None, seed: int = 0, input_shape=
     """A named architecture (see ARCHITECTURES), initialised from `seed`."""
     if name not in ARCHITECTURES:
         raise ValueError(f"--model: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
-    layers = ARCHITECTURES[name](num_classes=num_classes, **arch_kwargs)
+    arch = {k: v for k, v in arch_kwargs.items() if k != "dropout_rate"}
+    layers = ARCHITECTURES[name](num_classes=num_classes, **arch)
+    if arch_kwargs.get("dropout_rate") is not None:  # one rate for every dropout layer
+        layers = [L.Dropout(arch_kwargs["dropout_rate"]) if isinstance(layer, L.Dropout) else layer
+                  for layer in layers]
     return Sequential(layers, input_shape, backend, seed, name=name, arch_kwargs=arch_kwargs)
 
 

@@ -90,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--erase", type=fraction, default=0.0, help="probability of random erasing of one rectangle")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lenet", choices=sorted(model_mod.ARCHITECTURES), help="architecture")
-    g.add_argument("--no-dropout", dest="dropout", action="store_false", help="remove the dropout layers")
-    g.add_argument("--batchnorm", action="store_true", help="fmnist-cnn only: batch norm after each conv/dense")
+    g.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="remove the dropout layers (dropout kept: %(default)s)")
+    g.add_argument("--dropout-rate", type=fraction, default=None,
+                   help="one rate for every dropout layer; default %(default)s: the architecture's own "
+                        "(fmnist-cnn .25/.25/.5, mlp .2, lenet .25, fmnist-vgg .1/.2)")
+    g.add_argument("--batchnorm", action="store_true", help="fmnist-cnn and mlp: batch norm after each conv/hidden dense layer")
     g.add_argument("--activation", default=None, choices=["relu", "leaky_relu", "prelu", "elu", "tanh", "sigmoid"],
                    help="activation (default: the architecture's own)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float type of the math")
@@ -219,11 +223,15 @@ class Log:
 
 def arch_kwargs(args) -> dict:
     kw = {"dropout": args.dropout}
+    if args.dropout_rate is not None:
+        if not args.dropout:
+            raise ValueError("--dropout-rate: the model has no dropout layers with --no-dropout")
+        kw["dropout_rate"] = args.dropout_rate
     if args.activation:
         kw["activation"] = args.activation
     if args.batchnorm:
-        if args.model != "fmnist-cnn":
-            raise ValueError(f"--batchnorm: only for --model fmnist-cnn (got {args.model}); "
+        if args.model not in ("fmnist-cnn", "mlp"):
+            raise ValueError(f"--batchnorm: only for --model fmnist-cnn or mlp (got {args.model}); "
                              "fmnist-vgg always has batch norm")
         kw["batchnorm"] = True
     return kw

@@ -34,6 +34,10 @@ def run(argv, capsys):
     (["--epochs", "-1"], "--epochs: must be an integer >= 1"),
     (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1)"),
     (["--fail-at", "x"], "--fail-at: expected RANK:STEP"),
+    (["--dropout-rate", "1"], "--dropout-rate: must be in [0, 1)"),
+    (["--threads", "0"], "--threads: must be an integer >= 1"),
+    (["--no-dropout", "--dropout-rate", "0.3"], "--dropout-rate: the model has no dropout layers"),
+    (["--model", "lenet", "--batchnorm"], "--batchnorm: only for --model fmnist-cnn or mlp"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -99,6 +103,6 @@ def test_help_documents_every_flag_with_default():
     for flag in ("--data", "--model", "--epochs", "--batch-size", "--local-batch-size", "--optimizer", "--lr",
                  "--weight-decay", "--schedule", "--warmup-epochs", "--scale-lr", "--seed", "--device", "--comm",
                  "--bucket-mb", "--checkpoint-dir", "--checkpoint-every", "--resume", "--eval-every", "--metrics",
-                 "--config", "--check-replicas", "--keep", "--skip-nonfinite"):
+                 "--config", "--check-replicas", "--keep", "--skip-nonfinite", "--threads", "--dropout-rate"):
         assert flag in out, flag
     assert "(default: 4.0)" in out  # bucket size default shown

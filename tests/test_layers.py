@@ -274,3 +274,15 @@ def test_bad_layer_arguments_are_refused():
         L.Pool2D(2, mode="median")
     with pytest.raises(ValueError, match="initialiser"):
         L.Dense(3, init="normalish")
+
+
+def test_mlp_with_batchnorm_and_one_dropout_rate_round_trips_its_description():
+    from ddp_cnn import model as model_mod
+    m = model_mod.build("mlp", get_backend("cpu"), batchnorm=True, dropout=True, dropout_rate=0.4)
+    kinds = [type(layer).__name__ for layer in m.layers]
+    assert kinds == ["Flatten", "Dense", "BatchNorm", "ReLU", "Dropout", "Dense", "BatchNorm", "ReLU", "Dropout",
+                     "Dense"]
+    assert [layer.rate for layer in m.layers if isinstance(layer, L.Dropout)] == [0.4, 0.4]
+    assert not any("b" in layer.params for layer in m.layers[1:7] if isinstance(layer, L.Dense))
+    again = model_mod.from_description(m.describe(), get_backend("cpu"))
+    assert again.describe() == m.describe()
