@@ -189,14 +189,13 @@ class Conv2D(Layer):
             dcols = xp.matmul(dy2, self.params["W"].reshape(self.k, self.filters).T)
             return cuda_kernels.col2im(dcols, (dy.shape[0],) + self.input_shape, self.kh, self.kw, self.stride,
                                        self.pads, self.oh, self.ow)
-        (t, b), (l, r) = self.pads
-        if self.stride == 1 and max(t, b) < self.kh and max(l, r) < self.kw:
-            return self._input_grad_as_conv(dy2)
-        # Stride > 1, or padding >= kernel: dcols tap by tap, (KH*KW, M, C), so each
-        # col2im add streams over contiguous rows; a few images at a time, so the
-        # taps are still in cache when they are added (2.2x faster than one dcols
-        # GEMM + col2im).  With stride 1 the dy rows are first padded with zeros to
-        # the padded width, which makes each add one run per image (kernels.col2im_taps_wide).
+        # dcols tap by tap, (KH*KW, M, C), so each col2im add streams over
+        # contiguous rows; a few images at a time, so the taps are still in
+        # cache when they are added (2.2x faster than one dcols GEMM + col2im).
+        # With stride 1 the dy rows are first padded with zeros to the padded
+        # width, which makes each add one run per image (kernels.col2im_taps_wide).
+        # (Tried: dx as a convolution of the zero-padded dy with the flipped kernel,
+        # im2col + one GEMM: 1.2x slower on both of fmnist-cnn's convs.)
         kk, per = self.kh * self.kw, self.oh * self.ow
         n, _, wp, _ = self.padded_shape
         wide = self.stride == 1
@@ -224,35 +223,6 @@ class Conv2D(Layer):
                                         self.oh, self.ow, out=dxpad[a:b])
         threads.parallel(n, images, 2 * dxpad.nbytes)
         return kernels.unpad_nhwc(dxpad, self.pads)
-
-    def _input_grad_as_conv(self, dy2):
-        """dx of a stride-1 conv, itself a convolution: dy zero-padded by KH-1-pad, then
-        im2col + one GEMM with the flipped, transposed kernel per cache-sized chunk,
-        written straight into dx.  No col2im adds, and GEMMs with K = KH*KW*F where
-        the tap-by-tap path has K = F: 30 -> 22 ms for conv2d_1's 64 images on one core."""
-        xp = self.xp
-        n = dy2.shape[0] // (self.oh * self.ow)
-        h, w, _ = self.input_shape
-        (t, b), (l, r) = self.pads
-        top, left = self.kh - 1 - t, self.kw - 1 - l
-        hp, wp = h + self.kh - 1, w + self.kw - 1
-        kf = self.kh * self.kw * self.filters
-        w_flip = xp.ascontiguousarray(self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2).reshape(kf, self.cin))
-        dy4 = dy2.reshape(n, self.oh, self.ow, self.filters)
-        dx = self.scratch.output("dx", (n, h, w, self.cin), dy2.dtype, xp)
-        dx2 = dx.reshape(n * h * w, self.cin)
-
-        def images(part, start, stop):
-            for a, b in kernels.batch_chunks(xp, stop - start, h * w * kf * dy2.dtype.itemsize):
-                a, b = a + start, b + start
-                dy_pad = self.scratch.get(f"dy_pad{part}", (b - a, hp, wp, self.filters), dy2.dtype, xp)
-                dy_pad.fill(0)
-                dy_pad[:, top:top + self.oh, left:left + self.ow, :] = dy4[a:b]
-                cols = self.scratch.get(f"dcols{part}", ((b - a) * h * w, kf), dy2.dtype, xp)
-                kernels.im2col_into(dy_pad, self.kh, self.kw, 1, h, w, cols)
-                xp.matmul(cols, w_flip, out=dx2[a * h * w:b * h * w])
-        threads.parallel(n, images, 2 * dx.nbytes + dy2.nbytes)
-        return dx
 
     def _param_grads(self, part, start, stop, dy2, dw=None, db=None):
         """dW (and db) from the output rows of images start..stop: into the gradient

@@ -16,7 +16,7 @@ CONV_CASES = [  # (kernel, stride, padding, input H, W, C)
     (5, 1, "same", 6, 6, 1),  # lenet's first conv
     (2, 3, "valid", 7, 7, 2),  # stride larger than the kernel: gaps
     ((1, 3), 1, "valid", 4, 5, 2),
-    (3, 1, 3, 4, 4, 2),  # padding >= kernel: dx by tap-by-tap col2im, not as a convolution
+    (3, 1, 3, 4, 4, 2),  # padding >= kernel
     ((2, 3), 1, 1, 4, 5, 2),
 ]
 
