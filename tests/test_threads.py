@@ -65,6 +65,8 @@ LAYERS = {  # name: (factory, input shape)
     "maxpool": (lambda: L.MaxPool2D(2), (6, 6, 3)),
     "leakyrelu": (lambda: L.LeakyReLU(0.1), (5, 5, 2)),
     "dropout": (lambda: L.Dropout(0.3), (5, 5, 2)),
+    "batchnorm": (lambda: L.BatchNorm(), (5, 5, 3)),
+    "batchnorm-dense": (lambda: L.BatchNorm(), (6,)),
 }
 
 
@@ -91,7 +93,8 @@ def test_layer_with_3_threads_equals_1_thread(split_everything, name):
 
 @pytest.mark.parametrize("layer,shape", [(lambda: L.Conv2D(3, 3), (5, 5, 2)),
                                          (lambda: L.Conv2D(3, 3, padding="same"), (4, 4, 1)),
-                                         (lambda: L.Dense(4), (6,))])
+                                         (lambda: L.Dense(4), (6,)),
+                                         (lambda: L.BatchNorm(), (3, 3, 2))])
 def test_gradients_with_3_threads(split_everything, layer, shape):
     threads.configure(3)
     check_layer_gradients(layer(), shape, batch=5)
