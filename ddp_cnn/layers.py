@@ -543,21 +543,24 @@ class BatchNorm(Layer):
         if self.xp is np:
             return self._forward_cpu(x, train)
         axes = tuple(range(x.ndim - 1))
-        if train:
-            m = x.size // self.c
-            mean = x.mean(axis=axes)
-            var = x.var(axis=axes)
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - self.momentum
-            rm += self.momentum * mean
-            rv *= 1 - self.momentum
-            rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
-        else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+        mean, var = self._statistics(train, x.size // self.c, lambda: (x.mean(axis=axes), x.var(axis=axes)))
         self.batch_stats = train
         self.invstd = 1.0 / self.xp.sqrt(var + self.eps)
         self.xhat = (x - mean) * self.invstd
         return self.xhat * self.params["gamma"] + self.params["beta"]
+
+    def _statistics(self, train, m, batch_statistics):
+        """(mean, var) to normalise with: in train mode the batch's, from
+        batch_statistics(), folded into the running statistics; else the running ones."""
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        if not train:
+            return rm, rv
+        mean, var = batch_statistics()
+        rm *= 1 - self.momentum
+        rm += self.momentum * mean
+        rv *= 1 - self.momentum
+        rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
+        return mean, var
 
     def backward(self, dy, need_dx=True):
         if self.xp is np:
@@ -606,16 +609,11 @@ class BatchNorm(Layer):
     def _forward_cpu(self, x, train):
         x2 = x.reshape(-1, self.c)
         m = x2.shape[0]
-        if train:
+
+        def batch_statistics():  # two passes: the variance about the mean, not E[x^2] - mean^2
             mean = self._channel_sums(x2) / m
-            var = self._channel_sums(x2, minus=mean.astype(x.dtype)) / m
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - self.momentum
-            rm += self.momentum * mean
-            rv *= 1 - self.momentum
-            rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
-        else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+            return mean, self._channel_sums(x2, minus=mean.astype(x.dtype)) / m
+        mean, var = self._statistics(train, m, batch_statistics)
         self.batch_stats = train
         self.invstd = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
         mean = np.asarray(mean, dtype=x.dtype)
