@@ -553,7 +553,7 @@ class BatchNorm(Layer):
         """(mean, var) to normalise with: in train mode the batch's, from
         batch_statistics(), folded into the running statistics; else the running ones."""
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-        if not train:
+        if not train or m == 0:  # an empty batch has no statistics
             return rm, rv
         mean, var = batch_statistics()
         rm *= 1 - self.momentum
@@ -588,6 +588,8 @@ class BatchNorm(Layer):
     def _channel_sums(self, rows, times=None, minus=None):
         """Per-channel float64 sums over `rows` of rows, (rows - minus)**2 or rows * times."""
         c = self.c
+        if rows.shape[0] == 0:
+            return np.zeros(c)
         ranges = threads.plan(rows.shape[0], 2 * rows.nbytes)
         partial = np.zeros((len(ranges), c))
 
@@ -618,7 +620,8 @@ class BatchNorm(Layer):
         self.invstd = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
         mean = np.asarray(mean, dtype=x.dtype)
         self.xhat = self.scratch.get("xhat", x2.shape, x.dtype, np) if train else np.empty_like(x2)
-        y = self.scratch.output("y", x.shape, x.dtype, np) if train else np.empty_like(x)
+        # C-contiguous, so that y2 below is a view of y (empty_like would keep a transposed x's layout).
+        y = self.scratch.output("y", x.shape, x.dtype, np) if train else np.empty(x.shape, x.dtype)
         y2, xhat, gamma, beta = y.reshape(-1, self.c), self.xhat, self.params["gamma"], self.params["beta"]
 
         def normalise(_, a, b):
@@ -643,7 +646,7 @@ class BatchNorm(Layer):
         # d/dx of (x - mean(x)) / std(x), both statistics depending on x (train),
         # or constants (eval): gamma invstd (dy - mean(dy) - xhat mean(dy xhat)).
         shift, slope = (dtype(0), dtype(0)) if not self.batch_stats else \
-            ((dbeta / m).astype(dtype), (dgamma / m).astype(dtype))
+            ((dbeta / max(m, 1)).astype(dtype), (dgamma / max(m, 1)).astype(dtype))
         dx = self.scratch.output("dx", dy.shape, dy.dtype, np)
         dx2 = dx.reshape(-1, self.c)
 

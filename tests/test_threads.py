@@ -141,3 +141,18 @@ def test_dropout_masks_are_bitwise_one_draw_of_the_stream(split_everything, n_th
     u = np.random.default_rng(list(key)).random(shape, dtype=np.float32)  # the definition
     expected = (u < 1 - p).astype(np.float32) * np.float32(1 / (1 - p))
     assert np.array_equal(kernels.dropout_mask(shape, p, key, np, np.float32), expected)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_on_transposed_and_empty_batches(split_everything, train):
+    threads.configure(3)
+    layer = L.BatchNorm()
+    Sequential([layer], (4, 4, 3), backend64(), seed=0)
+    layer.buffers["running_var"][...] = 2.0
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 3))
+    xt = x.transpose(0, 2, 1, 3)  # not C-contiguous
+    assert np.array_equal(layer.forward(xt, train), layer.forward(np.ascontiguousarray(xt), train))
+    before = {k: v.copy() for k, v in layer.buffers.items()}
+    y = layer.forward(x[:0], train)
+    assert y.shape == (0, 4, 4, 3) and layer.backward(y).shape == (0, 4, 4, 3)
+    assert all(np.array_equal(before[k], v) for k, v in layer.buffers.items())  # empty: nothing to learn from
