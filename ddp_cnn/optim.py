@@ -128,7 +128,7 @@ class Adam(Optimizer):
         """The CPU update of elements start..stop (one thread's share), a slice at a time."""
         xp = np  # this path is the CPU's
         tmp = self._tmps.get(part)
-        if tmp is None or tmp.dtype != self.params.dtype:
+        if tmp is None or tmp.dtype != self.params.dtype or tmp.size < _CHUNK:
             tmp = self._tmps[part] = np.empty(_CHUNK, dtype=self.params.dtype)
         for a in range(start, stop, _CHUNK):
             b = min(stop, a + _CHUNK)
