@@ -6,7 +6,8 @@ transpose after the GEMM, and batch norm reduces over every axis but the last.
 
 Each helper here is written once against ``xp`` (NumPy or CuPy).  Where a
 dedicated GPU kernel is faster it is added beside its NumPy twin, and the
-pair is tested against each other.
+pair is tested against each other.  On the CPU the heavy helpers split
+the batch between the threads of :mod:`ddp_cnn.threads` (:func:`split_batch`).
 """
 from __future__ import annotations
 
