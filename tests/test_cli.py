@@ -36,8 +36,6 @@ def run(argv, capsys):
     (["--fail-at", "x"], "--fail-at: expected RANK:STEP"),
     (["--dropout-rate", "1"], "--dropout-rate: must be in [0, 1)"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
-    (["--no-dropout", "--dropout-rate", "0.3"], "--dropout-rate: the model has no dropout layers"),
-    (["--model", "lenet", "--batchnorm"], "--batchnorm: only for --model fmnist-cnn or mlp"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -78,6 +76,16 @@ def test_recipes_parse():
     from ddp_cnn.train import parse_args
     for recipe in sorted((REPO / "recipes").glob("*.toml")):
         parse_args(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--no-dropout", "--dropout-rate", "0.3"], "--dropout-rate: the model has no dropout layers"),
+    (["--model", "lenet", "--batchnorm"], "--batchnorm: only for --model fmnist-cnn or mlp"),
+])
+def test_model_flags_that_do_not_fit_exit_2(argv, needle, data, tmp_path, capsys):
+    code, err = run(argv + ["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path], capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_checkpoint_of_another_architecture_exits_2(data, tmp_path, capsys):
