@@ -249,14 +249,9 @@ class Conv2D(Layer):
         dws = [self.scratch.get(f"dw{i}", (self.k, self.filters), dy2.dtype, xp) for i in range(len(ranges))]
         dbs = [self.scratch.get(f"db{i}", (self.filters,), dy2.dtype, xp) for i in range(len(ranges))]
         threads.run(ranges, lambda i, a, b: self._param_grads(i, a, b, dy2, dws[i], dbs[i]))
-        dw = self.grads["W"].reshape(self.k, self.filters)
-        xp.add(dws[0], dws[1], out=dw)
-        for extra in dws[2:]:
-            dw += extra
+        _sum_in_order(dws, self.grads["W"].reshape(self.k, self.filters))
         if self.use_bias:
-            xp.add(dbs[0], dbs[1], out=self.grads["b"])
-            for extra in dbs[2:]:
-                self.grads["b"] += extra
+            _sum_in_order(dbs, self.grads["b"])
 
     def _forward_gpu(self, x):
         """im2col as one kernel reading the unpadded input (cuda_kernels), then one GEMM."""
@@ -269,6 +264,13 @@ class Conv2D(Layer):
 
     def flops(self):
         return 2 * self.oh * self.ow * self.k * self.filters
+
+
+def _sum_in_order(parts, out):
+    """out = parts[0] + parts[1] + ..., added in this order (the threads' partial sums)."""
+    np.add(parts[0], parts[1], out=out)
+    for extra in parts[2:]:
+        out += extra
 
 
 class Pool2D(Layer):
