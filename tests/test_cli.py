@@ -114,3 +114,15 @@ def test_help_documents_every_flag_with_default():
                  "--config", "--check-replicas", "--keep", "--skip-nonfinite", "--threads", "--dropout-rate"):
         assert flag in out, flag
     assert "(default: 4.0)" in out  # bucket size default shown
+
+
+def test_threads_flag_sets_the_cpu_thread_count(data, tmp_path):
+    from ddp_cnn import threads
+    before = threads.count()
+    try:
+        argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 2,
+                "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off", "--threads", 3]
+        assert train_main([str(a) for a in argv]) == 0
+        assert threads.count() == 3
+    finally:
+        threads.configure(before)
