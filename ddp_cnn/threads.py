@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from . import _THREAD_VARS
+
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas_limit = None
@@ -29,7 +31,7 @@ MIN_PARALLEL_BYTES = 512 * 1024
 def default_threads() -> int:
     """The thread count the environment asks for: OMP_NUM_THREADS (set by the user,
     or by ddp_cnn/__init__ to the cores per rank on this node), else every core."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in _THREAD_VARS:
         value = os.environ.get(var, "").split(",")[0].strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
