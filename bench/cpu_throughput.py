@@ -4,15 +4,18 @@
     python bench/cpu_throughput.py --batches 128 --no-torch
     python bench/cpu_throughput.py --ranks                # also 2 ranks x 1 thread vs 1 rank x 2 threads
 
-Every measurement runs in its own subprocess, so each framework's peak RSS
-(``ru_maxrss``) is its own and the BLAS thread count is fixed before NumPy or
-PyTorch loads.  Both train seed 002's ``fmnist-cnn`` (conv3x3-32, conv3x3-64,
+Every framework runs in its own subprocess, so its peak RSS (``ru_maxrss``)
+is its own and the BLAS thread count is fixed before NumPy or PyTorch loads.
+The workers of one batch size stay alive side by side and take turns: one
+timed repeat each, in rotating order, ``--rounds`` x ``--repeats`` times, so
+a slow spell of a shared VM hits every framework alike; the ratio is also
+given repeat by repeat.  Both train seed 002's ``fmnist-cnn`` (conv3x3-32, conv3x3-64,
 pool, dropout .25, conv3x3-128, pool, dropout .25, dense 3200->512, dropout
 .5, dense 512->10, LeakyReLU 0.1, valid padding) with Adam lr 1e-3 on the same
 images: random ones of the Fashion-MNIST shape by default, or the real training
 set with ``--data real``.  A timed repeat is ``--steps`` steps (forward,
 backward, optimizer step, dropout on) after ``--warmup`` steps; the table shows
-the median of ``--repeats`` repeats.
+the median of the repeats.
 
 PyTorch is an optional bench dependency (``pip install torch``, CPU build);
 it is never imported by ddp_cnn itself.
@@ -66,20 +69,29 @@ def blas_info() -> str:
                      f"x{i.get('num_threads')}" for i in threadpool_info())
 
 
-def time_repeats(step, batch: int, steps: int, warmup: int, repeats: int) -> list[float]:
-    """images/s of `repeats` timed runs of `steps` calls of step(i), after `warmup` calls."""
+def serve(step, batch: int, steps: int, warmup: int, info: dict) -> dict:
+    """Warm up, then time `steps` calls of step(i) each time the driver writes ``run``
+    on stdin (one JSON line back per repeat), until it writes ``quit``.
+
+    The driver alternates these repeats between the frameworks' workers, each
+    a few seconds long, so that a slow spell of a shared VM (seen here: 30-45%
+    of the CPU time stolen by the hypervisor for minutes) hits all of them alike.
+    """
     for i in range(warmup):
         step(i)
-    rates, i = [], warmup
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    i = warmup
+    print("ready", flush=True)
+    for command in sys.stdin:
+        if command.strip() != "run":
+            break
+        cpu0, t0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
             step(i)
             i += 1
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    time_repeats.cpu_per_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    return rates
+        wall = time.perf_counter() - t0
+        print(json.dumps({"rate": batch * steps / wall, "cpu_per_wall": (time.process_time() - cpu0) / wall}),
+              flush=True)
+    return {**info, "batch": batch, "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- workers (one per subprocess) ------------------------------------------
@@ -96,6 +108,8 @@ def ddp_setup(args):
     # "ddp-blas": the layers in one thread, BLAS with its own threads (ddp_cnn before ddp_cnn.threads).
     backend = get_backend("cpu", threads=1 if args.worker == "ddp-blas" else None)
     model = model_mod.build("fmnist-cnn", backend, seed=0)
+    # "ddp-layers": each layer split over the threads (ddp_cnn before the batch replicas).
+    model.thread_replicas = args.worker != "ddp-layers"
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     return model, opt, SoftmaxCrossEntropy(), x_all, y_all
 
@@ -113,17 +127,17 @@ def worker_ddp(args) -> dict:
         model.backward(loss_fn.backward())
         opt.step()
 
-    rates = time_repeats(step, b, args.steps, args.warmup, args.repeats)
+    result = serve(step, b, args.steps, args.warmup, {"framework": args.worker, "blas": blas_info()})
     assert np.isfinite(model.params).all()
-    return {"framework": args.worker, "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
-            "peak_rss_mb": peak_rss_mb(), "blas": blas_info(), "cpu_per_wall": time_repeats.cpu_per_wall}
+    return result
 
 
 def torch_net():
     import torch.nn as nn
     act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
-    return nn.Sequential(nn.Conv2d(1, 32, 3), act(), nn.Conv2d(32, 64, 3), act(), nn.MaxPool2d(2), nn.Dropout(0.25),
-                         nn.Conv2d(64, 128, 3), act(), nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+    # ddp_cnn's layer order: each max-pool before the activation (the same function as seed 002's order).
+    return nn.Sequential(nn.Conv2d(1, 32, 3), act(), nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), act(), nn.Dropout(0.25),
+                         nn.Conv2d(64, 128, 3), nn.MaxPool2d(2), act(), nn.Dropout(0.25), nn.Flatten(),
                          nn.Linear(3200, 512), act(), nn.Dropout(0.5), nn.Linear(512, 10))
 
 
@@ -148,10 +162,8 @@ def worker_torch(args) -> dict:
         loss.backward()
         opt.step()
 
-    rates = time_repeats(step, b, args.steps, args.warmup, args.repeats)
-    return {"framework": "torch", "batch": b, "images_per_s": statistics.median(rates), "rates": rates,
-            "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_per_wall": time_repeats.cpu_per_wall}
+    return serve(step, b, args.steps, args.warmup, {"framework": "torch", "torch": torch.__version__,
+                                                    "torch_threads": torch.get_num_threads()})
 
 
 def worker_profile(args) -> dict:
@@ -260,12 +272,13 @@ def worker_mpi(args) -> dict:
             "is_root": comm.is_root}
 
 
-WORKERS = {"ddp": worker_ddp, "ddp-blas": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
 
 
 # ---- driver -------------------------------------------------------------------
 
-def run_worker(kind: str, args, batch: int, threads: int, ranks: int = 1) -> dict:
+def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
+    """(argv, env) of a worker subprocess with its thread count fixed before NumPy/PyTorch load."""
     env = dict(os.environ)
     for var in THREAD_VARS:
         env[var] = str(threads)
@@ -277,20 +290,49 @@ def run_worker(kind: str, args, batch: int, threads: int, ranks: int = 1) -> dic
            "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks)] + cmd
+    return cmd, env
+
+
+def run_worker(kind: str, args, batch: int, threads: int, ranks: int = 1) -> dict:
+    """Run a one-shot worker (profile, mpi) to its end; its last JSON line."""
+    cmd, env = worker_command(kind, args, batch, threads, ranks)
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")][-1]
 
 
-def merge(rounds: list[dict]) -> dict:
-    """One result for several rounds: the median rate over every timed repeat, the largest peak RSS."""
-    out = dict(rounds[0])
-    out["rates"] = [r for one in rounds for r in one["rates"]]
-    out["images_per_s"] = statistics.median(out["rates"])
-    out["peak_rss_mb"] = max(one["peak_rss_mb"] for one in rounds)
-    out["cpu_per_wall"] = statistics.median(one["cpu_per_wall"] for one in rounds)
-    return out
+class Served:
+    """A throughput worker kept alive between repeats (:func:`serve`): ``repeat()``
+    times one repeat, ``close()`` ends it and returns its summary."""
+
+    def __init__(self, kind, args, batch, threads):
+        self.cmd, env = worker_command(kind, args, batch, threads)
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.repeats: list[dict] = []
+        self._expect("ready")
+
+    def _expect(self, what=None):
+        line = self.proc.stdout.readline()
+        if not line or (what and line.strip() != what):
+            self.proc.kill()
+            raise SystemExit(f"{' '.join(self.cmd)} stopped ({line.strip() or 'no output'}); its stderr is above")
+        return line
+
+    def repeat(self) -> None:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        self.repeats.append(json.loads(self._expect()))
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        summary = json.loads(self._expect())
+        self.proc.wait()
+        rates = [r["rate"] for r in self.repeats]
+        return {**summary, "rates": rates, "images_per_s": statistics.median(rates),
+                "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in self.repeats)}
 
 
 def print_profile(p: dict) -> None:
@@ -311,7 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="subprocess runs per framework and batch, interleaved")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timed repeats per framework and batch = rounds x repeats, alternating between frameworks")
     p.add_argument("--data", choices=["random", "real"], default="random")
     p.add_argument("--no-torch", action="store_true", help="ddp_cnn only")
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer split")
@@ -334,35 +377,46 @@ def main(argv=None) -> int:
 
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
-          f"{args.threads} thread(s); data {args.data}; median of {args.repeats} x {args.steps} steps "
+          f"{args.threads} thread(s); data {args.data}; median of {args.rounds * args.repeats} x {args.steps} steps "
           f"after {args.warmup} warm-up")
-    # Rounds interleave the two frameworks, so a slow spell of a shared machine hits both.
-    runs: dict = {}
-    for _ in range(args.rounds):
-        for b in args.batches:
-            for kind in ("ddp", "ddp-blas") + (() if args.no_torch else ("torch",)):
-                runs.setdefault((kind, b), []).append(run_worker(kind, args, b, args.threads))
-    results = [r for rs in runs.values() for r in rs]
-    rows = [(b, merge(runs[("ddp", b)]), merge(runs[("ddp-blas", b)]),
-             None if args.no_torch else merge(runs[("torch", b)])) for b in args.batches]
-    ddp0, blas0, torch0 = rows[0][1:]
-    print(f"BLAS: {ddp0['blas']}; ddp_cnn uses {ddp0['cpu_per_wall']:.2f} cores "
-          f"(with BLAS threads: {blas0['blas']}, {blas0['cpu_per_wall']:.2f} cores)"
-          + ("" if torch0 is None else f"; torch {torch0['torch']} ({torch0['torch_threads']} threads) uses "
-                                       f"{torch0['cpu_per_wall']:.2f} cores"))
-    print("\n(ddp_cnn: the layers split over threads, BLAS in one thread each; "
-          "BLAS threads: the layers in one thread, BLAS with its own threads)")
-    print("| batch | ddp_cnn img/s | ddp_cnn, BLAS threads | PyTorch img/s | ratio | ddp_cnn peak RSS MB "
+    # Every worker of a batch size stays alive; their timed repeats alternate, a few
+    # seconds each, so that a slow spell of a shared machine hits all of them.
+    kinds = ("ddp", "ddp-layers", "ddp-blas") + (() if args.no_torch else ("torch",))
+    results, rows = [], []
+    for b in args.batches:
+        workers = {kind: Served(kind, args, b, args.threads) for kind in kinds}
+        for r in range(args.rounds * args.repeats):
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # each goes first in turn
+                time.sleep(0.2)  # let the last worker's BLAS/OpenMP threads stop spinning
+                workers[kind].repeat()
+        done = {kind: w.close() for kind, w in workers.items()}
+        results += list(done.values())
+        rows.append((b, done))
+    first = rows[0][1]
+    print(f"BLAS: {first['ddp']['blas']}; cores in use while timing: ddp_cnn {first['ddp']['cpu_per_wall']:.2f}, "
+          f"per-layer split {first['ddp-layers']['cpu_per_wall']:.2f}, BLAS threads ({first['ddp-blas']['blas']}) "
+          f"{first['ddp-blas']['cpu_per_wall']:.2f}"
+          + ("" if args.no_torch else f", torch {first['torch']['torch']} ({first['torch']['torch_threads']} "
+                                      f"threads) {first['torch']['cpu_per_wall']:.2f}"))
+    print("\n(ddp_cnn: each thread runs the whole network on its share of the batch, BLAS in one thread each; "
+          "per-layer split: each layer's pass split over the threads; BLAS threads: the layers in one thread, "
+          "BLAS with its own threads)")
+    print("| batch | ddp_cnn img/s | per-layer split | BLAS threads | PyTorch img/s | ratio | ddp_cnn peak RSS MB "
           "| PyTorch peak RSS MB | RSS ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for b, d, old, t in rows:
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for b, done in rows:
+        d, lay, old, t = done["ddp"], done["ddp-layers"], done["ddp-blas"], done.get("torch")
+        head = f"| {b} | {d['images_per_s']:.0f} | {lay['images_per_s']:.0f} | {old['images_per_s']:.0f} |"
         if t:
-            print(f"| {b} | {d['images_per_s']:.0f} | {old['images_per_s']:.0f} | {t['images_per_s']:.0f} | "
-                  f"{d['images_per_s'] / t['images_per_s']:.2f} | {d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | "
-                  f"{d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
+            print(f"{head} {t['images_per_s']:.0f} | {d['images_per_s'] / t['images_per_s']:.2f} | "
+                  f"{d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
         else:
-            print(f"| {b} | {d['images_per_s']:.0f} | {old['images_per_s']:.0f} | - | - | {d['peak_rss_mb']:.0f} "
-                  "| - | - |")
+            print(f"{head} - | - | {d['peak_rss_mb']:.0f} | - | - |")
+    if not args.no_torch:  # the ratio repeat by repeat: both timed within seconds of each other
+        for b, done in rows:
+            pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["torch"]["rates"]))
+            print(f"batch {b}: ratio of each repeat to the PyTorch repeat beside it: median "
+                  f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
     if not args.no_profile:
         prof = run_worker("profile", args, args.profile_batch, args.threads)
         results.append(prof)

@@ -318,15 +318,20 @@ def scatter_windows(d_windows, padded_shape, kh, kw, stride, oh, ow):
     return col2im(d_windows.reshape(n * oh * ow, kh * kw * c), padded_shape, kh, kw, stride, oh, ow)
 
 
-def dropout_mask(shape, p: float, key: tuple, xp, dtype):
+def dropout_mask(shape, p: float, key: tuple, xp, dtype, start: int = 0):
     """Inverted-dropout multiplier: 0 with probability p, 1/(1-p) otherwise.
 
     Drawn from a generator derived from `key` (seed, stream, rank, step,
     layer), so a resumed run draws exactly the masks of an uninterrupted one.
+    `start` (CPU only): the mask is elements start, start+1, ... of that
+    stream, so a replica holding images a..b of a batch draws exactly those
+    rows of the whole batch's mask (start = a * elements per image).
     """
     keep = 1.0 - p
     scale = dtype(1.0 / keep) if isinstance(dtype, type) else 1.0 / keep
     if xp is not np:
+        if start:
+            raise ValueError("dropout_mask: start is for the CPU's batch replicas only")
         seed = int(np.random.default_rng([int(k) for k in key]).integers(2**63))
         u = xp.random.default_rng(seed).random(shape, dtype=np.float32)
         mask = (u < keep).astype(dtype)
@@ -337,14 +342,17 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype):
 
     # Split over the CPU threads, each drawing its share of the one stream that
     # default_rng(key) gives: float32 draws 2i and 2i+1 come from 64-bit output
-    # i of PCG64, so a thread starting at draw 2a advances the generator by a.
+    # i of PCG64, so a thread starting at pair i advances the generator by i.
     # The masks are bitwise those of a single draw, whatever the thread count.
+    first = start // 2
+
     def pairs(_, a, b):
-        start, stop = 2 * a, min(size, 2 * b)
+        lo, hi = max(2 * (first + a), start), min(2 * (first + b), start + size)  # stream positions
         generator = np.random.PCG64(np.random.SeedSequence([int(k) for k in key]))
-        generator.advance(a)
-        u = np.random.Generator(generator).random(stop - start, dtype=np.float32)
-        flat[start:stop] = u < keep
-        flat[start:stop] *= scale
-    threads.parallel((size + 1) // 2, pairs, 4 * size)
+        generator.advance(first + a)
+        u = np.random.Generator(generator).random(2 * (b - a), dtype=np.float32)[lo - 2 * (first + a):]
+        out = flat[lo - start:hi - start]
+        out[...] = u[:hi - lo] < keep
+        out *= scale
+    threads.parallel((start + size + 1) // 2 - first, pairs, 4 * size)
     return mask

@@ -500,13 +500,15 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
         self.key = (0, STREAM_DROPOUT, 0, 0, 0)
+        self.first_image = 0  # which image of the whole batch x[0] is (the model's replicas set it)
 
     def forward(self, x, train=False):
         self.check_input(x)
         if not train or self.rate == 0.0:
             self.mask = None
             return x
-        self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype)
+        start = self.first_image * (x.size // max(x.shape[0], 1))
+        self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype, start)
         return kernels.multiply_into(x, self.mask, self.scratch.output("out", x.shape, x.dtype, self.xp))
 
     def backward(self, dy, need_dx=True):

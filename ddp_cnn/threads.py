@@ -1,20 +1,33 @@
-"""CPU parallelism inside one process: each layer's batch split over threads.
+"""CPU parallelism inside one process.
+
+Two ways, both with BLAS single-threaded (threadpoolctl) and NumPy releasing
+the GIL in its loops and in BLAS, so the threads really run at once:
+
+- Batch replicas (training, every model without BatchNorm): each thread runs
+  the whole network, forward and backward, on its share of the batch, with a
+  replica of the layers whose parameters are views of the one buffer; the
+  shares' gradients are added in thread order.  One hand-over per step.
+  :class:`ddp_cnn.model.Sequential` does this, with its threads in
+  :func:`serial` mode.
+- Per-layer split (evaluation, BatchNorm models): every heavy pass (GEMMs,
+  im2col, activations, pooling, dropout, the optimizer) is split by images
+  over the threads.  Dozens of hand-overs a step; on a VM whose cores are
+  taken away now and then (steal time), every one of them waits for the
+  slower thread, which made it 5-20% slower than the replicas here.
 
 Why not BLAS threads: they parallelise only the GEMMs and spin between
-them, so the memory-bound passes (im2col, activations, pooling, dropout,
-the optimizer), a third of a CPU step, run on one core while the others
-wait.  Here BLAS runs single-threaded and every heavy pass, GEMMs included,
-is split by images over a small pool of threads; NumPy releases the GIL in
-its loops and in BLAS, so the threads really run at once.
+them, so the memory-bound passes, a third of a CPU step, run on one core.
 
-The split is contiguous and fixed for a given thread count, and partial
-sums are added in thread order, so a run is deterministic; results with
+Splits are contiguous and fixed for a given thread count, and partial sums
+are added in thread order, so a run is deterministic; results with
 different thread counts differ by rounding only (like BLAS thread counts).
 """
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from . import _THREAD_VARS
 
@@ -22,6 +35,7 @@ _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas_limit = None
 _configured = False
+_local = threading.local()  # .serial: this thread runs every pass itself (a replica's thread)
 
 # Passes over fewer bytes than this run in the calling thread: handing work
 # to another thread costs ~20-50 us, as much as ~1 MB of memory traffic.
@@ -73,6 +87,27 @@ def count() -> int:
     return _threads
 
 
+@contextmanager
+def serial():
+    """Within this block the calling thread runs every pass itself, unsplit.
+
+    For work that is already one share of the batch per thread (the model
+    replicas of :class:`ddp_cnn.model.Sequential`): a pool thread must never
+    wait on the pool it belongs to.
+    """
+    before = getattr(_local, "serial", False)
+    _local.serial = True
+    try:
+        yield
+    finally:
+        _local.serial = before
+
+
+def in_serial() -> bool:
+    """Whether the calling thread is inside :func:`serial`."""
+    return getattr(_local, "serial", False)
+
+
 def split(n: int, parts: int) -> list[tuple[int, int]]:
     """`parts` contiguous (start, stop) ranges over range(n), sizes differing by at most 1, none empty."""
     parts = max(1, min(parts, n))
@@ -90,7 +125,7 @@ def plan(n: int, nbytes: int | None = None) -> list[tuple[int, int]]:
     of it when there is one thread or `nbytes` (the pass's memory traffic) is
     below MIN_PARALLEL_BYTES."""
     small = nbytes is not None and nbytes < MIN_PARALLEL_BYTES
-    return split(n, 1 if _pool is None or small else _threads)
+    return split(n, 1 if _pool is None or small or in_serial() else _threads)
 
 
 def run(ranges: list[tuple[int, int]], fn) -> None:

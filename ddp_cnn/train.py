@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: the GPU of this rank's node-local rank when CuPy sees one")
     g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU: split each layer's work over N threads, BLAS single-threaded in each "
-                        "(default: $OMP_NUM_THREADS, which ddp_cnn sets to the cores per rank on a node; "
-                        "1: BLAS with its own threads only)")
+                   help="CPU: N threads, BLAS single-threaded in each; in training each thread runs the "
+                        "network on its share of the batch (models with batch norm: each layer's work is "
+                        "split instead) (default: $OMP_NUM_THREADS, which ddp_cnn sets to the cores per rank "
+                        "on a node; 1: BLAS with its own threads only)")
     g.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--bucket-mb", type=non_negative_float, default=4.0,

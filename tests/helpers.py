@@ -35,6 +35,7 @@ def check_layer_gradients(layer, input_shape, device="cpu", batch=2, train=True,
     bk = backend64(device)
     xp = bk.xp
     model = Sequential([layer], input_shape, bk, seed=seed)
+    model.thread_replicas = False  # the layer itself is checked, on the whole batch
     rng = np.random.default_rng(seed + 1)
     if x is None:
         x = rng.standard_normal((batch,) + tuple(input_shape))

@@ -286,3 +286,33 @@ def test_mlp_with_batchnorm_and_one_dropout_rate_round_trips_its_description():
     assert not any("b" in layer.params for layer in m.layers[1:7] if isinstance(layer, L.Dense))
     again = model_mod.from_description(m.describe(), get_backend("cpu"))
     assert again.describe() == m.describe()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fmnist_cnn_pooling_before_the_activation_equals_seed_002_order(batchnorm):
+    """fmnist-cnn max-pools before the activation; seed 002 activates first.  Same logits, same gradients."""
+    from ddp_cnn import model as model_mod
+    ours = model_mod.build("fmnist-cnn", backend64(), seed=3, batchnorm=batchnorm)
+    seed_order = []
+    for layer in ours.layers:  # swap each (MaxPool2D, activation) pair back
+        if seed_order and isinstance(seed_order[-1], L.Pool2D) and isinstance(layer, L.LeakyReLU):
+            seed_order.insert(len(seed_order) - 1, type(layer)(**layer.config))
+        else:
+            seed_order.append(type(layer)(**layer.config))
+    assert [type(l).__name__ for l in seed_order[:5 + batchnorm * 2]] == (
+        ["Conv2D", "LeakyReLU", "Conv2D", "LeakyReLU", "Pool2D"] if not batchnorm else
+        ["Conv2D", "BatchNorm", "LeakyReLU", "Conv2D", "BatchNorm", "LeakyReLU", "Pool2D"])
+    seed = Sequential(seed_order, (28, 28, 1), backend64(), seed=3)
+    assert seed.param_names() == ours.param_names() and np.array_equal(seed.params, ours.params)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((4, 28, 28, 1)), rng.integers(0, 10, 4)
+    results = []
+    for model in (ours, seed):
+        model.thread_replicas = False
+        loss = L.SoftmaxCrossEntropy()
+        logits = model.forward(x, train=True, step=5)  # dropout on: the masks are keyed by layer index
+        loss.forward(logits, labels)
+        model.backward(loss.backward())
+        results.append((logits, model.grads.copy()))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert rel_error(results[0][1], results[1][1]) < 1e-14

@@ -75,6 +75,7 @@ def _forward_backward(name, n_threads, batch=7):
     factory, shape = LAYERS[name]
     layer = factory()
     model = Sequential([layer], shape, backend64(), seed=0)
+    model.thread_replicas = False  # the layer's own split is under test
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch,) + shape)
     y = model.forward(x, train=True, step=3).copy()
@@ -116,22 +117,59 @@ def test_adam_with_3_threads_is_bitwise_1_thread(split_everything, monkeypatch):
     assert np.array_equal(results[0], results[1])
 
 
-def test_training_steps_with_3_threads_match_1_thread(split_everything):
+def _train(n_threads, steps=3, batch=7, **arch):
+    """fmnist-cnn float64 (dropout on) after a few Adam steps; the model and the layers
+    whose backward reported done, in order."""
+    threads.configure(n_threads)
     rng = np.random.default_rng(0)
-    x, labels = rng.random((6, 28, 28, 1)), rng.integers(0, 10, 6)
-    finals = []
-    for n_threads in (1, 3):
-        threads.configure(n_threads)
-        model = model_mod.build("fmnist-cnn", backend64(), seed=0)
-        opt = optim.create("adam", model.params, model.grads, lr=1e-3)
-        loss_layer = L.SoftmaxCrossEntropy()
-        for step in range(3):
-            logits = model.forward(x, train=True, step=step)
-            loss_layer.forward(logits, labels)
-            model.backward(loss_layer.backward())
-            opt.step()
-        finals.append(model.params.copy())
-    assert rel_error(finals[0], finals[1]) < 1e-10
+    x, labels = rng.random((batch, 28, 28, 1)), rng.integers(0, 10, batch)
+    model = model_mod.build("fmnist-cnn", backend64(), seed=0, **arch)
+    model.rank = 1  # the dropout keys name the rank: the replicas must too
+    opt = optim.create("adam", model.params, model.grads, lr=1e-3)
+    loss_layer = L.SoftmaxCrossEntropy()
+    done = []
+    for step in range(steps):
+        logits = model.forward(x, train=True, step=step)
+        loss_layer.forward(logits, labels)
+        model.backward(loss_layer.backward(), done.append)
+        opt.step()
+    return model, done
+
+
+def test_training_steps_on_3_batch_replicas_match_1_thread(split_everything):
+    one, done_one = _train(1)
+    three, done_three = _train(3)
+    assert len(three._replicas) == 2  # 7 images: shares of 3, 2 and 2, each through the whole network
+    assert rel_error(one.params, three.params) < 1e-10
+    assert done_three == done_one == [i for _ in range(3) for i in reversed(range(len(one.layers)))]
+    again, _ = _train(3)
+    assert np.array_equal(again.params, three.params)  # deterministic for a thread count
+
+
+def test_batchnorm_models_split_each_layer_not_the_batch(split_everything):
+    one, _ = _train(1, steps=2, batchnorm=True)
+    three, _ = _train(3, steps=2, batchnorm=True)
+    assert three._replicas == []  # one share of the batch would give other batch statistics
+    assert rel_error(one.params, three.params) < 1e-10
+    for name, value in one.named_buffers().items():
+        assert rel_error(value, three.named_buffers()[name]) < 1e-10
+
+
+def test_a_replica_thread_runs_every_pass_itself(split_everything):
+    threads.configure(3)
+    assert len(threads.plan(9)) == 3
+    with threads.serial():
+        assert threads.plan(9) == [(0, 9)]
+    assert len(threads.plan(9)) == 3
+
+
+@pytest.mark.parametrize("start,stop", [(0, 7), (1, 4), (3, 7), (2, 3)])
+def test_a_replica_draws_its_rows_of_the_whole_batch_dropout_mask(split_everything, start, stop):
+    threads.configure(3)
+    key, shape = (5, 2, 1, 9, 3), (7, 3, 5)  # 15 elements an image: odd starts fall inside a PCG64 output
+    whole = kernels.dropout_mask(shape, 0.3, key, np, np.float32)
+    part = kernels.dropout_mask((stop - start,) + shape[1:], 0.3, key, np, np.float32, start * 15)
+    assert np.array_equal(part, whole[start:stop])
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])
