@@ -13,9 +13,14 @@ from .backend import get_backend, to_host
 
 
 def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = None):
-    """(model, meta) with the checkpoint's weights and BatchNorm statistics, ready for eval mode."""
+    """(model, meta) with the checkpoint's weights and BatchNorm statistics, ready for eval mode.
+
+    The weights are the moving average when the run kept one (``--ema``), else the raw ones.
+    """
     state = ckpt.load(path)
     meta = state["meta"]
+    if "ema" in state["optim"]:
+        state["params"] = state["optim"]["ema"]
     if dtype is None:
         dtype = "float64" if state["params"].dtype.itemsize == 8 else "float32"
     backend = get_backend(device, dtype)

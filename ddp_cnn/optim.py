@@ -11,10 +11,16 @@ Regularisation, for every optimizer:
 - ``weight_decay``: decoupled decay, ``p -= lr * weight_decay * p`` apart from
   the gradient step (AdamW is Adam with this).
 Both apply to weights only (``model.decay_ranges``), never to biases or norms.
+
+``ema``: every optimizer can also keep an exponential moving average of the
+parameters (Polyak averaging), state ``ema``, which evaluation, checkpoints'
+users (evaluate, predict, export) and the reported test accuracy take as
+the model; training itself goes on from the raw parameters.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,11 +34,13 @@ class Optimizer:
     state_names: tuple = ()
 
     def __init__(self, params, grads, lr: float = 0.01, l2: float = 0.0, weight_decay: float = 0.0,
-                 decay_ranges=None):
+                 decay_ranges=None, ema: float = 0.0):
         if not lr > 0:
             raise ValueError(f"--lr: must be > 0, got {lr}")
         if l2 < 0 or weight_decay < 0:
             raise ValueError(f"--l2/--weight-decay: must be >= 0, got {l2}, {weight_decay}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"--ema: expected a decay in [0, 1) (0: off), got {ema}")
         self.params, self.grads = params, grads
         self.lr = float(lr)
         self.l2 = float(l2)
@@ -41,6 +49,9 @@ class Optimizer:
         self.t = 0
         xp = _xp(params)
         self.state = {name: xp.zeros_like(params) for name in self.state_names}
+        self.ema = float(ema)
+        if self.ema:
+            self.state["ema"] = params.copy()
 
     def step(self, lr: float | None = None) -> None:
         """Apply one update with `lr` (default: the base lr) using ``self.grads``."""
@@ -53,6 +64,39 @@ class Optimizer:
             for a, b in self.decay_ranges:
                 self.params[a:b] *= 1.0 - lr * self.weight_decay
         self._update(lr)
+        if self.ema:
+            self._update_average()
+
+    def _update_average(self) -> None:
+        """ema += (1 - d) (params - ema), with d = min(ema, (1 + t) / (10 + t)): the
+        warm-up keeps the first steps' average from clinging to the initial weights."""
+        decay = min(self.ema, (1.0 + self.t) / (10.0 + self.t))
+        weight = self.params.dtype.type(1.0 - decay)
+        average, params = self.state["ema"], self.params
+
+        def part(_, a, b):
+            for lo in range(a, b, _CHUNK):
+                hi = min(b, lo + _CHUNK)
+                delta = params[lo:hi] - average[lo:hi]
+                delta *= weight
+                average[lo:hi] += delta
+        if _xp(params) is np:
+            threads.parallel(params.size, part, 3 * params.nbytes)
+        else:
+            part(0, 0, params.size)
+
+    @contextmanager
+    def averaged_weights(self):
+        """Within this block the parameters are the moving average (when ``ema`` is on)."""
+        if not self.ema:
+            yield
+            return
+        raw = self.params.copy()
+        self.params[...] = self.state["ema"]
+        try:
+            yield
+        finally:
+            self.params[...] = raw
 
     def _update(self, lr: float) -> None:
         raise NotImplementedError
@@ -64,6 +108,8 @@ class Optimizer:
         self.t = int(state["t"])
         for name in self.state_names:
             self.state[name][...] = _xp(self.params).asarray(state[name])
+        if self.ema:  # a checkpoint written without --ema: the average starts from its weights
+            self.state["ema"][...] = _xp(self.params).asarray(state["ema"]) if "ema" in state else self.params
 
 
 class SGD(Optimizer):
@@ -187,9 +233,9 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmspro
 
 
 def create(name: str, params, grads, lr: float, *, momentum=0.9, beta1=0.9, beta2=0.999, eps=None,
-           rho=0.9, l2=0.0, weight_decay=0.0, decay_ranges=None) -> Optimizer:
+           rho=0.9, l2=0.0, weight_decay=0.0, decay_ranges=None, ema=0.0) -> Optimizer:
     """The optimizer called `name` (one of OPTIMIZERS) over the flat buffers."""
-    kw = dict(l2=l2, weight_decay=weight_decay, decay_ranges=decay_ranges)
+    kw = dict(l2=l2, weight_decay=weight_decay, decay_ranges=decay_ranges, ema=ema)
     if name == "sgd":
         return SGD(params, grads, lr, **kw)
     if name in ("momentum", "nesterov"):

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=non_negative_float, default=0.0,
                    help="decoupled weight decay on weights (adamw default: 0.01)")
     g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to the weight gradients")
+    g.add_argument("--ema", type=fraction, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                        "evaluate, report and export it instead of the raw weights (0: off)")
     g.add_argument("--schedule", default="constant", choices=optim.Schedule.KINDS, help="LR schedule")
     g.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="linear LR warmup length")
     g.add_argument("--step-epochs", type=positive_float, default=10.0, help="step schedule: decay period in epochs")
@@ -274,7 +277,7 @@ def setup_model(args, comm, log, s) -> dict:
     lr = args.lr * s["global_batch"] / args.lr_base_batch if args.scale_lr else args.lr
     opt = optim.create(args.optimizer, model.params, model.grads, lr, momentum=args.momentum, beta1=args.beta1,
                        beta2=args.beta2, eps=args.eps, rho=args.rho, l2=args.l2, weight_decay=args.weight_decay,
-                       decay_ranges=model.decay_ranges)
+                       decay_ranges=model.decay_ranges, ema=args.ema)
     resume = None
     if args.resume and comm.is_root:  # rank 0 reads, everyone receives it in the broadcast
         if args.resume == "latest":
@@ -594,7 +597,8 @@ class Trainer:
         if args.eval_every and self.test_loader is not None and (
                 (self.epoch + 1) % args.eval_every == 0 or self.epoch + 1 == args.epochs):
             self.sync_buffers()
-            result = evaluate(self.model, self.test_loader, comm, len(self.class_names))
+            with self.opt.averaged_weights():  # --ema: the average is the model
+                result = evaluate(self.model, self.test_loader, comm, len(self.class_names))
             record.update(test_loss=result["loss"], test_acc=result["accuracy"], test_count=result["count"],
                           confusion=result["confusion"].tolist())
         if epoch_done:

@@ -148,13 +148,15 @@ def check_resume_is_bitwise_exact(comm, tmp_path_factory):
     comm.barrier()
     common = ["--data", base / "data", "--model", "lenet", "--epochs", 3, "--local-batch-size", 8, "--optimizer", "adam",
               "--augment-shift", 2, "--hflip", "--erase", 0.3, "--seed", 5, "--eval-every", 0, "--device", "cpu",
-              "--dtype", "float32", "--keep", 0, "--log-every", 1] + (["--comm", "single"] if comm.size == 1 else [])
+              "--dtype", "float32", "--keep", 0, "--log-every", 1, "--ema", 0.9] + (
+                  ["--comm", "single"] if comm.size == 1 else [])
     assert run_train(common + ["--run-dir", base / "whole", "--max-steps", 46]) == 0
     assert run_train(common + ["--run-dir", base / "parts", "--max-steps", 23]) == 0
     assert run_train(common + ["--run-dir", base / "parts", "--max-steps", 46, "--resume", "latest"]) == 0
     whole, parts = final_params(base / "whole"), final_params(base / "parts")
     assert whole["meta"]["global_step"] == parts["meta"]["global_step"] == 46
     assert np.array_equal(whole["params"], parts["params"]), "resumed run differs from the uninterrupted one"
+    assert "ema" in whole["optim"]  # --ema: the moving average is resumed too
     for name in whole["optim"]:
         assert np.array_equal(whole["optim"][name], parts["optim"][name]), f"optimizer state {name} differs"
     if comm.rank == 0:  # the resumed metrics file has every step once

@@ -437,3 +437,20 @@ def test_readme_library_example():
     # --- end README example
     assert float(loss) < 1.0 < np.log(10)  # it learns: memorises the 64 samples, far below chance
     assert int(correct) >= 48
+
+
+def test_a_run_with_ema_is_loaded_and_exported_with_its_averaged_weights(tmp_path):
+    from ddp_cnn.train import main as train_main
+    data = make_synthetic_shards(tmp_path / "data", 1)
+    code = train_main(["--data", str(data), "--model", "lenet", "--comm", "single", "--device", "cpu",
+                       "--eval-every", "1", "--max-steps", "12", "--batch-size", "32", "--progress", "off",
+                       "--ema", "0.9", "--run-dir", str(tmp_path / "run")])
+    assert code == 0
+    path = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    state = ckpt.load(path)
+    assert not np.array_equal(state["optim"]["ema"], state["params"])
+    model, _ = inference.load_model_from_checkpoint(path)
+    assert np.array_equal(model.params, state["optim"]["ema"])
+    assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.npz")]) == 0
+    exported, _ = inference.load(tmp_path / "m.npz")
+    assert np.array_equal(exported.params, state["optim"]["ema"])

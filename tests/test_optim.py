@@ -153,3 +153,44 @@ def test_schedules_with_warmup():
     assert cos(7) == pytest.approx(0.5) and cos(12) == pytest.approx(0.0, abs=1e-15)
     with pytest.raises(ValueError):
         optim.Schedule(0.1, 10, "exponential")
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+def test_ema_follows_the_parameters_with_a_warm_up(device):
+    sgd = run("sgd", device)  # the raw parameters after each step
+    xp = backend64(device).xp
+    params, grads = xp.asarray([1.0, -2.0]), xp.zeros(2)
+    opt = optim.create("sgd", params, grads, 0.1, ema=0.5)
+    average = np.array([1.0, -2.0])  # starts at the initial weights
+    for t, g in enumerate(GRADS, start=1):
+        grads[...] = xp.asarray(g)
+        opt.step()
+        decay = min(0.5, (1 + t) / (10 + t))  # 2/11, 3/12, then 0.5 from t = 8 on; here 4/13
+        average = decay * average + (1 - decay) * sgd[t - 1]
+        assert np.allclose(np.asarray(params.tolist()), sgd[t - 1], rtol=0, atol=1e-15)  # training is unchanged
+        assert np.allclose(np.asarray(opt.state["ema"].tolist()), average, rtol=0, atol=1e-15)
+    with opt.averaged_weights():
+        assert params.tolist() == opt.state["ema"].tolist()
+    assert params.tolist() == sgd[-1].tolist()
+
+
+def test_averaged_weights_without_ema_is_the_raw_weights():
+    params = np.array([1.0, -2.0])
+    opt = optim.create("adam", params, np.zeros(2), 0.1)
+    with opt.averaged_weights():
+        assert params.tolist() == [1.0, -2.0]
+    assert "ema" not in opt.state_dict()
+
+
+def test_resuming_with_ema_from_a_checkpoint_without_it_starts_the_average_there():
+    params = np.array([1.0, -2.0])
+    opt = optim.create("adam", params, np.zeros(2), 0.1, ema=0.99)
+    params[...] = [3.0, 4.0]
+    opt.load_state_dict({"t": 7, "m": np.zeros(2), "v": np.zeros(2)})
+    assert opt.state["ema"].tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 2.0])
+def test_ema_decay_outside_0_1_is_refused(bad):
+    with pytest.raises(ValueError, match="--ema"):
+        optim.create("adam", np.zeros(2), np.zeros(2), 0.1, ema=bad)
