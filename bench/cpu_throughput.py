@@ -321,8 +321,11 @@ class Served:
         return line
 
     def repeat(self) -> None:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise SystemExit(f"{' '.join(self.cmd)} stopped between repeats; its stderr is above") from None
         self.repeats.append(json.loads(self._expect()))
 
     def close(self) -> dict:
@@ -330,6 +333,7 @@ class Served:
         self.proc.stdin.flush()
         summary = json.loads(self._expect())
         self.proc.wait()
+        self.closed = True
         rates = [r["rate"] for r in self.repeats]
         return {**summary, "rates": rates, "images_per_s": statistics.median(rates),
                 "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in self.repeats)}
@@ -384,12 +388,19 @@ def main(argv=None) -> int:
     kinds = ("ddp", "ddp-layers", "ddp-blas") + (() if args.no_torch else ("torch",))
     results, rows = [], []
     for b in args.batches:
-        workers = {kind: Served(kind, args, b, args.threads) for kind in kinds}
-        for r in range(args.rounds * args.repeats):
-            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # each goes first in turn
-                time.sleep(0.2)  # let the last worker's BLAS/OpenMP threads stop spinning
-                workers[kind].repeat()
-        done = {kind: w.close() for kind, w in workers.items()}
+        workers: dict = {}
+        try:
+            for kind in kinds:
+                workers[kind] = Served(kind, args, b, args.threads)
+            for r in range(args.rounds * args.repeats):
+                for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # each goes first in turn
+                    time.sleep(0.2)  # let the last worker's BLAS/OpenMP threads stop spinning
+                    workers[kind].repeat()
+            done = {kind: w.close() for kind, w in workers.items()}
+        finally:  # a worker that failed: end the others too, not leave them waiting on stdin
+            for w in workers.values():
+                if w.proc.poll() is None and not hasattr(w, "closed"):
+                    w.proc.kill()
         results += list(done.values())
         rows.append((b, done))
     first = rows[0][1]

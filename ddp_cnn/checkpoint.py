@@ -3,7 +3,8 @@
 A save goes to ``<name>.tmp-<pid>``, is fsynced, renamed into place, and the
 folder is fsynced, so a crash (even ``kill -9``) leaves either the previous
 checkpoint or the new one, never a torn file.  Each file carries a sha256 of
-its parameters; a file that does not open or whose hash disagrees is
+its parameters and one of its optimizer state (which holds the moving
+average of the weights under ``--ema``); a file that does not open or whose hash disagrees is
 reported by name and skipped by ``--resume latest``.
 
 Contents: ``params`` (flat), ``optim/<name>`` (flat optimizer state),
@@ -39,6 +40,16 @@ def params_digest(params: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()
 
 
+def optim_digest(optim_state: dict) -> str:
+    """sha256 over the optimizer's arrays (names and bytes, in name order): the moving
+    average of the weights (--ema), which evaluate and export serve, lives there."""
+    digest = hashlib.sha256()
+    for name in sorted(optim_state):
+        if np.ndim(optim_state[name]):
+            digest.update(name.encode() + b"\0" + np.ascontiguousarray(optim_state[name]).tobytes())
+    return digest.hexdigest()
+
+
 def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buffers: dict, meta: dict,
          keep: int = 0) -> Path:
     """Write one checkpoint atomically (rank 0 only); keep the newest `keep` (0: all)."""
@@ -60,6 +71,7 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
             for key, value in meta.items():
                 f.attrs[key] = json.dumps(value)
             f.attrs["params_sha256"] = params_digest(params)
+            f.attrs["optim_sha256"] = optim_digest(optim_state)
         fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(directory)
@@ -97,14 +109,17 @@ def load(path) -> dict:
             optim.update({k[len("optim."):]: f.attrs[k].item() for k in f.attrs if k.startswith("optim.")})
             buffers = {k: f["buffers"][k][...] for k in f["buffers"]} if "buffers" in f else {}
             meta = {k: json.loads(f.attrs[k]) for k in f.attrs
-                    if not k.startswith("optim.") and k != "params_sha256"}
+                    if not k.startswith("optim.") and k not in ("params_sha256", "optim_sha256")}
             digest = f.attrs["params_sha256"]
+            optim_sha = f.attrs.get("optim_sha256")  # absent in checkpoints written before it existed
     except CheckpointError:
         raise
     except Exception as exc:  # OSError from a truncated file, KeyError from a foreign one
         raise CheckpointError(f"checkpoint {path}: unreadable or incomplete ({type(exc).__name__}: {exc})") from None
     if params_digest(params) != digest:
         raise CheckpointError(f"checkpoint {path}: parameter checksum mismatch (corrupt file)")
+    if optim_sha is not None and optim_digest(optim) != optim_sha:
+        raise CheckpointError(f"checkpoint {path}: optimizer state checksum mismatch (corrupt file)")
     return {"params": params, "optim": optim, "buffers": buffers, "meta": meta, "path": str(path)}
 
 

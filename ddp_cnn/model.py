@@ -238,9 +238,9 @@ def fmnist_cnn(num_classes=10, dropout=True, batchnorm=False, activation="leaky_
     max-pooling commutes with a non-decreasing activation (values and the
     winner that takes the gradient), and the activation then touches a
     quarter of the pixels (4% of a CPU step).  PReLU's learned slope may
-    turn negative, so it keeps the seed's order.
+    turn negative, and so may a leaky ReLU's fixed one, so they keep the seed's order.
     """
-    pool_first = activation != "prelu"
+    pool_first = activation != "prelu" and not (activation == "leaky_relu" and alpha < 0)
 
     def block(filters, pool=False):
         out = [L.Conv2D(filters, 3, bias=not batchnorm)] + ([L.BatchNorm()] if batchnorm else [])

@@ -274,6 +274,9 @@ def setup_model(args, comm, log, s) -> dict:
     model = model_mod.build(args.model, s["backend"], seed=args.seed, input_shape=image_shape + (1,),
                             num_classes=len(class_names), **arch_kwargs(args))
     model.rank = comm.rank
+    if args.ema and model.named_buffers():
+        raise ValueError(f"--ema: not for a model with batch norm ({args.model}): its running statistics "
+                         "belong to the raw weights, not to their average")
     lr = args.lr * s["global_batch"] / args.lr_base_batch if args.scale_lr else args.lr
     opt = optim.create(args.optimizer, model.params, model.grads, lr, momentum=args.momentum, beta1=args.beta1,
                        beta2=args.beta2, eps=args.eps, rho=args.rho, l2=args.l2, weight_decay=args.weight_decay,
@@ -287,8 +290,10 @@ def setup_model(args, comm, log, s) -> dict:
         else:
             resume = ckpt.load(args.resume)
         if resume is not None and resume["meta"]["model"] != model.describe():
+            hint = ("; fmnist-cnn checkpoints from before its max-pools moved ahead of the activations "
+                    "evaluate, predict and export, but do not resume" if args.model == "fmnist-cnn" else "")
             raise ckpt.CheckpointError(f"checkpoint {resume['path']}: holds a {resume['meta']['model']['name']} "
-                                       f"model that differs from --model {args.model} with these flags")
+                                       f"model that differs from --model {args.model} with these flags{hint}")
     augment = Augment(shift=args.augment_shift, hflip=args.hflip, erase=args.erase)
     return dict(model=model, opt=opt, lr=lr, class_names=class_names, resume=resume, augment=augment)
 
@@ -442,6 +447,9 @@ class Trainer:
         state = self.comm.bcast_obj(state)
         self.model.params[...] = self.xp.asarray(state["params"])
         if "optim" in state:
+            if "ema" in state["optim"] and not self.opt.ema:
+                self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
+                         "run without --ema drops: later checkpoints, evaluate and export use the raw weights")
             self.opt.load_state_dict(state["optim"])
             for name, buf in self.model.named_buffers().items():
                 buf[...] = self.xp.asarray(state["buffers"][name])

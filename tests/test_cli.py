@@ -36,6 +36,7 @@ def run(argv, capsys):
     (["--fail-at", "x"], "--fail-at: expected RANK:STEP"),
     (["--dropout-rate", "1"], "--dropout-rate: must be in [0, 1)"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
+    (["--ema", "1"], "--ema: must be in [0, 1)"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -81,6 +82,7 @@ def test_recipes_parse():
 @pytest.mark.parametrize("argv,needle", [
     (["--no-dropout", "--dropout-rate", "0.3"], "--dropout-rate: the model has no dropout layers"),
     (["--model", "lenet", "--batchnorm"], "--batchnorm: only for --model fmnist-cnn or mlp"),
+    (["--model", "mlp", "--batchnorm", "--ema", "0.99"], "--ema: not for a model with batch norm"),
 ])
 def test_model_flags_that_do_not_fit_exit_2(argv, needle, data, tmp_path, capsys):
     code, err = run(argv + ["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path], capsys)

@@ -454,3 +454,20 @@ def test_a_run_with_ema_is_loaded_and_exported_with_its_averaged_weights(tmp_pat
     assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.npz")]) == 0
     exported, _ = inference.load(tmp_path / "m.npz")
     assert np.array_equal(exported.params, state["optim"]["ema"])
+    # The average is checksummed like the raw weights.
+    import h5py
+    with h5py.File(path, "r+") as f:
+        f["optim/ema"][0] += 1.0
+    with pytest.raises(ckpt.CheckpointError, match="optimizer state checksum mismatch"):
+        inference.load_model_from_checkpoint(path)
+
+
+def test_resuming_an_ema_run_without_ema_says_the_average_is_dropped(tmp_path, capsys):
+    from ddp_cnn.train import main as train_main
+    data = make_synthetic_shards(tmp_path / "data", 1)
+    common = ["--data", str(data), "--model", "lenet", "--comm", "single", "--device", "cpu", "--eval-every", "0",
+              "--batch-size", "32", "--progress", "off", "--run-dir", str(tmp_path / "run")]
+    assert train_main(common + ["--max-steps", "3", "--ema", "0.9"]) == 0
+    capsys.readouterr()
+    assert train_main(common + ["--max-steps", "5", "--resume", "latest"]) == 0
+    assert "holds a moving average of the weights (--ema), which this run without --ema drops" in capsys.readouterr().out
