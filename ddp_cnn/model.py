@@ -134,22 +134,45 @@ class Sequential:
             self._backward_layers(dlogits, on_layer_done)
             return
         ranges, self._split = self._split, None
-        stacks = [self] + self._replicas
-
-        def share(j, a, b):
-            with threads.serial():
-                stacks[j]._backward_layers(dlogits[a:b])
-        threads.run(ranges, share)
-
+        stacks = [self] + self._replicas[:len(ranges) - 1]
         # The gradient is the sum of the shares' (dlogits already holds the 1/batch),
         # added in replica order, so a run is deterministic for a thread count.
-        def add(_, a, b):
-            for replica in self._replicas[:len(ranges) - 1]:
-                self.grads[a:b] += replica.grads[a:b]
-        threads.parallel(self.grads.size, add, 3 * self.grads.nbytes)
-        if on_layer_done is not None:  # every bucket is final only now
-            for i in reversed(range(len(self.layers))):
+        if on_layer_done is None:  # add everything at the end, split over the threads
+            threads.run(ranges, lambda j, a, b: stacks[j]._backward_share(dlogits[a:b]))
+
+            def add(_, a, b):
+                for replica in stacks[1:]:
+                    self.grads[a:b] += replica.grads[a:b]
+            threads.parallel(self.grads.size, add, 3 * self.grads.nbytes)
+            return
+        # With a hook (the reducer of several ranks), the calling thread adds up each
+        # layer as soon as every replica has passed it, and reports it, in layer
+        # order, between its own layers: the buckets' allreduces overlap the rest of
+        # backward, and MPI is only ever called from this thread.
+        passed = [len(self.layers)] * len(stacks)  # the last layer each replica has finished
+        pending = [len(self.layers) - 1]  # the next layer to add up and report
+
+        def report():
+            while pending[0] >= 0 and max(passed) <= pending[0]:
+                i = pending[0]
+                a, b = self.layer_offsets[i], self.layer_ends[i]
+                for replica in stacks[1:]:
+                    self.grads[a:b] += replica.grads[a:b]
                 on_layer_done(i)
+                pending[0] -= 1
+
+        def share(j, a, b):
+            def done(i):
+                passed[j] = i
+                if j == 0:  # the calling thread
+                    report()
+            stacks[j]._backward_share(dlogits[a:b], done)
+        threads.run(ranges, share)
+        report()
+
+    def _backward_share(self, dy, on_layer_done=None):
+        with threads.serial():
+            self._backward_layers(dy, on_layer_done)
 
     def _backward_layers(self, dy, on_layer_done=None):
         for i in reversed(range(len(self.layers))):

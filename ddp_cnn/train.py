@@ -408,7 +408,7 @@ def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison:
     if poison:  # --inject-nan: this rank's gradient turns NaN, as after an overflow
         dlogits[...] = float("nan")
     reducer.begin()
-    model.backward(dlogits, reducer.layer_done)
+    model.backward(dlogits, None if reducer.transport == "single" else reducer.layer_done)
     reducer.finish()
     return loss, correct
 

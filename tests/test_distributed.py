@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import layers as L
-from ddp_cnn import optim
+from ddp_cnn import optim, threads
 from ddp_cnn.backend import get_backend
 from ddp_cnn.comm import MPIComm, SingleComm
 from ddp_cnn.evaluate import evaluate
@@ -60,11 +60,17 @@ def train_steps(comm, opt_name, bucket_mb, steps=5, digests=None):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam"])
 @pytest.mark.parametrize("bucket_mb", [0.0, 0.002])
-def test_n_ranks_equal_one_rank_big_batch(opt_name, bucket_mb):
+@pytest.mark.parametrize("n_threads", [1, 2])  # 2: batch replicas in each rank, buckets reported as layers finish
+def test_n_ranks_equal_one_rank_big_batch(opt_name, bucket_mb, n_threads):
     comm = MPIComm()
     assert GLOBAL_BATCH % comm.size == 0
     digests = []
-    distributed = train_steps(comm, opt_name, bucket_mb, digests=digests)
+    before = threads.count()
+    threads.configure(n_threads)
+    try:
+        distributed = train_steps(comm, opt_name, bucket_mb, digests=digests)
+    finally:
+        threads.configure(before)
     single = train_steps(SingleComm(), opt_name, 0.0)
     rel = np.linalg.norm(distributed - single) / np.linalg.norm(single)
     assert rel < 1e-10, f"{comm.size} ranks vs 1 rank: relative difference {rel:.2e}"

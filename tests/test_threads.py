@@ -146,6 +146,26 @@ def test_training_steps_on_3_batch_replicas_match_1_thread(split_everything):
     assert np.array_equal(again.params, three.params)  # deterministic for a thread count
 
 
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_each_layer_is_reported_in_order_once_its_summed_gradient_is_final(split_everything, n_threads):
+    """The reducer's hook: layer i is reported after every replica passed it and the shares are added."""
+    threads.configure(n_threads)
+    rng = np.random.default_rng(0)
+    x, labels = rng.random((7, 28, 28, 1)), rng.integers(0, 10, 7)
+    model = model_mod.build("fmnist-cnn", backend64(), seed=0)
+    loss_layer = L.SoftmaxCrossEntropy()
+    loss_layer.forward(model.forward(x, train=True, step=0), labels)
+    seen = []
+    model.backward(loss_layer.backward(), lambda i: seen.append((i, model.grads[:model.layer_ends[i]].copy())))
+    assert [i for i, _ in seen] == list(reversed(range(len(model.layers))))
+    for i, prefix in seen:
+        assert np.array_equal(prefix, model.grads[:model.layer_ends[i]]), f"layer {i} reported before it was final"
+    without_hook = model_mod.build("fmnist-cnn", backend64(), seed=0)
+    loss_layer.forward(without_hook.forward(x, train=True, step=0), labels)
+    without_hook.backward(loss_layer.backward())
+    assert np.array_equal(without_hook.grads, model.grads)  # the same sums in the same order
+
+
 def test_batchnorm_models_split_each_layer_not_the_batch(split_everything):
     one, _ = _train(1, steps=2, batchnorm=True)
     three, _ = _train(3, steps=2, batchnorm=True)
