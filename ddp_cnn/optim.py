@@ -74,16 +74,16 @@ class Optimizer:
         weight = self.params.dtype.type(1.0 - decay)
         average, params = self.state["ema"], self.params
 
-        def part(_, a, b):
-            for lo in range(a, b, _CHUNK):
-                hi = min(b, lo + _CHUNK)
+        def part(_, a, b, chunk=_CHUNK):
+            for lo in range(a, b, chunk):
+                hi = min(b, lo + chunk)
                 delta = params[lo:hi] - average[lo:hi]
                 delta *= weight
                 average[lo:hi] += delta
-        if _xp(params) is np:
+        if _xp(params) is np:  # L2-sized slices, split over the CPU threads
             threads.parallel(params.size, part, 3 * params.nbytes)
-        else:
-            part(0, 0, params.size)
+        else:  # three kernels over the whole buffer
+            part(0, 0, params.size, max(params.size, 1))
 
     @contextmanager
     def averaged_weights(self):
