@@ -333,7 +333,6 @@ class Served:
         self.proc.stdin.flush()
         summary = json.loads(self._expect())
         self.proc.wait()
-        self.closed = True
         rates = [r["rate"] for r in self.repeats]
         return {**summary, "rates": rates, "images_per_s": statistics.median(rates),
                 "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in self.repeats)}
@@ -399,7 +398,7 @@ def main(argv=None) -> int:
             done = {kind: w.close() for kind, w in workers.items()}
         finally:  # a worker that failed: end the others too, not leave them waiting on stdin
             for w in workers.values():
-                if w.proc.poll() is None and not hasattr(w, "closed"):
+                if w.proc.poll() is None:  # close() has waited for the ones that ended well
                     w.proc.kill()
         results += list(done.values())
         rows.append((b, done))

@@ -408,6 +408,8 @@ def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison:
     if poison:  # --inject-nan: this rank's gradient turns NaN, as after an overflow
         dlogits[...] = float("nan")
     reducer.begin()
+    # One rank has no bucket to start: without a hook, the model's replicas add their
+    # gradients at the end, split over the threads, rather than layer by layer in one.
     model.backward(dlogits, None if reducer.transport == "single" else reducer.layer_done)
     reducer.finish()
     return loss, correct
