@@ -5,6 +5,10 @@ data resident on the GPU, one process.  Prints images/s, the ratios and the
 peak GPU memory of each; run on the GPU machine:
 
     PYTHONPATH=. python bench/train_throughput.py --batches 64,128,512
+    PYTHONPATH=. python bench/train_throughput.py --model fmnist-vgg --batches 256 --no-torch --profile
+
+(--profile: each layer's forward and backward timed with the device synchronised
+around it, so the sum is a little above the free-running step.)
 
 PyTorch is only the comparison here; the product never imports it.
 """
@@ -17,7 +21,7 @@ import time
 import numpy as np
 
 
-def ddp_cnn_rate(batch: int, steps: int, warmup: int) -> tuple[float, int]:
+def ddp_cnn_setup(name: str, batch: int):
     import cupy
 
     from ddp_cnn import layers as L
@@ -25,15 +29,54 @@ def ddp_cnn_rate(batch: int, steps: int, warmup: int) -> tuple[float, int]:
     from ddp_cnn import optim
     from ddp_cnn.backend import get_backend
 
-    pool = cupy.get_default_memory_pool()
-    pool.free_all_blocks()
-    bk = get_backend("gpu", "float32")
-    model = M.build("fmnist-cnn", bk, seed=0)
+    cupy.get_default_memory_pool().free_all_blocks()
+    model = M.build(name, get_backend("gpu", "float32"), seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3)
-    loss_fn = L.SoftmaxCrossEntropy()
     rng = np.random.default_rng(0)
     xs = [cupy.asarray(rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)) for _ in range(4)]
     ys = [cupy.asarray(rng.integers(0, 10, batch)) for _ in range(4)]
+    return model, opt, L.SoftmaxCrossEntropy(), xs, ys
+
+
+def ddp_cnn_profile(name: str, batch: int, steps: int, warmup: int) -> dict:
+    """Milliseconds per step of each layer's forward and backward, the loss and the optimizer."""
+    import cupy
+
+    from ddp_cnn.backend import STREAM_DROPOUT
+    from ddp_cnn.layers import Dropout
+    model, opt, loss_fn, xs, ys = ddp_cnn_setup(name, batch)
+    sync = cupy.cuda.Device().synchronize
+    totals: dict = {}
+
+    def timed(key, fn, *a, **kw):
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        sync()
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            totals.clear()
+        x = xs[i % 4]
+        for j, layer in enumerate(model.layers):
+            if isinstance(layer, Dropout):
+                layer.key = (model.seed, STREAM_DROPOUT, model.rank, i, j)
+            x = timed(f"fwd {j:2d} {layer.name}", layer.forward, x, True)
+        timed("loss", lambda: loss_fn.forward(x, ys[i % 4]))
+        dy = timed("loss backward", loss_fn.backward)
+        for j in reversed(range(len(model.layers))):
+            dy = timed(f"bwd {j:2d} {model.layers[j].name}", model.layers[j].backward, dy, need_dx=j > 0)
+        timed("optimizer", opt.step)
+    return {k: 1e3 * v / steps for k, v in totals.items()}
+
+
+def ddp_cnn_rate(batch: int, steps: int, warmup: int, name: str = "fmnist-cnn") -> tuple[float, int]:
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    model, opt, loss_fn, xs, ys = ddp_cnn_setup(name, batch)
 
     def step(i):
         loss_fn.forward(model.forward(xs[i % 4], train=True, step=i), ys[i % 4])
@@ -106,14 +149,22 @@ def main():
     p.add_argument("--batches", default="64,128,512")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--model", default="fmnist-cnn", help="ddp_cnn architecture (PyTorch's twin: fmnist-cnn only)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also print ddp_cnn's time per layer")
     p.add_argument("--json", help="write the table here too")
     args = p.parse_args()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        ours, ours_mem = ddp_cnn_rate(batch, args.steps, args.warmup)
-        row = {"batch": batch, "ddp_cnn": ours, "ddp_cnn_mem_mb": ours_mem / 2**20}
-        if not args.no_torch:
+        if args.profile:
+            split = ddp_cnn_profile(args.model, batch, max(args.steps // 5, 5), args.warmup)
+            print(f"{args.model}, batch {batch}: ms per step, each pass synchronised "
+                  f"(sum {sum(split.values()):.2f} ms)")
+            for key, ms in split.items():
+                print(f"  {key:<28} {ms:8.3f}")
+        ours, ours_mem = ddp_cnn_rate(batch, args.steps, args.warmup, args.model)
+        row = {"batch": batch, "model": args.model, "ddp_cnn": ours, "ddp_cnn_mem_mb": ours_mem / 2**20}
+        if not args.no_torch and args.model == "fmnist-cnn":
             eager, eager_mem = torch_rate(batch, args.steps, args.warmup, graph=False)
             graph, graph_mem = torch_rate(batch, args.steps, args.warmup, graph=True)
             row.update(torch_eager=eager, torch_graph=graph, torch_eager_mem_mb=eager_mem / 2**20,

@@ -11,13 +11,20 @@ dominated a step.  Each kernel here makes one pass:
   so no atomics and a deterministic order;
 - max pooling keeps the winning window slot (uint8) and its backward gathers
   like col2im;
-- one fused kernel does the whole Adam update over the flat buffers.
+- one fused kernel does the whole Adam update over the flat buffers;
+- batch norm: per-channel sums as GEMVs (ones @ rows; CuPy's reductions over
+  the leading axes of an NHWC array run one block per channel and were the
+  slowest part of a step), one pass for (x - mean)^2, one that writes xhat
+  and y, one that writes dx;
+- dropout masks from a counter-based hash (splitmix64 of seed + index): one
+  pass, no generator state to set up per step.
 
 Every function here is tested against its generic twin (tests/test_cuda_kernels.py).
 """
 from __future__ import annotations
 
 import cupy
+import numpy as np
 
 _INDEX = """
     const long long c = i % C;
@@ -127,6 +134,31 @@ _adam = cupy.ElementwiseKernel(
     "ddp_cnn_adam")
 
 
+_centred_square = cupy.ElementwiseKernel(
+    "T x, T mean", "T d", "const T t = x - mean; d = t * t;", "ddp_cnn_centred_square")
+
+_bn_normalise = cupy.ElementwiseKernel(
+    "T x, T mean, T invstd, T gamma, T beta", "T xhat, T y",
+    "xhat = (x - mean) * invstd; y = xhat * gamma + beta;", "ddp_cnn_bn_normalise")
+
+# dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), the means per channel.
+_bn_backward = cupy.ElementwiseKernel(
+    "T dy, T xhat, T scale, T dy_mean, T dyxhat_mean", "T dx",
+    "dx = scale * (dy - dy_mean - xhat * dyxhat_mean);", "ddp_cnn_bn_backward")
+
+# splitmix64 of (seed + i * golden gamma): the top 24 bits give a uniform float in [0, 1).
+_dropout_mask = cupy.ElementwiseKernel(
+    "uint64 seed, float64 keep, T scale", "T mask",
+    """
+    unsigned long long z = seed + (unsigned long long)i * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    mask = ((double)(z >> 40) * (1.0 / 16777216.0) < keep) ? scale : (T)0;
+    """,
+    "ddp_cnn_dropout_mask")
+
+
 def im2col(x, kh, kw, stride, pads, oh, ow):
     """(N, H, W, C) unpadded -> (N*OH*OW, KH*KW*C), zero outside the image."""
     n, h, w, c = x.shape
@@ -167,3 +199,38 @@ def adam_update(params, grads, m, v, beta1, beta2, step, eps_hat):
     """In place over the flat buffers: one kernel for the whole model."""
     t = params.dtype.type
     _adam(grads, t(beta1), t(beta2), t(step), t(eps_hat), params, m, v)
+
+
+def channel_sums(rows, ones):
+    """Per-channel sums of (M, C) rows as one GEMV; `ones` holds M ones."""
+    if rows.shape[0] == 0:
+        return cupy.zeros(rows.shape[1], dtype=rows.dtype)
+    return cupy.matmul(ones, rows)
+
+
+def batchnorm_statistics(rows, ones):
+    """(mean, biased variance) per channel of (M, C) rows: two passes, the variance about the mean."""
+    m = rows.shape[0]
+    mean = channel_sums(rows, ones) / m
+    return mean, channel_sums(_centred_square(rows, mean), ones) / m
+
+
+def batchnorm_normalise(rows, mean, invstd, gamma, beta):
+    """(xhat, y) of (M, C) rows in one pass."""
+    xhat, y = cupy.empty_like(rows), cupy.empty_like(rows)
+    _bn_normalise(rows, mean, invstd, gamma, beta, xhat, y)
+    return xhat, y
+
+
+def batchnorm_backward(dy_rows, xhat, scale, dy_mean, dyxhat_mean):
+    """dx of batch norm in training mode, given the per-channel means of dy and dy * xhat."""
+    dx = cupy.empty_like(dy_rows)
+    _bn_backward(dy_rows, xhat, scale, dy_mean, dyxhat_mean, dx)
+    return dx
+
+
+def dropout_mask(shape, keep: float, scale, seed: int, dtype):
+    """Inverted-dropout multipliers (0 or `scale`), element i drawn from splitmix64(seed + i)."""
+    mask = cupy.empty(shape, dtype=dtype)
+    _dropout_mask(np.uint64(seed), float(keep), mask.dtype.type(scale), mask)
+    return mask

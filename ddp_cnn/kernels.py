@@ -332,11 +332,12 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype, start: int = 0):
     if xp is not np:
         if start:
             raise ValueError("dropout_mask: start is for the CPU's batch replicas only")
+        # One hashing pass (cuda_kernels.dropout_mask): setting up a CuPy generator
+        # every step costs more than the mask.  Not the CPU's stream: GPU runs are
+        # reproducible on the GPU.
+        from . import cuda_kernels
         seed = int(np.random.default_rng([int(k) for k in key]).integers(2**63))
-        u = xp.random.default_rng(seed).random(shape, dtype=np.float32)
-        mask = (u < keep).astype(dtype)
-        mask *= scale
-        return mask
+        return cuda_kernels.dropout_mask(shape, keep, scale, seed, dtype)
     mask = np.empty(shape, dtype=dtype)
     flat, size = mask.reshape(-1), mask.size
 

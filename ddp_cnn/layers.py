@@ -178,7 +178,7 @@ class Conv2D(Layer):
         xp = self.xp
         dy2 = dy.reshape(-1, self.filters)
         if self.backend.is_gpu:
-            self._param_grads(0, 0, dy2.shape[0], dy2)
+            self._param_grads(0, 0, dy.shape[0], dy2)
         else:
             self._param_grads_threads(dy2)
         self.cols = None
@@ -546,12 +546,21 @@ class BatchNorm(Layer):
         self.check_input(x)
         if self.xp is np:
             return self._forward_cpu(x, train)
-        axes = tuple(range(x.ndim - 1))
-        mean, var = self._statistics(train, x.size // self.c, lambda: (x.mean(axis=axes), x.var(axis=axes)))
+        # GPU: per-channel sums as GEMVs and fused passes (cuda_kernels).
+        from . import cuda_kernels
+        x2 = self.xp.ascontiguousarray(x).reshape(-1, self.c)
+        ones = self._ones(x2.shape[0])
+        mean, var = self._statistics(train, x2.shape[0], lambda: cuda_kernels.batchnorm_statistics(x2, ones))
         self.batch_stats = train
         self.invstd = 1.0 / self.xp.sqrt(var + self.eps)
-        self.xhat = (x - mean) * self.invstd
-        return self.xhat * self.params["gamma"] + self.params["beta"]
+        self.xhat, y = cuda_kernels.batchnorm_normalise(x2, mean, self.invstd, self.params["gamma"],
+                                                       self.params["beta"])
+        return y.reshape(x.shape)
+
+    def _ones(self, m):
+        ones = self.scratch.get("ones", (m,), self.dtype, self.xp)
+        ones.fill(1)
+        return ones
 
     def _statistics(self, train, m, batch_statistics):
         """(mean, var) to normalise with: in train mode the batch's, from
@@ -569,19 +578,22 @@ class BatchNorm(Layer):
     def backward(self, dy, need_dx=True):
         if self.xp is np:
             return self._backward_cpu(dy, need_dx)
-        axes = tuple(range(dy.ndim - 1))
-        dy.sum(axis=axes, out=self.grads["beta"])
-        (dy * self.xhat).sum(axis=axes, out=self.grads["gamma"])
+        from . import cuda_kernels
+        dy2 = self.xp.ascontiguousarray(dy).reshape(-1, self.c)
+        m = dy2.shape[0]
+        ones = self._ones(m)
+        self.grads["beta"][...] = cuda_kernels.channel_sums(dy2, ones)
+        self.grads["gamma"][...] = cuda_kernels.channel_sums(dy2 * self.xhat, ones)
+        xhat, self.xhat = self.xhat, None
         if not need_dx:
             return None
-        dxhat = dy * self.params["gamma"]
+        scale = self.params["gamma"] * self.invstd
         if not self.batch_stats:  # eval mode: statistics are constants
-            self.xhat = None
-            return dxhat * self.invstd
+            return (dy2 * scale).reshape(dy.shape)
         # d/dx of (x - mean(x)) / std(x), with both statistics depending on x.
-        dx = (dxhat - dxhat.mean(axis=axes) - self.xhat * (dxhat * self.xhat).mean(axis=axes)) * self.invstd
-        self.xhat = None
-        return dx
+        dx = cuda_kernels.batchnorm_backward(dy2, xhat, scale, self.grads["beta"] / max(m, 1),
+                                             self.grads["gamma"] / max(m, 1))
+        return dx.reshape(dy.shape)
 
     # The CPU path: the same maths in a few passes over (pixels, channels) rows, each
     # split over the CPU threads in cache-sized chunks: per-channel sums as GEMVs
