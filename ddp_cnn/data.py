@@ -186,6 +186,10 @@ class Augment:
         if not 0.0 <= self.erase <= 1.0:
             raise DataError(f"augment erase must be a probability in [0, 1], got {self.erase}")
 
+    @property
+    def changes_images(self) -> bool:
+        return bool(self.shift or self.hflip or self.erase)
+
     def __call__(self, images: np.ndarray, rng: np.random.Generator, fill: int = 0) -> np.ndarray:
         if self.shift:
             images = random_shift(images, self.shift, rng)

@@ -12,18 +12,20 @@ from . import model as model_mod
 from .backend import get_backend, to_host
 
 
-def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = None):
+def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = None, backend=None):
     """(model, meta) with the checkpoint's weights and BatchNorm statistics, ready for eval mode.
 
     The weights are the moving average when the run kept one (``--ema``), else the raw ones.
+    `backend` (a training run's own) overrides device and dtype.
     """
     state = ckpt.load(path)
     meta = state["meta"]
     if "ema" in state["optim"]:
         state["params"] = state["optim"]["ema"]
-    if dtype is None:
-        dtype = "float64" if state["params"].dtype.itemsize == 8 else "float32"
-    backend = get_backend(device, dtype)
+    if backend is None:
+        if dtype is None:
+            dtype = "float64" if state["params"].dtype.itemsize == 8 else "float32"
+        backend = get_backend(device, dtype)
     model = model_mod.from_description(meta["model"], backend)
     if model.num_params != state["params"].size:
         raise ckpt.CheckpointError(f"checkpoint {path}: {state['params'].size} parameters, but its model "
@@ -32,6 +34,30 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
     for name, buf in model.named_buffers().items():
         buf[...] = backend.xp.asarray(state["buffers"][name], dtype=backend.dtype)
     return model, meta
+
+
+def load_teacher(path, backend, student, class_names, data_attrs):
+    """The model of checkpoint `path` on `backend`, checked against the student and its data
+    (knowledge distillation, ``train --teacher``).  Raises CheckpointError naming the file."""
+    where = f"--teacher {path}"
+    try:
+        teacher, meta = load_model_from_checkpoint(path, backend=backend)
+    except ckpt.CheckpointError as exc:  # "checkpoint PATH: why" -> "--teacher PATH: why"
+        why = str(exc).removeprefix(f"checkpoint {path}: ")
+        raise ckpt.CheckpointError(f"{where}: {why}") from None
+    if tuple(teacher.input_shape) != tuple(student.input_shape):
+        raise ckpt.CheckpointError(f"{where}: takes inputs of shape {tuple(teacher.input_shape)}, the data has "
+                                   f"{tuple(student.input_shape)}")
+    if tuple(teacher.output_shape) != tuple(student.output_shape):
+        raise ckpt.CheckpointError(f"{where}: predicts {teacher.output_shape[0]} classes, the data has "
+                                   f"{student.output_shape[0]}")
+    if meta.get("class_names") and list(meta["class_names"]) != list(class_names):
+        raise ckpt.CheckpointError(f"{where}: trained on classes {meta['class_names']}, the data has {class_names}")
+    for key in ("mean", "std"):  # the loader normalises with the data's statistics, which the teacher must share
+        if key in meta and not np.isclose(float(meta[key]), float(data_attrs[key]), rtol=1e-6, atol=1e-9):
+            raise ckpt.CheckpointError(f"{where}: trained on data with pixel {key} {float(meta[key]):.6g}, --data "
+                                       f"has {float(data_attrs[key]):.6g} (another data set?)")
+    return teacher
 
 
 # ---- portable .npz models (written by ``python -m ddp_cnn.export``) ---------

@@ -72,6 +72,13 @@ def fraction(text):
     return value
 
 
+def unit_interval(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ddp_cnn.train",
@@ -100,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation (default: the architecture's own)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float type of the math")
     g.add_argument("--label-smoothing", type=fraction, default=0.0, help="label smoothing of the cross-entropy")
+    g.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="knowledge distillation: a checkpoint (.h5) of a model trained on the same data; the "
+                        "model also learns to match its softened predictions (its --ema average if it kept one)")
+    g.add_argument("--distill-weight", type=unit_interval, default=None,
+                   help="with --teacher: weight of the teacher's soft targets in the loss, the labels get the "
+                        "rest (default 0.5)")
+    g.add_argument("--distill-temperature", type=positive_float, default=None,
+                   help="with --teacher: softmax temperature of both models' logits in the soft term (default 4)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=2, help="epochs to train")
     g.add_argument("--max-steps", type=non_negative_int, default=0,
@@ -204,6 +219,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.run_dir = Path(args.run_dir or f"runs/{args.model}")
     args.metrics = Path(args.metrics) if args.metrics else args.run_dir / "metrics.jsonl"
     args.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else args.run_dir / "checkpoints"
+    if args.teacher is None and (args.distill_weight is not None or args.distill_temperature is not None):
+        parser.error("--distill-weight/--distill-temperature: only with --teacher CHECKPOINT")
+    args.distill_weight = 0.5 if args.distill_weight is None else args.distill_weight
+    args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
     try:
         args.fail_at = parse_fail_at(args.fail_at)
         args.inject_nan = parse_fail_at(args.inject_nan, env="DDP_CNN_NAN_AT", flag="--inject-nan")
@@ -295,7 +314,12 @@ def setup_model(args, comm, log, s) -> dict:
             raise ckpt.CheckpointError(f"checkpoint {resume['path']}: holds a {resume['meta']['model']['name']} "
                                        f"model that differs from --model {args.model} with these flags{hint}")
     augment = Augment(shift=args.augment_shift, hflip=args.hflip, erase=args.erase)
-    return dict(model=model, opt=opt, lr=lr, class_names=class_names, resume=resume, augment=augment)
+    teacher = None
+    if args.teacher:
+        from .inference import load_teacher
+        teacher = load_teacher(args.teacher, s["backend"], model, class_names, s["train_data"].attrs)
+    return dict(model=model, opt=opt, lr=lr, class_names=class_names, resume=resume, augment=augment,
+                teacher=teacher)
 
 
 def agree_on_errors(comm, error):
@@ -395,14 +419,19 @@ def main(argv=None) -> int:
     return Trainer(args, comm, log, s).run()
 
 
-def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison: bool = False):
+def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison: bool = False, teacher=None,
+                               soft=None):
     """One step's gradient, averaged over ranks into ``model.grads``.  Returns (loss, correct) on device.
 
     Collective: every rank calls it once per step.  Each bucket's allreduce
-    starts as soon as backward has produced it.
+    starts as soon as backward has produced it.  Distillation: `soft` holds
+    the teacher's logits for this batch, or else a `teacher` model computes
+    them from the same (augmented) batch.
     """
     logits = model.forward(to_model_layout(x, model), train=True, step=step)
-    loss = loss_fn.forward(logits, y)
+    if soft is None and teacher is not None:
+        soft = teacher.forward(to_model_layout(x, teacher), train=False)
+    loss = loss_fn.forward(logits, y, soft)
     correct = (logits.argmax(axis=1) == y).sum()
     dlogits = loss_fn.backward()
     if poison:  # --inject-nan: this rank's gradient turns NaN, as after an overflow
@@ -415,6 +444,20 @@ def forward_backward_allreduce(model, loss_fn, reducer, x, y, step: int, poison:
     return loss, correct
 
 
+def teacher_logits_by_row(teacher, data, loader, chunk: int = 256):
+    """The teacher's logits for every row of this rank's data, normalised as the loader does.
+
+    Without augmentation an image's soft targets never change, so the teacher
+    labels each row once and every step looks its batch up, instead of
+    running the teacher at every step.
+    """
+    parts = []
+    for a in range(0, len(data), chunk):
+        x, _ = loader.to_device(data.images[a:a + chunk], data.labels[a:a + chunk])
+        parts.append(teacher.forward(to_model_layout(x, teacher), train=False))
+    return loader.xp.concatenate(parts)
+
+
 class Trainer:
     """The loop.  Every method is called on every rank unless its name says root."""
 
@@ -422,7 +465,8 @@ class Trainer:
         self.args, self.comm, self.log = args, comm, log
         self.__dict__.update(s)
         self.xp = self.backend.xp
-        self.loss_fn = SoftmaxCrossEntropy(args.label_smoothing)
+        self.loss_fn = SoftmaxCrossEntropy(args.label_smoothing, args.distill_weight if self.teacher else 0.0,
+                                           args.distill_temperature)
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         total = args.epochs * self.steps_per_epoch
         self.schedule = optim.Schedule(
@@ -436,6 +480,9 @@ class Trainer:
         self.stop = StopFlag()
         self.stop.install()
         self.skipped = 0
+        self.soft_targets = None
+        if self.teacher is not None and not self.augment.changes_images:
+            self.soft_targets = teacher_logits_by_row(self.teacher, self.train_data, self.train_loader)
 
     # ---- state -----------------------------------------------------------
     def restore_or_broadcast(self):
@@ -508,11 +555,12 @@ class Trainer:
                                + ", ".join(d[:12] for d in everyone))
 
     # ---- loop ------------------------------------------------------------
-    def train_step(self, x, y):
+    def train_step(self, x, y, soft=None):
         """Forward, backward with bucketed allreduce, finiteness check, update.  Returns (loss, correct) on device."""
         model = self.model
         poison = self.args.inject_nan == (self.comm.rank, self.global_step)
-        loss, correct = forward_backward_allreduce(model, self.loss_fn, self.reducer, x, y, self.global_step, poison)
+        loss, correct = forward_backward_allreduce(model, self.loss_fn, self.reducer, x, y, self.global_step, poison,
+                                                   self.teacher, soft)
         # The averaged gradient is bitwise identical on every rank, so this test agrees
         # everywhere without another collective: a NaN on any rank has spread to all.
         if not bool(self.xp.isfinite(model.grads).all()):
@@ -531,6 +579,11 @@ class Trainer:
                  f"comm={self.reducer.transport}, model={self.model.name} ({self.model.num_params:,} params), "
                  f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
                  f"{len(self.reducer.buckets)} gradient bucket(s)")
+        if self.teacher is not None:
+            self.log(f"distilling from {args.teacher} ({self.teacher.name}, {self.teacher.num_params:,} params): "
+                     f"weight {args.distill_weight}, temperature {args.distill_temperature}"
+                     + ("; its logits computed once per image (no augmentation)" if self.soft_targets is not None
+                        else "; it runs on every (augmented) batch"))
         if self.global_step == 0:
             from .summary import format_summary
             self.log(format_summary(self.model))
@@ -562,10 +615,16 @@ class Trainer:
         seen = 0
         self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
         bar = self.progress_bar()
+        order = self.train_loader.order(self.epoch)
+        b = self.local_batch
         t0 = time.perf_counter()
         for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
             maybe_fail(args.fail_at, comm.rank, self.global_step)
-            loss, correct = self.train_step(x, y)
+            soft = None
+            if self.soft_targets is not None:  # the batch's rows, as Loader.batch takes them
+                rows = order[self.step_in_epoch * b:(self.step_in_epoch + 1) * b]
+                soft = self.soft_targets[xp.asarray(rows)]
+            loss, correct = self.train_step(x, y, soft)
             loss_sum += loss.astype(np.float64) * y.shape[0]
             correct_sum += correct
             seen += y.shape[0]

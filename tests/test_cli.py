@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ddp_cnn.train import main as train_main
@@ -128,3 +129,56 @@ def test_threads_flag_sets_the_cpu_thread_count(data, tmp_path):
         assert threads.count() == 3
     finally:
         threads.configure(before)
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    """A lenet trained for a few steps on `data`: its last checkpoint."""
+    run_dir = tmp_path_factory.mktemp("teacher")
+    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 3,
+            "--eval-every", 0, "--run-dir", run_dir, "--progress", "off"]
+    assert train_main([str(a) for a in argv]) == 0
+    return sorted((run_dir / "checkpoints").glob("ckpt-*.h5"))[-1]
+
+
+def test_distillation_from_a_teacher_trains(data, teacher, tmp_path, capsys):
+    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "mlp", "--max-steps", 3,
+            "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off", "--teacher", teacher,
+            "--distill-weight", 0.7, "--distill-temperature", 2]
+    assert train_main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert f"distilling from {teacher} (lenet" in out and "computed once per image" in out
+
+
+def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, capsys):
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "mlp", "--run-dir", tmp_path]
+    code, err = run(common + ["--teacher", tmp_path / "none.h5"], capsys)
+    assert code == 2 and len(err) == 1 and f"--teacher {tmp_path / 'none.h5'}: no such file" in err[0]
+    code, err = run(common + ["--distill-weight", 0.3], capsys)
+    assert code == 2 and "--distill-weight/--distill-temperature: only with --teacher" in err[-1]
+    code, err = run(common + ["--teacher", teacher, "--distill-weight", 2], capsys)
+    assert code == 2 and "--distill-weight: must be in [0, 1]" in err[-1]
+    other = make_synthetic_shards(tmp_path_factory.mktemp("other") / "data", 1, seed=7)
+    code, err = run(common[:1] + [other] + common[2:] + ["--teacher", teacher], capsys)
+    assert code == 2 and len(err) == 1 and f"--teacher {teacher}: trained on data with pixel mean" in err[0]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
+    from ddp_cnn import model as model_mod
+    from ddp_cnn.backend import get_backend
+    from ddp_cnn.comm import SingleComm
+    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.evaluate import to_model_layout
+    from ddp_cnn.train import teacher_logits_by_row
+    train = open_rank_data(data, "train", SingleComm())
+    loader = Loader(train, batch_size=32, comm=SingleComm(), seed=3, dtype=np.float64, prefetch=0)
+    teacher = model_mod.build("lenet", get_backend("cpu", "float64"), seed=2)
+    by_row = teacher_logits_by_row(teacher, train, loader, chunk=100)
+    assert by_row.shape == (len(train), 10)
+    order = loader.order(4)
+    for step in (0, 7):
+        x, _ = loader.batch(order, 4, step)
+        want = teacher.forward(to_model_layout(x, teacher), train=False)
+        rows = order[step * 32:(step + 1) * 32]
+        assert np.allclose(by_row[rows], want, rtol=1e-12, atol=1e-12)

@@ -39,17 +39,19 @@ def batch_for_step(step):
     return rng.standard_normal((GLOBAL_BATCH, 10, 10, 1)), rng.integers(0, 10, GLOBAL_BATCH)
 
 
-def train_steps(comm, opt_name, bucket_mb, steps=5, digests=None):
-    """`steps` updates on this rank's slice of each global batch; returns the final params."""
+def train_steps(comm, opt_name, bucket_mb, steps=5, digests=None, distill=False):
+    """`steps` updates on this rank's slice of each global batch; returns the final params.
+    distill: the loss also matches a teacher's softened logits (``train --teacher``)."""
     model = small_cnn(get_backend("cpu", "float64"))
     opt = optim.create(opt_name, model.params, model.grads, 0.05, decay_ranges=model.decay_ranges)
     reducer = reducer_for(comm, model, bucket_mb)
-    loss_fn = L.SoftmaxCrossEntropy()
+    teacher = small_cnn(get_backend("cpu", "float64"), seed=9) if distill else None
+    loss_fn = L.SoftmaxCrossEntropy(0.1, 0.5, 2.0) if distill else L.SoftmaxCrossEntropy()
     local = GLOBAL_BATCH // comm.size
     for step in range(steps):
         x, y = batch_for_step(step)
         part = slice(comm.rank * local, (comm.rank + 1) * local)
-        forward_backward_allreduce(model, loss_fn, reducer, x[part], y[part], step)
+        forward_backward_allreduce(model, loss_fn, reducer, x[part], y[part], step, teacher=teacher)
         opt.step()
         if digests is not None:
             digests.append(comm.allgather_obj(hashlib.sha256(model.params.tobytes()).hexdigest()))
@@ -77,6 +79,15 @@ def test_n_ranks_equal_one_rank_big_batch(opt_name, bucket_mb, n_threads):
     # Replicas never drift: after every step, every rank held bitwise the same parameters.
     for step, ranks in enumerate(digests):
         assert len(set(ranks)) == 1, f"replicas differ after step {step}"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_n_ranks_equal_one_rank_with_a_teacher():
+    comm = MPIComm()
+    distributed = train_steps(comm, "adam", 0.002, distill=True)
+    single = train_steps(SingleComm(), "adam", 0.0, distill=True)
+    assert np.linalg.norm(distributed - single) / np.linalg.norm(single) < 1e-10
+    assert not np.allclose(single, train_steps(SingleComm(), "adam", 0.0)), "the teacher changed nothing"
 
 
 def test_buckets_are_contiguous_whole_layers_in_backward_order():

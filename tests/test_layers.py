@@ -98,6 +98,54 @@ def test_softmax_cross_entropy_gradient(device, smoothing):
     assert rel_error(analytic, numeric) < 1e-6
 
 
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("smoothing,weight,temperature", [(0.0, 1.0, 1.0), (0.1, 0.6, 3.0), (0.0, 0.3, 0.5)])
+def test_distillation_loss_gradient(device, smoothing, weight, temperature):
+    bk = backend64(device)
+    xp = bk.xp
+    rng = np.random.default_rng(4)
+    logits = xp.asarray(rng.standard_normal((4, 5)) * 3)
+    teacher = xp.asarray(rng.standard_normal((4, 5)) * 3)
+    labels = xp.asarray(rng.integers(0, 5, 4))
+    loss = L.SoftmaxCrossEntropy(smoothing, distill_weight=weight, temperature=temperature)
+    loss.forward(logits, labels, teacher)
+    analytic = to_host(loss.backward())
+    numeric = np.zeros_like(analytic)
+    flat = logits.reshape(-1)
+    for i in range(flat.size):
+        old = float(flat[i])
+        flat[i] = old + 1e-6
+        up = float(loss.forward(logits, labels, teacher))
+        flat[i] = old - 1e-6
+        down = float(loss.forward(logits, labels, teacher))
+        flat[i] = old
+        numeric.reshape(-1)[i] = (up - down) / 2e-6
+    assert rel_error(analytic, numeric) < 1e-6
+
+
+def test_distillation_loss_value():
+    rng = np.random.default_rng(5)
+    logits, teacher = rng.standard_normal((3, 4)) * 2, rng.standard_normal((3, 4)) * 2
+    labels = np.array([0, 3, 1])
+    hard = float(L.SoftmaxCrossEntropy(0.1).forward(logits, labels))
+    # KL(q || p) at temperature 2, by hand.
+    q = np.exp(teacher / 2) / np.exp(teacher / 2).sum(axis=1, keepdims=True)
+    p = np.exp(logits / 2) / np.exp(logits / 2).sum(axis=1, keepdims=True)
+    kl = (q * np.log(q / p)).sum(axis=1).mean()
+    got = float(L.SoftmaxCrossEntropy(0.1, distill_weight=0.25, temperature=2.0).forward(logits, labels, teacher))
+    assert got == pytest.approx(0.75 * hard + 0.25 * 4 * kl, rel=1e-12)
+    # A student that already predicts the teacher's logits has nothing to learn from them.
+    only_soft = L.SoftmaxCrossEntropy(distill_weight=1.0, temperature=3.0)
+    assert float(only_soft.forward(teacher, labels, teacher)) == pytest.approx(0.0, abs=1e-15)
+    assert np.abs(only_soft.backward()).max() < 1e-15
+    # Weight 0 and no teacher are the plain loss, bitwise.
+    assert float(L.SoftmaxCrossEntropy(0.1, 0.0, 2.0).forward(logits, labels, teacher)) == hard
+    with pytest.raises(ValueError, match="distill_weight"):
+        L.SoftmaxCrossEntropy(distill_weight=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        L.SoftmaxCrossEntropy(temperature=0.0)
+
+
 def test_softmax_cross_entropy_value_and_stability():
     loss = L.SoftmaxCrossEntropy()
     logits = np.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
