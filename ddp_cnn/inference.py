@@ -38,8 +38,16 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
 
 def load_teacher(path, backend, student, class_names, data_attrs):
     """The model of checkpoint `path` on `backend`, checked against the student and its data
-    (knowledge distillation, ``train --teacher``).  Raises CheckpointError naming the file."""
+    (knowledge distillation, ``train --teacher``).  `path` may also be a run folder (or its
+    checkpoints folder): its newest checkpoint.  Raises CheckpointError naming the file;
+    the teacher's ``source`` is the file read."""
     where = f"--teacher {path}"
+    if Path(path).is_dir():
+        folder = Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path)
+        found = ckpt.list_checkpoints(folder)
+        if not found:
+            raise ckpt.CheckpointError(f"{where}: no checkpoint (ckpt-*.h5) in {folder}")
+        path = found[-1]
     try:
         teacher, meta = load_model_from_checkpoint(path, backend=backend)
     except ckpt.CheckpointError as exc:  # "checkpoint PATH: why" -> "--teacher PATH: why"
@@ -57,6 +65,7 @@ def load_teacher(path, backend, student, class_names, data_attrs):
         if key in meta and not np.isclose(float(meta[key]), float(data_attrs[key]), rtol=1e-6, atol=1e-9):
             raise ckpt.CheckpointError(f"{where}: trained on data with pixel {key} {float(meta[key]):.6g}, --data "
                                        f"has {float(data_attrs[key]):.6g} (another data set?)")
+    teacher.source = str(path)
     return teacher
 
 

@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float type of the math")
     g.add_argument("--label-smoothing", type=fraction, default=0.0, help="label smoothing of the cross-entropy")
     g.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="knowledge distillation: a checkpoint (.h5) of a model trained on the same data; the "
-                        "model also learns to match its softened predictions (its --ema average if it kept one)")
+                   help="knowledge distillation: a checkpoint (.h5) of a model trained on the same data, or a "
+                        "run folder (its newest checkpoint); the model also learns to match its softened "
+                        "predictions (its --ema average if it kept one)")
     g.add_argument("--distill-weight", type=unit_interval, default=None,
                    help="with --teacher: weight of the teacher's soft targets in the loss, the labels get the "
                         "rest (default 0.5)")
@@ -580,7 +581,7 @@ class Trainer:
                  f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
                  f"{len(self.reducer.buckets)} gradient bucket(s)")
         if self.teacher is not None:
-            self.log(f"distilling from {args.teacher} ({self.teacher.name}, {self.teacher.num_params:,} params): "
+            self.log(f"distilling from {self.teacher.source} ({self.teacher.name}, {self.teacher.num_params:,} params): "
                      f"weight {args.distill_weight}, temperature {args.distill_temperature}"
                      + ("; its logits computed once per image (no augmentation)" if self.soft_targets is not None
                         else "; it runs on every (augmented) batch"))

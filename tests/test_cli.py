@@ -148,12 +148,20 @@ def test_distillation_from_a_teacher_trains(data, teacher, tmp_path, capsys):
     assert train_main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
     assert f"distilling from {teacher} (lenet" in out and "computed once per image" in out
+    # A run folder stands for its newest checkpoint.
+    argv[argv.index(teacher)] = teacher.parent.parent
+    assert train_main([str(a) for a in argv + ["--hflip"]]) == 0
+    out = capsys.readouterr().out
+    assert f"distilling from {teacher} (lenet" in out and "runs on every (augmented) batch" in out
 
 
 def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, capsys):
     common = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "mlp", "--run-dir", tmp_path]
     code, err = run(common + ["--teacher", tmp_path / "none.h5"], capsys)
     assert code == 2 and len(err) == 1 and f"--teacher {tmp_path / 'none.h5'}: no such file" in err[0]
+    empty = tmp_path_factory.mktemp("empty-run")
+    code, err = run(common + ["--teacher", empty], capsys)
+    assert code == 2 and len(err) == 1 and f"--teacher {empty}: no checkpoint (ckpt-*.h5) in {empty}" in err[0]
     code, err = run(common + ["--distill-weight", 0.3], capsys)
     assert code == 2 and "--distill-weight/--distill-temperature: only with --teacher" in err[-1]
     code, err = run(common + ["--teacher", teacher, "--distill-weight", 2], capsys)
