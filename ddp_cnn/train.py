@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one rate for every dropout layer; default %(default)s: the architecture's own "
                         "(fmnist-cnn .25/.25/.5, mlp .2, lenet .25, fmnist-vgg .1/.2)")
     g.add_argument("--batchnorm", action="store_true", help="fmnist-cnn and mlp: batch norm after each conv/hidden dense layer")
+    g.add_argument("--width", type=positive_int, default=None,
+                   help="fmnist-vgg: filters of the first stage, doubled at each of the next two (default 64)")
     g.add_argument("--activation", default=None, choices=["relu", "leaky_relu", "prelu", "elu", "tanh", "sigmoid"],
                    help="activation (default: the architecture's own)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float type of the math")
@@ -253,6 +255,10 @@ def arch_kwargs(args) -> dict:
         kw["dropout_rate"] = args.dropout_rate
     if args.activation:
         kw["activation"] = args.activation
+    if args.width is not None:
+        if args.model != "fmnist-vgg":
+            raise ValueError(f"--width: only for --model fmnist-vgg (got {args.model})")
+        kw["width"] = args.width
     if args.batchnorm:
         if args.model not in ("fmnist-cnn", "mlp"):
             raise ValueError(f"--batchnorm: only for --model fmnist-cnn or mlp (got {args.model}); "

@@ -38,6 +38,7 @@ def run(argv, capsys):
     (["--dropout-rate", "1"], "--dropout-rate: must be in [0, 1)"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
     (["--ema", "1"], "--ema: must be in [0, 1)"),
+    (["--width", "0"], "--width: must be an integer >= 1"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -83,6 +84,7 @@ def test_recipes_parse():
 @pytest.mark.parametrize("argv,needle", [
     (["--no-dropout", "--dropout-rate", "0.3"], "--dropout-rate: the model has no dropout layers"),
     (["--model", "lenet", "--batchnorm"], "--batchnorm: only for --model fmnist-cnn or mlp"),
+    (["--model", "mlp", "--width", "32"], "--width: only for --model fmnist-vgg"),
     (["--model", "mlp", "--batchnorm", "--ema", "0.99"], "--ema: not for a model with batch norm"),
 ])
 def test_model_flags_that_do_not_fit_exit_2(argv, needle, data, tmp_path, capsys):
@@ -190,3 +192,13 @@ def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
         want = teacher.forward(to_model_layout(x, teacher), train=False)
         rows = order[step * 32:(step + 1) * 32]
         assert np.allclose(by_row[rows], want, rtol=1e-12, atol=1e-12)
+
+
+def test_width_sets_the_vgg_stages_and_survives_a_checkpoint(data, tmp_path):
+    from ddp_cnn.checkpoint import list_checkpoints
+    from ddp_cnn.inference import load_model_from_checkpoint
+    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "fmnist-vgg", "--width", 4,
+            "--max-steps", 1, "--batch-size", 8, "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off"]
+    assert train_main([str(a) for a in argv]) == 0
+    model, _ = load_model_from_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [4, 4, 8, 8, 16, 16]
