@@ -313,9 +313,13 @@ class Loader:
             return (produce(s) for s in steps)
         return _prefetched(produce, steps, self.prefetch, self._scope)
 
+    def rows(self, order: np.ndarray, step: int) -> np.ndarray:
+        """The data rows of batch ``step`` of the epoch whose sample order is ``order``."""
+        return order[step * self.batch_size:(step + 1) * self.batch_size]
+
     def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
         """Batch ``step`` of the epoch whose sample order is ``order``, ready on the device."""
-        rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+        rows = self.rows(order, step)
         images = self.data.images[rows]
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])

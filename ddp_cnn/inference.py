@@ -66,6 +66,7 @@ def load_teacher(path, backend, student, class_names, data_attrs):
             raise ckpt.CheckpointError(f"{where}: trained on data with pixel {key} {float(meta[key]):.6g}, --data "
                                        f"has {float(data_attrs[key]):.6g} (another data set?)")
     teacher.source = str(path)
+    teacher.digest = ckpt.params_digest(to_host(teacher.params))
     return teacher
 
 

@@ -178,7 +178,7 @@ class Conv2D(Layer):
         xp = self.xp
         dy2 = dy.reshape(-1, self.filters)
         if self.backend.is_gpu:
-            self._param_grads(0, 0, dy.shape[0], dy2)
+            self._param_grads(0, 0, dy2.shape[0] // (self.oh * self.ow), dy2)
         else:
             self._param_grads_threads(dy2)
         self.cols = None

@@ -72,10 +72,10 @@ def fraction(text):
     return value
 
 
-def unit_interval(text):
+def weight(text):
     value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knowledge distillation: a checkpoint (.h5) of a model trained on the same data, or a "
                         "run folder (its newest checkpoint); the model also learns to match its softened "
                         "predictions (its --ema average if it kept one)")
-    g.add_argument("--distill-weight", type=unit_interval, default=None,
+    g.add_argument("--distill-weight", type=weight, default=None,
                    help="with --teacher: weight of the teacher's soft targets in the loss, the labels get the "
                         "rest (default 0.5)")
     g.add_argument("--distill-temperature", type=positive_float, default=None,
@@ -222,8 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.run_dir = Path(args.run_dir or f"runs/{args.model}")
     args.metrics = Path(args.metrics) if args.metrics else args.run_dir / "metrics.jsonl"
     args.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else args.run_dir / "checkpoints"
-    if args.teacher is None and (args.distill_weight is not None or args.distill_temperature is not None):
-        parser.error("--distill-weight/--distill-temperature: only with --teacher CHECKPOINT")
+    for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
+        if args.teacher is None and value is not None:
+            parser.error(f"{flag}: only with --teacher CHECKPOINT")
     args.distill_weight = 0.5 if args.distill_weight is None else args.distill_weight
     args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
     try:
@@ -325,6 +326,10 @@ def setup_model(args, comm, log, s) -> dict:
     if args.teacher:
         from .inference import load_teacher
         teacher = load_teacher(args.teacher, s["backend"], model, class_names, s["train_data"].attrs)
+    before = (resume or {}).get("meta", {}).get("teacher") or {}
+    if resume is not None and before.get("sha256") != (teacher.digest if teacher is not None else None):
+        log(f"warning: the checkpoint was trained with teacher {before.get('source', 'none')}; the run goes on "
+            f"with {teacher.source if teacher is not None else 'none'}")
     return dict(model=model, opt=opt, lr=lr, class_names=class_names, resume=resume, augment=augment,
                 teacher=teacher)
 
@@ -341,8 +346,10 @@ def agree_on_errors(comm, error):
 def identity(args, s) -> dict:
     """What must be equal on every rank before step 1."""
     config = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("fail_at", "inject_nan", "progress")}
+    teacher = s.get("teacher")
     return {"model": hashlib.sha256(json.dumps(s["model"].describe(), sort_keys=True).encode()).hexdigest(),
             "num_params": s["model"].num_params,
+            "teacher": teacher.digest if teacher is not None else None,
             "dataset": s["train_data"].attrs.get("sharding_id"),
             "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
 
@@ -353,6 +360,7 @@ def check_same_everywhere(comm, ident) -> str | None:
         values = [e[key] for e in everyone]
         if len(set(map(str, values))) > 1:
             what = {"model": "model architecture", "num_params": "parameter count",
+                    "teacher": "--teacher weights (a run folder that resolved to different checkpoints?)",
                     "dataset": "dataset (sharding_id of the shards: shards from different sharding runs?)",
                     "config": "training configuration (flags or code)"}[key]
             return f"ranks disagree on the {what}: " + ", ".join(f"rank {r}: {str(v)[:12]}" for r, v in enumerate(values))
@@ -472,8 +480,8 @@ class Trainer:
         self.args, self.comm, self.log = args, comm, log
         self.__dict__.update(s)
         self.xp = self.backend.xp
-        self.loss_fn = SoftmaxCrossEntropy(args.label_smoothing, args.distill_weight if self.teacher else 0.0,
-                                           args.distill_temperature)
+        self.loss_fn = SoftmaxCrossEntropy(args.label_smoothing, args.distill_weight if self.teacher is not None
+                                           else 0.0, args.distill_temperature)
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         total = args.epochs * self.steps_per_epoch
         self.schedule = optim.Schedule(
@@ -488,8 +496,13 @@ class Trainer:
         self.stop.install()
         self.skipped = 0
         self.soft_targets = None
-        if self.teacher is not None and not self.augment.changes_images:
-            self.soft_targets = teacher_logits_by_row(self.teacher, self.train_data, self.train_loader)
+        self.teacher_record = None
+        if self.teacher is not None:
+            self.teacher_record = {"source": self.teacher.source, "sha256": self.teacher.digest,
+                                   "describe": f"{self.teacher.name}, {self.teacher.num_params:,} params"}
+            if not self.augment.changes_images:
+                self.soft_targets = teacher_logits_by_row(self.teacher, self.train_data, self.train_loader)
+                self.teacher = None  # its logits are all it was needed for
 
     # ---- state -----------------------------------------------------------
     def restore_or_broadcast(self):
@@ -534,7 +547,8 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "seed": self.args.seed, "world_size": self.comm.size, "global_batch": self.global_batch,
                 "sharding_id": self.train_data.attrs.get("sharding_id"), "class_names": self.class_names,
-                "mean": float(self.train_data.attrs["mean"]), "std": float(self.train_data.attrs["std"])}
+                "mean": float(self.train_data.attrs["mean"]), "std": float(self.train_data.attrs["std"]),
+                "teacher": self.teacher_record}
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         path = ckpt.save(self.args.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
@@ -586,8 +600,8 @@ class Trainer:
                  f"comm={self.reducer.transport}, model={self.model.name} ({self.model.num_params:,} params), "
                  f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
                  f"{len(self.reducer.buckets)} gradient bucket(s)")
-        if self.teacher is not None:
-            self.log(f"distilling from {self.teacher.source} ({self.teacher.name}, {self.teacher.num_params:,} params): "
+        if self.teacher_record is not None:
+            self.log(f"distilling from {self.teacher_record['source']} ({self.teacher_record['describe']}): "
                      f"weight {args.distill_weight}, temperature {args.distill_temperature}"
                      + ("; its logits computed once per image (no augmentation)" if self.soft_targets is not None
                         else "; it runs on every (augmented) batch"))
@@ -623,14 +637,12 @@ class Trainer:
         self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
         bar = self.progress_bar()
         order = self.train_loader.order(self.epoch)
-        b = self.local_batch
         t0 = time.perf_counter()
         for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
             maybe_fail(args.fail_at, comm.rank, self.global_step)
             soft = None
-            if self.soft_targets is not None:  # the batch's rows, as Loader.batch takes them
-                rows = order[self.step_in_epoch * b:(self.step_in_epoch + 1) * b]
-                soft = self.soft_targets[xp.asarray(rows)]
+            if self.soft_targets is not None:  # the teacher's logits of the rows this batch holds
+                soft = self.soft_targets[xp.asarray(self.train_loader.rows(order, self.step_in_epoch))]
             loss, correct = self.train_step(x, y, soft)
             loss_sum += loss.astype(np.float64) * y.shape[0]
             correct_sum += correct

@@ -164,10 +164,11 @@ def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, caps
     empty = tmp_path_factory.mktemp("empty-run")
     code, err = run(common + ["--teacher", empty], capsys)
     assert code == 2 and len(err) == 1 and f"--teacher {empty}: no checkpoint (ckpt-*.h5) in {empty}" in err[0]
-    code, err = run(common + ["--distill-weight", 0.3], capsys)
-    assert code == 2 and "--distill-weight/--distill-temperature: only with --teacher" in err[-1]
-    code, err = run(common + ["--teacher", teacher, "--distill-weight", 2], capsys)
-    assert code == 2 and "--distill-weight: must be in [0, 1]" in err[-1]
+    code, err = run(common + ["--distill-temperature", 3], capsys)
+    assert code == 2 and "--distill-temperature: only with --teacher" in err[-1]
+    for bad in (2, 0):
+        code, err = run(common + ["--teacher", teacher, "--distill-weight", bad], capsys)
+        assert code == 2 and "--distill-weight: must be in (0, 1]" in err[-1]
     other = make_synthetic_shards(tmp_path_factory.mktemp("other") / "data", 1, seed=7)
     code, err = run(common[:1] + [other] + common[2:] + ["--teacher", teacher], capsys)
     assert code == 2 and len(err) == 1 and f"--teacher {teacher}: trained on data with pixel mean" in err[0]
@@ -202,3 +203,23 @@ def test_width_sets_the_vgg_stages_and_survives_a_checkpoint(data, tmp_path):
     assert train_main([str(a) for a in argv]) == 0
     model, _ = load_model_from_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
     assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [4, 4, 8, 8, 16, 16]
+
+
+def test_a_resume_says_when_the_teacher_changed(data, teacher, tmp_path, tmp_path_factory, capsys):
+    from ddp_cnn.checkpoint import list_checkpoints, load
+    other_dir = tmp_path_factory.mktemp("teacher2")
+    assert train_main([str(a) for a in ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet",
+                                        "--max-steps", 2, "--seed", 1, "--eval-every", 0, "--run-dir", other_dir,
+                                        "--progress", "off"]]) == 0
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "mlp", "--eval-every", 0,
+              "--run-dir", tmp_path, "--progress", "off"]
+    assert train_main([str(a) for a in common + ["--max-steps", 2, "--teacher", teacher]]) == 0
+    meta = load(list_checkpoints(tmp_path / "checkpoints")[-1])["meta"]
+    assert meta["teacher"]["source"] == str(teacher) and len(meta["teacher"]["sha256"]) == 64
+    capsys.readouterr()
+    assert train_main([str(a) for a in common + ["--max-steps", 3, "--resume", "latest", "--teacher", teacher]]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert train_main([str(a) for a in common + ["--max-steps", 4, "--resume", "latest", "--teacher", other_dir]]) == 0
+    assert f"trained with teacher {teacher}; the run goes on with {other_dir}" in capsys.readouterr().out
+    assert train_main([str(a) for a in common + ["--max-steps", 5, "--resume", "latest"]]) == 0
+    assert "the run goes on with none" in capsys.readouterr().out
