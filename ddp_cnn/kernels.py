@@ -113,6 +113,13 @@ class Scratch:
             self.arrays[name] = buf
         return buf[:size].reshape(shape)
 
+    def ones(self, name: str, n: int, dtype, xp):
+        """`n` ones owned by this scratch: with a GEMV (ones @ rows) they sum rows,
+        2-5x faster than rows.sum(axis=0) and, on a GPU, than CuPy's reductions."""
+        buf = self.get(name, (n,), dtype, xp)
+        buf.fill(1)
+        return buf
+
     def output(self, name: str, shape, dtype, xp):
         """An array of `shape` (contents undefined) that no one else references."""
         shape = tuple(shape)

@@ -140,10 +140,8 @@ class Sequential:
         if on_layer_done is None:  # add everything at the end, split over the threads
             threads.run(ranges, lambda j, a, b: stacks[j]._backward_share(dlogits[a:b]))
 
-            def add(_, a, b):
-                for replica in stacks[1:]:
-                    self.grads[a:b] += replica.grads[a:b]
-            threads.parallel(self.grads.size, add, 3 * self.grads.nbytes)
+            threads.parallel(self.grads.size, lambda _, a, b: self._add_replica_grads(stacks, a, b),
+                             3 * self.grads.nbytes)
             return
         # With a hook (the reducer of several ranks), the calling thread adds up each
         # layer as soon as every replica has passed it, and reports it, in layer
@@ -155,9 +153,7 @@ class Sequential:
         def report():
             while pending[0] >= 0 and max(passed) <= pending[0]:
                 i = pending[0]
-                a, b = self.layer_offsets[i], self.layer_ends[i]
-                for replica in stacks[1:]:
-                    self.grads[a:b] += replica.grads[a:b]
+                self._add_replica_grads(stacks, self.layer_offsets[i], self.layer_ends[i])
                 on_layer_done(i)
                 pending[0] -= 1
 
@@ -169,6 +165,11 @@ class Sequential:
             stacks[j]._backward_share(dlogits[a:b], done)
         threads.run(ranges, share)
         report()
+
+    def _add_replica_grads(self, stacks, a, b):
+        """grads[a:b] += each replica's, in replica order (stacks[0] is this model)."""
+        for replica in stacks[1:]:
+            self.grads[a:b] += replica.grads[a:b]
 
     def _backward_share(self, dy, on_layer_done=None):
         with threads.serial():

@@ -636,12 +636,13 @@ class Trainer:
         seen = 0
         self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
         bar = self.progress_bar()
-        order = self.train_loader.order(self.epoch)
+        # The epoch's sample order, to look the cached soft targets up by row.
+        order = self.train_loader.order(self.epoch) if self.soft_targets is not None else None
         t0 = time.perf_counter()
         for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
             maybe_fail(args.fail_at, comm.rank, self.global_step)
             soft = None
-            if self.soft_targets is not None:  # the teacher's logits of the rows this batch holds
+            if order is not None:  # the teacher's logits of the rows this batch holds
                 soft = self.soft_targets[xp.asarray(self.train_loader.rows(order, self.step_in_epoch))]
             loss, correct = self.train_step(x, y, soft)
             loss_sum += loss.astype(np.float64) * y.shape[0]
