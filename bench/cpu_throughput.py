@@ -3,6 +3,7 @@
     python bench/cpu_throughput.py                       # table for batch 64/128/256 + per-layer split
     python bench/cpu_throughput.py --batches 128 --no-torch
     python bench/cpu_throughput.py --ranks                # also 2 ranks x 1 thread vs 1 rank x 2 threads
+    python bench/cpu_throughput.py --batches 128 --mkl    # also ddp_cnn with --blas mkl (pip install mkl)
 
 Every framework runs in its own subprocess, so its peak RSS (``ru_maxrss``)
 is its own and the BLAS thread count is fixed before NumPy or PyTorch loads.
@@ -107,6 +108,9 @@ def ddp_setup(args):
     x_all, y_all = load_images(args.data, N_IMAGES)
     # "ddp-blas": the layers in one thread, BLAS with its own threads (ddp_cnn before ddp_cnn.threads).
     backend = get_backend("cpu", threads=1 if args.worker == "ddp-blas" else None)
+    if args.worker == "ddp-mkl":  # the replicas, their GEMMs on MKL (ddp_cnn.train --blas mkl)
+        from ddp_cnn import blas
+        blas.use("mkl")
     model = model_mod.build("fmnist-cnn", backend, seed=0)
     # "ddp-layers": each layer split over the threads (ddp_cnn before the batch replicas).
     model.thread_replicas = args.worker != "ddp-layers"
@@ -272,7 +276,7 @@ def worker_mpi(args) -> dict:
             "is_root": comm.is_root}
 
 
-WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "ddp-mkl": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
 
 
 # ---- driver -------------------------------------------------------------------
@@ -367,6 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--bucket-mb", type=float, default=4.0, help="allreduce bucket size (as ddp_cnn.train)")
     p.add_argument("--unset-coretype", action="store_true",
                    help="drop OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers (benchmark only)")
+    p.add_argument("--mkl", action="store_true",
+                   help="also time ddp_cnn with its GEMMs on Intel MKL (--blas mkl; needs `pip install mkl`)")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
@@ -384,7 +390,8 @@ def main(argv=None) -> int:
           f"after {args.warmup} warm-up")
     # Every worker of a batch size stays alive; their timed repeats alternate, a few
     # seconds each, so that a slow spell of a shared machine hits all of them.
-    kinds = ("ddp", "ddp-layers", "ddp-blas") + (() if args.no_torch else ("torch",))
+    kinds = ("ddp", "ddp-layers", "ddp-blas") + (("ddp-mkl",) if args.mkl else ()) + (() if args.no_torch
+                                                                                       else ("torch",))
     results, rows = [], []
     for b in args.batches:
         workers: dict = {}
@@ -424,9 +431,19 @@ def main(argv=None) -> int:
             print(f"{head} - | - | {d['peak_rss_mb']:.0f} | - | - |")
     if not args.no_torch:  # the ratio repeat by repeat: both timed within seconds of each other
         for b, done in rows:
-            pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["torch"]["rates"]))
-            print(f"batch {b}: ratio of each repeat to the PyTorch repeat beside it: median "
-                  f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
+            for kind in ("ddp",) + (("ddp-mkl",) if args.mkl else ()):
+                pairs = sorted(a / c for a, c in zip(done[kind]["rates"], done["torch"]["rates"]))
+                print(f"batch {b}: ratio of each {'--blas mkl ' if kind == 'ddp-mkl' else ''}repeat to the PyTorch "
+                      f"repeat beside it: median {statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} "
+                      f"({len(pairs)} pairs)")
+    if args.mkl:
+        print("\nddp_cnn --blas mkl (the replicas, GEMMs on MKL):")
+        print("| batch | img/s | against ddp_cnn | against PyTorch | peak RSS MB |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for b, done in rows:
+            m, d, t = done["ddp-mkl"], done["ddp"], done.get("torch")
+            print(f"| {b} | {m['images_per_s']:.0f} | {m['images_per_s'] / d['images_per_s']:.2f} | "
+                  + (f"{m['images_per_s'] / t['images_per_s']:.2f}" if t else "-") + f" | {m['peak_rss_mb']:.0f} |")
     if not args.no_profile:
         prof = run_worker("profile", args, args.profile_batch, args.threads)
         results.append(prof)

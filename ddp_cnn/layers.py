@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import init as initializers
-from . import kernels, threads
+from . import blas, kernels, threads
 from .backend import STREAM_DROPOUT
 
 
@@ -170,7 +170,7 @@ class Conv2D(Layer):
         return y.reshape(n, self.oh, self.ow, self.filters)
 
     def _gemm_bias(self, cols, w, out):
-        self.xp.matmul(cols, w, out=out)
+        blas.matmul(cols, w, out)
         if self.use_bias:
             out += self.params["b"]
 
@@ -215,7 +215,7 @@ class Conv2D(Layer):
                     dy_wide[:, :, :self.ow, :] = dy4[a:b]
                     rows = dy_wide.reshape(-1, self.filters)
                 taps = self.scratch.get(f"taps{part}", (kk, rows.shape[0], self.cin), dy2.dtype, xp)
-                xp.matmul(rows, w_taps, out=taps)
+                blas.matmul(rows, w_taps, taps)
                 if wide:
                     kernels.col2im_taps_wide(taps, dxpad[a:b], self.kh, self.kw, self.oh)
                 else:
@@ -231,7 +231,7 @@ class Conv2D(Layer):
         rows = slice(start * per, stop * per)
         dw = self.grads["W"].reshape(self.k, self.filters) if dw is None else dw
         # cols.T is a transposed view: BLAS reads it as is, no copy.
-        xp.matmul(self.cols[rows].T, dy2[rows], out=dw)
+        blas.matmul(self.cols[rows].T, dy2[rows], dw)
         if self.use_bias:
             ones = self.scratch.ones(f"ones{part}", (stop - start) * per, dy2.dtype, xp)
             xp.matmul(ones, dy2[rows], out=self.grads["b"] if db is None else db)
@@ -461,7 +461,7 @@ class Dense(Layer):
         y = xp.empty((x.shape[0], self.units), dtype=x.dtype)
 
         def rows(_, a, b):
-            xp.matmul(x[a:b], w, out=y[a:b])
+            blas.matmul(x[a:b], w, y[a:b])
             if self.use_bias:
                 y[a:b] += self.params["b"]
         kernels.split_batch(xp, x.shape[0], rows, x.nbytes + w.nbytes + y.nbytes)
@@ -470,14 +470,14 @@ class Dense(Layer):
     def backward(self, dy, need_dx=True):
         xp, x, w, dw = self.xp, self.x, self.params["W"], self.grads["W"]
         nbytes = x.nbytes + dy.nbytes + w.nbytes
-        kernels.split_batch(xp, self.fan_in, lambda _, a, b: xp.matmul(x[:, a:b].T, dy, out=dw[a:b]), nbytes)
+        kernels.split_batch(xp, self.fan_in, lambda _, a, b: blas.matmul(x[:, a:b].T, dy, dw[a:b]), nbytes)
         if self.use_bias:
             dy.sum(axis=0, out=self.grads["b"])
         self.x = None
         if not need_dx:
             return None
         dx = xp.empty((dy.shape[0], self.fan_in), dtype=dy.dtype)
-        kernels.split_batch(xp, dy.shape[0], lambda _, a, b: xp.matmul(dy[a:b], w.T, out=dx[a:b]), nbytes)
+        kernels.split_batch(xp, dy.shape[0], lambda _, a, b: blas.matmul(dy[a:b], w.T, dx[a:b]), nbytes)
         return dx
 
     def flops(self):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import blas, threads
 from . import checkpoint as ckpt
 from . import comm as comm_mod
 from . import model as model_mod
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "network on its share of the batch (models with batch norm: each layer's work is "
                         "split instead) (default: $OMP_NUM_THREADS, which ddp_cnn sets to the cores per rank "
                         "on a node; 1: BLAS with its own threads only)")
+    g.add_argument("--blas", default="numpy", choices=blas.CHOICES,
+                   help="CPU: who runs the GEMMs: NumPy's own BLAS, or Intel MKL (`pip install mkl`; "
+                        "1.1x faster fmnist-cnn steps on an Intel VM, see bench/RESULTS.md)")
     g.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--bucket-mb", type=non_negative_float, default=4.0,
@@ -282,6 +286,8 @@ def setup_device(args, comm) -> dict:
         raise ValueError(f"--data {args.data}: no such folder; make it with "
                          f"`python -m data_tools.shard --out {args.data} --shards {comm.size}`")
     backend = get_backend(args.device, args.dtype, comm.local_rank, comm.local_size, args.threads)
+    if not backend.is_gpu:
+        blas.use(args.blas)
     return dict(backend=backend, global_batch=global_batch, local_batch=local_batch)
 
 
@@ -596,7 +602,8 @@ class Trainer:
 
     def run(self) -> int:
         args, comm = self.args, self.comm
-        self.log(f"ddp_cnn: {comm.size} rank(s), {self.backend.name}, {np.dtype(self.backend.dtype).name}, "
+        cpu = "" if self.backend.is_gpu else f" ({threads.count()} thread(s), BLAS {blas.current()})"
+        self.log(f"ddp_cnn: {comm.size} rank(s), {self.backend.name}{cpu}, {np.dtype(self.backend.dtype).name}, "
                  f"comm={self.reducer.transport}, model={self.model.name} ({self.model.num_params:,} params), "
                  f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
                  f"{len(self.reducer.buckets)} gradient bucket(s)")

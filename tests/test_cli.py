@@ -133,6 +133,32 @@ def test_threads_flag_sets_the_cpu_thread_count(data, tmp_path):
         threads.configure(before)
 
 
+def test_blas_flag_without_mkl_exits_2_with_one_line(data, tmp_path, capsys, monkeypatch):
+    from ddp_cnn import blas
+    monkeypatch.setattr(blas, "find_mkl", lambda: None)
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 1,
+                     "--run-dir", tmp_path, "--progress", "off", "--blas", "mkl"], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0] == "error: --blas mkl: libmkl_rt not found; install it with `pip install mkl` (or ddp_cnn[mkl]), " \
+                     "or use --blas numpy"
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(__import__("ddp_cnn.blas").blas.find_mkl() is None,
+                    reason="needs Intel MKL (pip install mkl, or the [mkl] extra; .ci/run installs it)")
+def test_blas_mkl_trains_and_says_so(data, tmp_path, capsys):
+    from ddp_cnn import blas
+    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 2,
+            "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off", "--blas", "mkl"]
+    try:
+        assert train_main([str(a) for a in argv]) == 0
+        assert blas.current() == "mkl"
+    finally:
+        blas.use("numpy")
+    captured = capsys.readouterr()
+    assert "BLAS mkl" in captured.out + captured.err
+
+
 @pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
     """A lenet trained for a few steps on `data`: its last checkpoint."""

@@ -1,0 +1,138 @@
+"""--blas mkl: MKL's GEMMs give np.matmul's results for every layout the layers use,
+the layers' gradients stay exact, and training matches NumPy's BLAS to rounding."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from ddp_cnn import blas
+from ddp_cnn import layers as L
+from ddp_cnn import model as model_mod
+from ddp_cnn import optim
+from ddp_cnn.backend import get_backend
+from helpers import check_layer_gradients
+
+MKL_REASON = "needs Intel MKL (pip install mkl, or the [mkl] extra; .ci/run installs it)"
+needs_mkl = pytest.mark.skipif(blas.find_mkl() is None, reason=MKL_REASON)
+
+
+@pytest.fixture
+def mkl_calls(monkeypatch):
+    """Select MKL for the test, count its GEMM calls, and go back to NumPy's BLAS after."""
+    blas.use("mkl")
+    calls = []
+    for dtype, fn in list(blas._gemm.items()):
+        def spy(*args, _fn=fn):
+            calls.append(args[3:6])  # m, n, k
+            return _fn(*args)
+        monkeypatch.setitem(blas._gemm, dtype, spy)
+    yield calls
+    blas.use("numpy")
+
+
+def operands(rng, m, k, n, dtype):
+    """The (a, b) layouts the layers hand to BLAS: C order, transposed views, row slices."""
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    a_t = np.ascontiguousarray(a.T).T                  # Fortran order (cols.T in dW)
+    b_t = np.ascontiguousarray(b.T).T                  # w.T in Dense's dx
+    a_rows = np.concatenate([a, a], axis=1)[:, :k]     # rows of a wider buffer (leading dim 2k)
+    return [(a, b), (a_t, b), (a, b_t), (a_t, b_t), (a_rows, b)]
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", [(37, 19, 5), (1, 8, 3), (300, 288, 64)])
+def test_mkl_matmul_equals_numpy_for_each_layout(mkl_calls, dtype, m, k, n):
+    rng = np.random.default_rng(0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in operands(rng, m, k, n, dtype):
+        out = np.full((m, n), np.nan, dtype)
+        assert blas.matmul(a, b, out) is out
+        np.testing.assert_allclose(out, np.matmul(a, b), rtol=tol, atol=tol * k)
+    assert len(mkl_calls) == 5  # every layout went to MKL, none fell back
+
+
+@needs_mkl
+def test_mkl_matmul_into_a_stack_of_outputs(mkl_calls):
+    """2-D @ 3-D (Conv2D's tap-by-tap dx GEMMs): one MKL GEMM per stacked right-hand side."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((50, 16)).astype(np.float32)
+    b = np.ascontiguousarray(rng.standard_normal((9, 16, 8)).astype(np.float32))
+    out = np.empty((9, 50, 8), np.float32)
+    blas.matmul(a, b, out)
+    np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+    assert mkl_calls == [(50, 8, 16)] * 9
+
+
+@needs_mkl
+def test_what_mkl_cannot_take_goes_to_numpy(mkl_calls):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((6, 4)).astype(np.float32)
+    cases = [
+        (a[:, ::2], rng.standard_normal((2, 3)).astype(np.float32), np.empty((6, 3), np.float32)),  # column step 2
+        (rng.standard_normal(6).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32),
+         np.empty(3, np.float32)),                                                               # a vector
+        (a.astype(np.int64), np.ones((4, 2), np.int64), np.empty((6, 2), np.int64)),              # integers
+        (a, np.ones((4, 2), np.float64), np.empty((6, 2), np.float64)),                         # mixed dtypes
+        (a[:, :0], np.ones((0, 2), np.float32), np.empty((6, 2), np.float32)),                  # k = 0
+    ]
+    for x, y, out in cases:
+        blas.matmul(x, y, out)
+        np.testing.assert_allclose(out, np.matmul(x, y), rtol=1e-6, atol=1e-6)
+    buf = rng.standard_normal((4, 4)).astype(np.float32)
+    expected = buf @ buf
+    blas.matmul(buf, buf.copy(), buf)  # output overlaps an input: NumPy copies, MKL would not
+    np.testing.assert_allclose(buf, expected, rtol=1e-5, atol=1e-5)
+    assert mkl_calls == []
+
+
+@needs_mkl
+@pytest.mark.parametrize("layer,shape", [
+    (lambda: L.Conv2D(4, 3, padding="same"), (6, 6, 3)),
+    (lambda: L.Conv2D(3, 3, stride=2, padding=1), (7, 7, 2)),
+    (lambda: L.Conv2D(2, 3), (5, 5, 1)),
+    (lambda: L.Dense(5), (7,)),
+])
+def test_layer_gradients_with_mkl(mkl_calls, layer, shape):
+    """The float64 finite-difference check of conv and dense, their GEMMs on MKL's dgemm."""
+    check_layer_gradients(layer(), shape)
+    assert mkl_calls, "the layer's GEMMs should have gone to MKL"
+
+
+@needs_mkl
+def test_training_steps_with_mkl_match_numpy_blas():
+    """Five fmnist-cnn SGD steps: the same parameters with either BLAS, to float32 rounding.
+    (SGD, not Adam: Adam's normalised step turns rounding in a near-zero gradient into lr-sized moves.)"""
+    rng = np.random.default_rng(3)
+    x = rng.random((16, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 16)
+    finals = {}
+    for name in ("numpy", "mkl"):
+        blas.use(name)
+        try:
+            model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+            opt = optim.create("sgd", model.params, model.grads, 0.05)
+            loss = L.SoftmaxCrossEntropy()
+            for step in range(5):
+                loss.forward(model.forward(x, train=True, step=step), y)
+                model.backward(loss.backward())
+                opt.step()
+            finals[name] = model.params.copy()
+        finally:
+            blas.use("numpy")
+    change = np.abs(finals["numpy"] - model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0).params).max()
+    assert change > 1e-4  # the steps moved the weights
+    np.testing.assert_allclose(finals["mkl"], finals["numpy"], rtol=0, atol=1e-3 * change)
+    assert np.abs(finals["mkl"] - finals["numpy"]).max() > 0  # MKL really ran (another rounding)
+
+
+def test_blas_mkl_without_mkl_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(blas, "find_mkl", lambda: None)
+    with pytest.raises(RuntimeError, match=r"--blas mkl: libmkl_rt not found; install it with `pip install mkl`"):
+        blas.use("mkl")
+    assert blas.current() == "numpy"
+    with pytest.raises(ValueError, match=re.escape("--blas: expected one of numpy|mkl, got 'openblas'")):
+        blas.use("openblas")
