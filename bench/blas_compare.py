@@ -1,6 +1,6 @@
 """NumPy's BLAS against MKL (``--blas mkl``) for ddp_cnn's training step, in one process.
 
-    python bench/blas_compare.py                  # fmnist-cnn, batch 128, 10 pairs of 8 steps
+    python bench/blas_compare.py                  # fmnist-cnn, batch 128, 12 pairs of 8 steps
     python bench/blas_compare.py --model lenet --batch 256 --pairs 20
 
 One model trains on random images of the Fashion-MNIST shape; before each
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="fmnist-cnn")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=8, help="steps per timed repeat")
-    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--threads", type=int, default=None, help="ddp_cnn threads (default: the cores)")
     args = p.parse_args(argv)
 

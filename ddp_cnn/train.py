@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "split instead) (default: $OMP_NUM_THREADS, which ddp_cnn sets to the cores per rank "
                         "on a node; 1: BLAS with its own threads only)")
     g.add_argument("--blas", default="numpy", choices=blas.CHOICES,
-                   help="CPU: who runs the GEMMs: NumPy's own BLAS, or Intel MKL (`pip install mkl`; "
-                        "1.1x faster fmnist-cnn steps on an Intel VM, see bench/RESULTS.md)")
+                   help="CPU only (ignored on a GPU): who runs the layers' GEMMs: NumPy's own BLAS, or Intel "
+                        "MKL (`pip install mkl`; fmnist-cnn steps about 1.07x faster on an Intel VM, see "
+                        "bench/RESULTS.md)")
     g.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--bucket-mb", type=non_negative_float, default=4.0,

@@ -10,7 +10,7 @@ import pytest
 from ddp_cnn import blas
 from ddp_cnn import layers as L
 from ddp_cnn import model as model_mod
-from ddp_cnn import optim
+from ddp_cnn import optim, threads
 from ddp_cnn.backend import get_backend
 from helpers import check_layer_gradients
 
@@ -52,7 +52,12 @@ def test_mkl_matmul_equals_numpy_for_each_layout(mkl_calls, dtype, m, k, n):
         out = np.full((m, n), np.nan, dtype)
         assert blas.matmul(a, b, out) is out
         np.testing.assert_allclose(out, np.matmul(a, b), rtol=tol, atol=tol * k)
-    assert len(mkl_calls) == 5  # every layout went to MKL, none fell back
+    wide = np.full((m, n + 3), np.nan, dtype)  # out: columns 1..n of wider rows (leading dim n + 3)
+    a, b = operands(rng, m, k, n, dtype)[0]
+    blas.matmul(a, b, wide[:, 1:n + 1])
+    np.testing.assert_allclose(wide[:, 1:n + 1], np.matmul(a, b), rtol=tol, atol=tol * k)
+    assert np.isnan(wide[:, 0]).all() and np.isnan(wide[:, n + 1:]).all()  # nothing written beside it
+    assert len(mkl_calls) == 6  # every layout went to MKL, none fell back
 
 
 @needs_mkl
@@ -65,6 +70,10 @@ def test_mkl_matmul_into_a_stack_of_outputs(mkl_calls):
     blas.matmul(a, b, out)
     np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5, atol=1e-5)
     assert mkl_calls == [(50, 8, 16)] * 9
+    out_t = np.empty((9, 8, 50), np.float32).transpose(0, 2, 1)  # each out[i] column-major: NumPy's
+    blas.matmul(a, b, out_t)
+    np.testing.assert_allclose(out_t, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+    assert len(mkl_calls) == 9
 
 
 @needs_mkl
@@ -78,6 +87,10 @@ def test_what_mkl_cannot_take_goes_to_numpy(mkl_calls):
         (a.astype(np.int64), np.ones((4, 2), np.int64), np.empty((6, 2), np.int64)),              # integers
         (a, np.ones((4, 2), np.float64), np.empty((6, 2), np.float64)),                         # mixed dtypes
         (a[:, :0], np.ones((0, 2), np.float32), np.empty((6, 2), np.float32)),                  # k = 0
+        (np.broadcast_to(a[:1], (6, 4)), np.ones((4, 2), np.float32), np.empty((6, 2), np.float32)),  # stride 0
+        (a[::-1], np.ones((4, 2), np.float32), np.empty((6, 2), np.float32)),                   # negative stride
+        (np.lib.stride_tricks.as_strided(a, (3, 4), (8, 4)), np.ones((4, 2), np.float32),      # rows overlap
+         np.empty((3, 2), np.float32)),
     ]
     for x, y, out in cases:
         blas.matmul(x, y, out)
@@ -86,6 +99,16 @@ def test_what_mkl_cannot_take_goes_to_numpy(mkl_calls):
     expected = buf @ buf
     blas.matmul(buf, buf.copy(), buf)  # output overlaps an input: NumPy copies, MKL would not
     np.testing.assert_allclose(buf, expected, rtol=1e-5, atol=1e-5)
+    ones = np.ones((4, 2), np.float32)
+    rows_overlap = np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), (4, 2), (4, 4))
+    blas.matmul(buf, ones, rows_overlap)  # an output whose rows overlap: whatever NumPy makes of it
+    raw = np.zeros(64, np.uint8)
+    out_odd = np.lib.stride_tricks.as_strided(raw[:4].view(np.float32), (3, 2), (10, 4))  # row stride 10 bytes
+    blas.matmul(buf[:3], ones, out_odd)
+    np.testing.assert_allclose(out_odd, buf[:3] @ ones, rtol=1e-6, atol=1e-6)
+    read_only = np.frombuffer(bytes(32), np.float32).reshape(4, 2)
+    with pytest.raises(ValueError, match="read-only"):
+        blas.matmul(buf, np.ones((4, 2), np.float32), read_only)
     assert mkl_calls == []
 
 
@@ -98,22 +121,33 @@ def test_what_mkl_cannot_take_goes_to_numpy(mkl_calls):
 ])
 def test_layer_gradients_with_mkl(mkl_calls, layer, shape):
     """The float64 finite-difference check of conv and dense, their GEMMs on MKL's dgemm."""
-    check_layer_gradients(layer(), shape)
-    assert mkl_calls, "the layer's GEMMs should have gone to MKL"
+    layer = layer()
+    check_layer_gradients(layer, shape)
+    batch = 2  # check_layer_gradients' default
+    if isinstance(layer, L.Dense):
+        expected = {(batch, 5, 7), (7, 5, batch), (batch, 7, 5)}  # forward, dW, dx
+    else:
+        rows, k = batch * layer.oh * layer.ow, layer.kh * layer.kw * layer.cin
+        expected = {(rows, layer.filters, k), (k, layer.filters, rows)}  # forward, dW
+        if layer.stride == 1:  # dx tap by tap on rows as wide as the padded image
+            expected.add((batch * layer.oh * layer.padded_shape[2], layer.cin, layer.filters))
+    assert expected <= set(mkl_calls), (expected, set(mkl_calls))
 
 
 @needs_mkl
 def test_training_steps_with_mkl_match_numpy_blas():
-    """Five fmnist-cnn SGD steps: the same parameters with either BLAS, to float32 rounding.
+    """Five fmnist-cnn SGD steps on two threads (the batch replicas call MKL at once): the same
+    parameters with either BLAS, to float32 rounding.
     (SGD, not Adam: Adam's normalised step turns rounding in a near-zero gradient into lr-sized moves.)"""
     rng = np.random.default_rng(3)
     x = rng.random((16, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 16)
     finals = {}
+    before = threads.count()
     for name in ("numpy", "mkl"):
         blas.use(name)
         try:
-            model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+            model = model_mod.build("fmnist-cnn", get_backend("cpu", threads=2), seed=0)
             opt = optim.create("sgd", model.params, model.grads, 0.05)
             loss = L.SoftmaxCrossEntropy()
             for step in range(5):
@@ -123,6 +157,7 @@ def test_training_steps_with_mkl_match_numpy_blas():
             finals[name] = model.params.copy()
         finally:
             blas.use("numpy")
+            threads.configure(before)
     change = np.abs(finals["numpy"] - model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0).params).max()
     assert change > 1e-4  # the steps moved the weights
     np.testing.assert_allclose(finals["mkl"], finals["numpy"], rtol=0, atol=1e-3 * change)
