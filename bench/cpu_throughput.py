@@ -108,7 +108,7 @@ def ddp_setup(args):
     x_all, y_all = load_images(args.data, N_IMAGES)
     # "ddp-blas": the layers in one thread, BLAS with its own threads (ddp_cnn before ddp_cnn.threads).
     backend = get_backend("cpu", threads=1 if args.worker == "ddp-blas" else None)
-    if args.worker == "ddp-mkl":  # the replicas, their GEMMs on MKL (ddp_cnn.train --blas mkl)
+    if args.worker == "ddp-mkl" or (args.worker == "profile" and args.mkl):  # GEMMs on MKL (--blas mkl)
         from ddp_cnn import blas
         blas.use("mkl")
     model = model_mod.build("fmnist-cnn", backend, seed=0)
@@ -213,7 +213,8 @@ def worker_profile(args) -> dict:
         step(i, totals)
     wall = clock() - t0
     assert np.isfinite(model.params).all()
-    return {"framework": "ddp_cnn-profile", "batch": b, "ms_per_step": {k: 1e3 * v / steps for k, v in totals.items()},
+    return {"framework": "ddp_cnn-profile", "batch": b, "mkl": bool(args.mkl),
+            "ms_per_step": {k: 1e3 * v / steps for k, v in totals.items()},
             "wall_ms_per_step": 1e3 * wall / steps, "images_per_s": b * steps / wall}
 
 
@@ -276,7 +277,8 @@ def worker_mpi(args) -> dict:
             "is_root": comm.is_root}
 
 
-WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "ddp-mkl": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "ddp-mkl": worker_ddp,
+           "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
 
 
 # ---- driver -------------------------------------------------------------------
@@ -292,6 +294,8 @@ def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--batch", str(batch),
            "--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
+    if kind == "profile" and args.mkl:
+        cmd.append("--mkl")
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks)] + cmd
     return cmd, env
@@ -345,7 +349,8 @@ class Served:
 def print_profile(p: dict) -> None:
     ms = p["ms_per_step"]
     total = sum(ms.values())
-    print(f"\nddp_cnn per-layer split, batch {p['batch']}: {p['wall_ms_per_step']:.1f} ms/step "
+    print(f"\nddp_cnn per-layer split{' (--blas mkl)' if p.get('mkl') else ''}, batch {p['batch']}: "
+          f"{p['wall_ms_per_step']:.1f} ms/step "
           f"({p['images_per_s']:.0f} img/s while timing each layer)")
     print(f"| {'phase':<22} | {'ms/step':>8} | {'share':>6} |")
     print(f"| {'-' * 22} | {'-' * 8}:| {'-' * 6}:|")
@@ -372,7 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--unset-coretype", action="store_true",
                    help="drop OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers (benchmark only)")
     p.add_argument("--mkl", action="store_true",
-                   help="also time ddp_cnn with its GEMMs on Intel MKL (--blas mkl; needs `pip install mkl`)")
+                   help="also time ddp_cnn with its GEMMs on Intel MKL (--blas mkl; needs `pip install mkl`); "
+                        "the per-layer split then runs on MKL too")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)

@@ -3,9 +3,9 @@
 ``--blas mkl`` sends the layers' float32/float64 GEMMs on NumPy arrays to
 MKL's ``cblas_?gemm`` (the ``mkl`` wheel from PyPI, ``pip install
 ddp_cnn[mkl]``), called through ctypes, which releases the GIL as NumPy does.
-On the project's Intel VM a fmnist-cnn training step ran about 1.07x faster
+On the project's Intel VM a fmnist-cnn training step ran 1.07-1.16x faster
 with it (bench/RESULTS.md): MKL runs the narrow convolution GEMMs (N = 64) at
-1.2-1.4x OpenBLAS's rate.  MKL is set to its sequential layer: the cores are
+1.1-1.4x OpenBLAS's rate.  MKL is set to its sequential layer: the cores are
 used by ddp_cnn's own threads (:mod:`ddp_cnn.threads`), each GEMM runs in
 the thread that calls it, and ``--threads 1`` means one core.  It is also
 set to 32-bit integers (LP64, what the ctypes signatures say) and to

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a node; 1: BLAS with its own threads only)")
     g.add_argument("--blas", default="numpy", choices=blas.CHOICES,
                    help="CPU only (ignored on a GPU): who runs the layers' GEMMs: NumPy's own BLAS, or Intel "
-                        "MKL (`pip install mkl`; fmnist-cnn steps about 1.07x faster on an Intel VM, see "
+                        "MKL (`pip install mkl`; fmnist-cnn steps 1.07-1.16x faster on an Intel VM, see "
                         "bench/RESULTS.md)")
     g.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")

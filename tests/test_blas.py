@@ -134,34 +134,37 @@ def test_layer_gradients_with_mkl(mkl_calls, layer, shape):
     assert expected <= set(mkl_calls), (expected, set(mkl_calls))
 
 
-@needs_mkl
-def test_training_steps_with_mkl_match_numpy_blas():
-    """Five fmnist-cnn SGD steps on two threads (the batch replicas call MKL at once): the same
-    parameters with either BLAS, to float32 rounding.
-    (SGD, not Adam: Adam's normalised step turns rounding in a near-zero gradient into lr-sized moves.)"""
+def train_steps(blas_name: str, steps: int = 5) -> np.ndarray:
+    """fmnist-cnn's parameters after `steps` SGD steps on two threads (the batch replicas
+    call BLAS at once), its GEMMs on `blas_name`.  (SGD, not Adam: Adam's normalised step
+    turns rounding in a near-zero gradient into lr-sized moves.)"""
     rng = np.random.default_rng(3)
     x = rng.random((16, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 16)
-    finals = {}
     before = threads.count()
-    for name in ("numpy", "mkl"):
-        blas.use(name)
-        try:
-            model = model_mod.build("fmnist-cnn", get_backend("cpu", threads=2), seed=0)
-            opt = optim.create("sgd", model.params, model.grads, 0.05)
-            loss = L.SoftmaxCrossEntropy()
-            for step in range(5):
-                loss.forward(model.forward(x, train=True, step=step), y)
-                model.backward(loss.backward())
-                opt.step()
-            finals[name] = model.params.copy()
-        finally:
-            blas.use("numpy")
-            threads.configure(before)
-    change = np.abs(finals["numpy"] - model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0).params).max()
+    blas.use(blas_name)
+    try:
+        model = model_mod.build("fmnist-cnn", get_backend("cpu", threads=2), seed=0)
+        opt = optim.create("sgd", model.params, model.grads, 0.05)
+        loss = L.SoftmaxCrossEntropy()
+        for step in range(steps):
+            loss.forward(model.forward(x, train=True, step=step), y)
+            model.backward(loss.backward())
+            opt.step()
+        return model.params.copy()
+    finally:
+        blas.use("numpy")
+        threads.configure(before)
+
+
+@needs_mkl
+def test_training_steps_with_mkl_match_numpy_blas_and_repeat_bitwise():
+    numpy_blas, mkl, mkl_again = train_steps("numpy"), train_steps("mkl"), train_steps("mkl")
+    change = np.abs(numpy_blas - train_steps("numpy", steps=0)).max()
     assert change > 1e-4  # the steps moved the weights
-    np.testing.assert_allclose(finals["mkl"], finals["numpy"], rtol=0, atol=1e-3 * change)
-    assert np.abs(finals["mkl"] - finals["numpy"]).max() > 0  # MKL really ran (another rounding)
+    np.testing.assert_allclose(mkl, numpy_blas, rtol=0, atol=1e-3 * change)  # float32 rounding apart
+    assert np.abs(mkl - numpy_blas).max() > 0  # MKL really ran (another rounding)
+    np.testing.assert_array_equal(mkl, mkl_again)  # deterministic run to run (CBWR auto)
 
 
 def test_blas_mkl_without_mkl_is_a_one_line_error(monkeypatch):
