@@ -396,8 +396,9 @@ def main(argv=None) -> int:
           f"after {args.warmup} warm-up")
     # Every worker of a batch size stays alive; their timed repeats alternate, a few
     # seconds each, so that a slow spell of a shared machine hits all of them.
-    kinds = ("ddp", "ddp-layers", "ddp-blas") + (("ddp-mkl",) if args.mkl else ()) + (() if args.no_torch
-                                                                                       else ("torch",))
+    kinds = ("ddp", "ddp-layers", "ddp-blas")
+    kinds += ("ddp-mkl",) if args.mkl else ()
+    kinds += () if args.no_torch else ("torch",)
     results, rows = [], []
     for b in args.batches:
         workers: dict = {}

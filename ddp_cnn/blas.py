@@ -109,7 +109,7 @@ def _mkl_2d(fn, a, b, out) -> bool:
     if layout_a is None or layout_b is None or max(m, n, k, layout_a[1], layout_b[1], ldc // size) >= _INT_LIMIT:
         return False
     fn(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0, a.ctypes.data, layout_a[1],
-       b.ctypes.data, layout_b[1], 0.0, out.ctypes.data, out.strides[0] // out.itemsize)
+       b.ctypes.data, layout_b[1], 0.0, out.ctypes.data, ldc // size)
     return True
 
 

@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 
 from ddp_cnn.backend import get_backend, gpu_available, to_host
+from ddp_cnn.blas import find_mkl
 from ddp_cnn.model import Sequential
 
 GPU_REASON = "needs CuPy and a CUDA GPU (run the suite on the GPU machine)"
+# --blas mkl's tests: skipped, with this reason, where the mkl wheel is not installed.
+needs_mkl = pytest.mark.skipif(find_mkl() is None, reason="needs Intel MKL (pip install mkl, or the [mkl] extra; "
+                                                          ".ci/run installs it)")
 
 # Every numeric check runs on NumPy and, where a GPU is present, on CuPy.
 BACKENDS = [pytest.param("cpu", id="cpu"),

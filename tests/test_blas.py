@@ -12,10 +12,7 @@ from ddp_cnn import layers as L
 from ddp_cnn import model as model_mod
 from ddp_cnn import optim, threads
 from ddp_cnn.backend import get_backend
-from helpers import check_layer_gradients
-
-MKL_REASON = "needs Intel MKL (pip install mkl, or the [mkl] extra; .ci/run installs it)"
-needs_mkl = pytest.mark.skipif(blas.find_mkl() is None, reason=MKL_REASON)
+from helpers import check_layer_gradients, needs_mkl
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn.train import main as train_main
-from helpers import make_synthetic_shards
+from helpers import make_synthetic_shards, needs_mkl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,8 +144,7 @@ def test_blas_flag_without_mkl_exits_2_with_one_line(data, tmp_path, capsys, mon
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.skipif(__import__("ddp_cnn.blas").blas.find_mkl() is None,
-                    reason="needs Intel MKL (pip install mkl, or the [mkl] extra; .ci/run installs it)")
+@needs_mkl
 def test_blas_mkl_trains_and_says_so(data, tmp_path, capsys):
     from ddp_cnn import blas
     argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 2,
