@@ -36,7 +36,10 @@ def main(argv=None) -> int:
     from ddp_cnn.backend import get_backend
     from ddp_cnn.layers import SoftmaxCrossEntropy
 
-    blas.use("mkl")  # fails here, with its reason, when MKL is missing
+    try:
+        blas.use("mkl")  # checked first: without MKL there is nothing to compare
+    except RuntimeError as exc:
+        p.exit(2, f"error: {exc}\n")
     model = model_mod.build(args.model, get_backend("cpu", threads=args.threads), seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     loss = SoftmaxCrossEntropy()
