@@ -22,10 +22,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from data_tools import h5format
 from data_tools.errors import DataError
 
-__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "Loader"]
+# data_tools.h5format (and with it h5py) is imported where shards are read, not here: ``normalize``
+# also serves models exported to .npz, whose loading promises to need NumPy alone.
+
+__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "normalize", "Loader"]
 
 
 # ---------------------------------------------------------------- opening a rank's rows
@@ -46,10 +48,12 @@ class ShardData:
 
 def find_shards(data_dir) -> list[Path]:
     """Sorted training shard paths of ``data_dir``; DataError if there are none or the set is incomplete."""
+    from data_tools import h5format
     return h5format.list_shards(Path(data_dir))
 
 
 def _row_counts(paths: list[Path]) -> list[int]:
+    from data_tools import h5format
     return [h5format.num_rows(p) for p in paths]
 
 
@@ -71,6 +75,7 @@ def slice_rows(counts: list[int], rank: int, size: int) -> list[tuple[int, int, 
 
 def plan_reads(data_dir: Path, split: str, rank: int, size: int, slice_single: bool):
     """[(path, start, stop)] this rank must read; start/stop None means the whole file."""
+    from data_tools import h5format
     if split in ("test", "val"):
         path = data_dir / h5format.split_name(split)
         if split == "val" and not path.exists():
@@ -93,6 +98,7 @@ def plan_reads(data_dir: Path, split: str, rank: int, size: int, slice_single: b
 
 def read_planned(reads) -> ShardData:
     """Read the hyperslabs, check they come from one sharding run, and concatenate them."""
+    from data_tools import h5format
     parts = [h5format.read_rows(path, start, stop) for path, start, stop in reads]
     first = parts[0][3]
     for (path, *_), (*_, attrs) in zip(reads, parts):
@@ -200,6 +206,35 @@ class Augment:
         return images
 
 
+# ---------------------------------------------------------------- normalisation
+
+def normalize(pixels, mean: float, std: float, dtype, xp=np):
+    """Pixels (N, H, W) or (N, H, W, C) -> model input (N, H, W, C) in ``dtype`` on ``xp``.
+
+    uint8 pixels are 0..255, float pixels 0..1: x = (pixel/255 - mean)/std
+    (without the /255 for floats), computed in ``dtype`` in this order.  The
+    one normalisation of the package: training and evaluation batches
+    (``Loader``), ``predict`` and ``inference`` all go through it, so an image
+    gives the model the same input whichever way it comes in.  The pixels are
+    moved to ``xp`` before the cast, so uint8 crosses to a GPU at 1 byte a pixel.
+    """
+    x = xp.asarray(pixels)
+    if x.dtype != np.uint8 and x.dtype.kind != "f":
+        raise ValueError(f"pixels of dtype {x.dtype}; expected uint8 (0..255) or floats (0..1)")
+    if x.ndim == 3:
+        x = x[..., None]  # grayscale: one channel, last
+    if x.ndim != 4:
+        raise ValueError(f"pixels of shape {tuple(x.shape)}; expected (N, H, W) or (N, H, W, C)")
+    is_uint8 = x.dtype == np.uint8
+    dtype = np.dtype(dtype)
+    x = x.astype(dtype)  # always a fresh array: the in-place steps below never touch the caller's pixels
+    if is_uint8:
+        x /= 255
+    x -= dtype.type(mean)  # in the model dtype even when mean/std come as float64 scalars
+    x /= dtype.type(std)
+    return x
+
+
 # ---------------------------------------------------------------- batches
 
 def _device_scope(xp) -> Callable[[], contextlib.AbstractContextManager]:
@@ -256,9 +291,10 @@ def _prefetched(produce: Callable, items: Iterable, depth: int, scope) -> Iterat
 
 
 class Loader:
-    """Batches (x, y) of one rank's data: x (B, 1, H, W) in ``dtype`` on ``xp``, y (B,) int64 on ``xp``.
+    """Batches (x, y) of one rank's data: x (B, H, W, C) in ``dtype`` on ``xp``, y (B,) int64 on ``xp``.
 
-    x = (pixel/255 - mean)/std with the stored training mean/std unless given.
+    x = :func:`normalize` (pixel/255 - mean)/std with the stored training mean/std
+    unless given; channels last, as the model takes them (C = 1 for grayscale).
     With ``drop_last`` (training) the constructor is collective: every rank
     gets steps_per_epoch = min over ranks of len(data)//batch_size.  Without
     it (evaluation) each rank covers all its samples in ceil(len/batch) steps,
@@ -327,12 +363,9 @@ class Loader:
         return self.to_device(images, self.data.labels[rows])
 
     def to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple:
-        """uint8 crosses to the device (4x fewer bytes than float32) and is normalised there."""
+        """(x (B, H, W, C), y) on the device from uint8 images (B, H, W[, C]) and their labels."""
         xp = self.xp
-        x = xp.asarray(np.ascontiguousarray(images[:, None])).astype(self.dtype)
-        x /= 255
-        x -= self.mean
-        x /= self.std
+        x = normalize(images, self.mean, self.std, self.dtype, xp)  # uint8 crosses: 4x fewer bytes than float32
         y = xp.asarray(labels)
         cuda = getattr(xp, "cuda", None)
         if cuda is not None:

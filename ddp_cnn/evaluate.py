@@ -23,7 +23,7 @@ def evaluate(model, loader, comm, num_classes: int) -> dict:
     loss_sum = xp.zeros((), dtype=np.float64)
     confusion = xp.zeros(num_classes * num_classes, dtype=np.int64)
     for x, y in loader.epoch(0):
-        logits = model.forward(to_model_layout(x, model), train=False)
+        logits = model.forward(x, train=False)  # loader batches are channels-last, as the model takes them
         loss_sum += loss_fn.forward(logits, y).astype(np.float64) * y.shape[0]
         pred = logits.argmax(axis=1)
         confusion += xp.bincount(y.astype(np.int64) * num_classes + pred, minlength=num_classes * num_classes)
@@ -33,15 +33,6 @@ def evaluate(model, loader, comm, num_classes: int) -> dict:
     count = int(conf.sum())
     return {"loss": total[0] / max(count, 1), "accuracy": float(np.trace(conf)) / max(count, 1),
             "count": count, "confusion": conf}
-
-
-def to_model_layout(x, model):
-    """Loader batches are (B, 1, H, W); the model is channels-last (B, H, W, C)."""
-    if x.ndim == 4 and len(model.input_shape) == 3 and x.shape[1] == 1:
-        return x.reshape((x.shape[0],) + tuple(x.shape[2:]) + (1,))
-    if len(model.input_shape) == 1 and x.ndim > 2:
-        return x.reshape(x.shape[0], -1)
-    return x
 
 
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:

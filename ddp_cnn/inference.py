@@ -1,4 +1,8 @@
-"""Rebuilding a trained model from a checkpoint (.h5) or an exported .npz; pixels to class probabilities."""
+"""Rebuilding a trained model from a checkpoint (.h5) or an exported .npz; pixels to class probabilities.
+
+``normalize`` (pixels to model input) is :func:`ddp_cnn.data.normalize`, the
+data loader's own, re-exported here for users of a trained model.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,40 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import model as model_mod
 from .backend import get_backend, to_host
+from .data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
+
+
+def model_from_state(source: str, desc, params, buffers: dict, backend):
+    """The model of description ``desc`` on ``backend`` with ``params`` (flat) and ``buffers`` (by name) loaded.
+
+    The one way a saved model is rebuilt (.h5 checkpoints and exported .npz
+    alike).  ``source`` names the file in errors: every problem (no or a bad
+    description, a parameter count or a buffer that does not fit it) is a
+    CheckpointError "``source``: why".
+    """
+    if not isinstance(desc, dict) or "layers" not in desc or "input_shape" not in desc:
+        raise ckpt.CheckpointError(f"{source}: holds no model description")
+    try:
+        model = model_mod.from_description(desc, backend)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{source}: bad model description ({type(exc).__name__}: {exc})") from None
+    if params.ndim != 1 or model.num_params != params.size:
+        raise ckpt.CheckpointError(f"{source}: {params.size} parameters, but its model description has "
+                                   f"{model.num_params}")
+    model.params[...] = backend.xp.asarray(params, dtype=backend.dtype)
+    for name, buf in model.named_buffers().items():
+        if name not in buffers or buffers[name].shape != buf.shape:
+            raise ckpt.CheckpointError(f"{source}: buffer {name!r} is missing or of the wrong shape "
+                                       f"(expected {tuple(buf.shape)})")
+        buf[...] = backend.xp.asarray(buffers[name], dtype=backend.dtype)
+    return model
+
+
+def _backend_for(params, device: str, dtype: str | None):
+    """The backend to rebuild on: the file's precision unless ``dtype`` says otherwise."""
+    if dtype is None:
+        dtype = "float64" if params.dtype.itemsize == 8 else "float32"
+    return get_backend(device, dtype)
 
 
 def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = None, backend=None):
@@ -20,20 +58,10 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
     """
     state = ckpt.load(path)
     meta = state["meta"]
-    if "ema" in state["optim"]:
-        state["params"] = state["optim"]["ema"]
+    params = state["optim"]["ema"] if "ema" in state["optim"] else state["params"]
     if backend is None:
-        if dtype is None:
-            dtype = "float64" if state["params"].dtype.itemsize == 8 else "float32"
-        backend = get_backend(device, dtype)
-    model = model_mod.from_description(meta["model"], backend)
-    if model.num_params != state["params"].size:
-        raise ckpt.CheckpointError(f"checkpoint {path}: {state['params'].size} parameters, but its model "
-                                   f"description has {model.num_params}")
-    model.params[...] = backend.xp.asarray(state["params"], dtype=backend.dtype)
-    for name, buf in model.named_buffers().items():
-        buf[...] = backend.xp.asarray(state["buffers"][name], dtype=backend.dtype)
-    return model, meta
+        backend = _backend_for(params, device, dtype)
+    return model_from_state(f"checkpoint {path}", meta.get("model"), params, state["buffers"], backend), meta
 
 
 def load_teacher(path, backend, student, class_names, data_attrs):
@@ -114,10 +142,8 @@ def load(path, device: str = "cpu", dtype: str | None = None):
                                    f"ddp_cnn reads ({NPZ_VERSION}); upgrade ddp_cnn")
     if ckpt.params_digest(params) != meta.get("params_sha256"):
         raise ckpt.CheckpointError(f"{path}: parameter checksum mismatch (corrupt file)")
-    if dtype is None:
-        dtype = "float64" if params.dtype.itemsize == 8 else "float32"
-    model = _model_from_arrays(path, meta.get("model"), params, buffers, get_backend(device, dtype))
-    return model, meta
+    backend = _backend_for(params, device, dtype)
+    return model_from_state(str(path), meta.get("model"), params, buffers, backend), meta
 
 
 def load_model(path, device: str = "cpu", dtype: str | None = None):
@@ -142,49 +168,10 @@ def load_model(path, device: str = "cpu", dtype: str | None = None):
     except ImportError:
         raise ckpt.CheckpointError(f"{path}: reading .h5 checkpoints needs h5py (pip install h5py); "
                                    "or export the model with python -m ddp_cnn.export and use the .npz") from None
-    try:
-        return load_model_from_checkpoint(path, device, dtype)
-    except ckpt.CheckpointError:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:  # a description that does not build
-        raise ckpt.CheckpointError(f"{path}: bad model description ({type(exc).__name__}: {exc})") from None
-
-
-def _model_from_arrays(path, desc, params, buffers, backend):
-    if not isinstance(desc, dict) or "layers" not in desc or "input_shape" not in desc:
-        raise ckpt.CheckpointError(f"{path}: holds no model description")
-    try:
-        model = model_mod.from_description(desc, backend)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ckpt.CheckpointError(f"{path}: bad model description ({type(exc).__name__}: {exc})") from None
-    if params.ndim != 1 or model.num_params != params.size:
-        raise ckpt.CheckpointError(f"{path}: {params.size} parameters, but its model description has "
-                                   f"{model.num_params}")
-    model.params[...] = backend.xp.asarray(params, dtype=backend.dtype)
-    for name, buf in model.named_buffers().items():
-        if name not in buffers or buffers[name].shape != buf.shape:
-            raise ckpt.CheckpointError(f"{path}: buffer {name!r} is missing or of the wrong shape")
-        buf[...] = backend.xp.asarray(buffers[name], dtype=backend.dtype)
-    return model
+    return load_model_from_checkpoint(path, device, dtype)
 
 
 # ---- from pixels to class probabilities -------------------------------------
-
-def normalize(images, mean: float, std: float, dtype):
-    """(N, H, W) pixels -> (N, H, W, 1) model input, x = (pixel/255 - mean)/std.
-
-    uint8 images are 0..255, float images 0..1.  The arithmetic is the data
-    loader's (in the model dtype, same order), so a test image gives the
-    model exactly the input it gets during evaluation.
-    """
-    images = np.asarray(images)
-    x = images.astype(dtype)
-    if images.dtype == np.uint8:
-        x /= 255
-    x -= mean
-    x /= std
-    return x[..., None]
-
 
 def probabilities(logits):
     """Softmax over the last axis, in float64 on the host."""

@@ -39,7 +39,8 @@ import numpy as np
 
 from .checkpoint import CheckpointError
 from .faults import EXIT_USAGE
-from .inference import load_model, normalize, probabilities, top_k
+from .data import normalize
+from .inference import load_model, probabilities, top_k
 
 NPY_MAGIC = b"\x93NUMPY"
 PILLOW_HINT = "pip install 'ddp_cnn[images]' (or pip install pillow); .npy arrays work without it"

@@ -16,8 +16,8 @@ import pytest
 
 from data_tools import h5format
 from ddp_cnn.comm import SingleComm
-from ddp_cnn.data import (Augment, DataError, Loader, ShardData, find_shards, open_rank_data, plan_reads,
-                          random_erase, random_hflip, random_shift, slice_rows)
+from ddp_cnn.data import (Augment, DataError, Loader, ShardData, find_shards, normalize, open_rank_data,
+                          plan_reads, random_erase, random_hflip, random_shift, slice_rows)
 
 SHAPE = (5, 6)
 try:
@@ -66,7 +66,7 @@ def memory_data(n=40, seed=0, mean=0.3, std=0.2) -> ShardData:
 
 
 def pixels_of(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return np.rint((x[:, 0].astype(np.float64) * std + mean) * 255).astype(np.int64)
+    return np.rint((x[..., 0].astype(np.float64) * std + mean) * 255).astype(np.int64)
 
 
 def batches(loader: Loader, epoch: int, start_step: int = 0):
@@ -173,13 +173,67 @@ def test_batches_are_normalised_with_the_stored_mean_and_std(dtype):
     data = memory_data(10)
     loader = Loader(data, batch_size=4, comm=SingleComm(), seed=0, dtype=dtype, shuffle=False)
     x, y = next(iter(loader.epoch(0)))
-    assert x.shape == (4, 1, *SHAPE) and x.dtype == dtype and y.dtype == np.int64
-    expect = (data.images[:4, None].astype(np.float64) / 255 - 0.3) / 0.2
+    assert x.shape == (4, *SHAPE, 1) and x.dtype == dtype and y.dtype == np.int64
+    expect = (data.images[:4, ..., None].astype(np.float64) / 255 - 0.3) / 0.2
     np.testing.assert_allclose(x, expect, rtol=1e-6 if dtype == np.float32 else 1e-12)
     assert np.array_equal(y, data.labels[:4])
     x2, _ = next(iter(Loader(data, batch_size=4, comm=SingleComm(), seed=0, shuffle=False,
                              mean=0.0, std=1.0).epoch(0)))
-    np.testing.assert_allclose(x2[:, 0], data.images[:4] / 255, rtol=1e-6)
+    np.testing.assert_allclose(x2[..., 0], data.images[:4] / 255, rtol=1e-6)
+
+
+# Written out by hand, not computed by the code under test: (p/255 - 0.25)/0.5 for the pixels
+# p = 0, 51, 102, 255 (p/255 = 0, 0.2, 0.4, 1).
+HAND_PIXELS = np.array([[0, 51], [102, 255]], np.uint8)
+HAND_INPUT = np.array([[-0.5, -0.1], [0.3, 1.5]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loader_batches_and_normalize_equal_the_hand_computed_input(dtype):
+    images = np.stack([HAND_PIXELS, HAND_PIXELS[::-1], HAND_PIXELS.T])  # (3, 2, 2)
+    expect = np.stack([HAND_INPUT, HAND_INPUT[::-1], HAND_INPUT.T])[..., None]  # (3, 2, 2, 1): channels last
+    atol = 1e-6 if dtype == np.float32 else 1e-12
+    data = ShardData(images, np.arange(3), {"mean": 0.25, "std": 0.5})
+    x, _ = next(iter(Loader(data, batch_size=3, comm=SingleComm(), seed=0, dtype=dtype, shuffle=False).epoch(0)))
+    assert x.shape == (3, 2, 2, 1) and x.dtype == dtype
+    np.testing.assert_allclose(x, expect, rtol=0, atol=atol)
+    # uint8 0..255 or float 0..1, with or without the channel axis: the same model input
+    for pixels in (images, images[..., None], images / 255, (images / 255).astype(np.float32)):
+        out = normalize(pixels, 0.25, 0.5, dtype)
+        assert out.shape == (3, 2, 2, 1) and out.dtype == dtype
+        tol = atol if pixels.dtype == np.uint8 else max(atol, 4 * np.finfo(pixels.dtype).eps)  # 0.2 in float32
+        np.testing.assert_allclose(out, expect, rtol=0, atol=tol)
+    assert x.tobytes() == normalize(images, 0.25, 0.5, dtype).tobytes()  # one normalisation, bit for bit
+    assert normalize(images, np.float64(0.25), np.float64(0.5), dtype).tobytes() == x.tobytes()
+
+
+def test_normalize_refuses_pixels_it_cannot_read():
+    with pytest.raises(ValueError, match="dtype int64"):
+        normalize(np.zeros((1, 2, 2), np.int64), 0.25, 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        normalize(np.zeros((2, 2), np.uint8), 0.25, 0.5, np.float32)
+
+
+def test_evaluate_takes_the_loader_batches_as_they_come_for_a_cnn_and_an_mlp():
+    from ddp_cnn import layers as L
+    from ddp_cnn import model as model_mod
+    from ddp_cnn.backend import get_backend
+    from ddp_cnn.evaluate import evaluate
+    data = memory_data(10)
+    backend = get_backend("cpu", "float64")
+    cnn = model_mod.Sequential([L.Conv2D(2, 3, padding="same"), L.ReLU(), L.Flatten(), L.Dense(3)],
+                               (*SHAPE, 1), backend, seed=1)
+    mlp = model_mod.build("mlp", backend, seed=1, input_shape=(*SHAPE, 1), num_classes=3)  # Flatten first
+    x = ((data.images / 255 - 0.3) / 0.2)[..., None]
+    for model in (cnn, mlp):
+        loader = Loader(data, batch_size=4, comm=SingleComm(), seed=0, dtype=np.float64, shuffle=False,
+                        drop_last=False)
+        result = evaluate(model, loader, SingleComm(), 3)
+        pred = model.forward(x).argmax(axis=1)
+        assert result["count"] == 10
+        assert result["accuracy"] == pytest.approx(np.mean(pred == data.labels), abs=1e-12)
+        assert np.array_equal(np.diag(result["confusion"]), np.bincount(data.labels[pred == data.labels],
+                                                                        minlength=3))
 
 
 def test_shuffle_is_reproducible_and_depends_on_seed_and_epoch():

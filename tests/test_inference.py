@@ -15,6 +15,8 @@ from data_tools import datasets
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import export, inference, predict
 from ddp_cnn import layers as L
+from ddp_cnn.backend import get_backend
+from ddp_cnn.data import normalize as loader_normalize
 from ddp_cnn.model import Sequential
 from helpers import make_synthetic_shards
 
@@ -352,6 +354,99 @@ def test_corrupt_npz_is_refused_by_name(trained, tmp_path):
         assert str(tmp_path / name) in str(info.value)
 
 
+# ---- one way to rebuild a saved model (.h5 and .npz), checked against values computed apart ----------
+
+# hand_model's weights and running statistics, written out; hand_logits applies them in plain NumPy.
+HAND = {"dense.W": np.arange(12.0).reshape(4, 3) / 10 - 0.5, "dense.b": np.array([0.1, -0.2, 0.3]),
+        "batchnorm.gamma": np.array([1.5, 0.5, -1.0]), "batchnorm.beta": np.array([0.0, 1.0, -2.0]),
+        "batchnorm.running_mean": np.array([0.2, -0.1, 0.4]), "batchnorm.running_var": np.array([4.0, 0.25, 1.0])}
+SAVED_META = {"class_names": ["a", "b", "c"], "mean": 0.25, "std": 0.5, "global_step": 1}
+
+
+def hand_model():
+    """Flatten -> Dense(3) -> BatchNorm on (2, 2, 1) inputs in float64, every number set from HAND."""
+    model = Sequential([L.Flatten(), L.Dense(3), L.BatchNorm()], (2, 2, 1), get_backend("cpu", "float64"))
+    for name, view in {**model.named_params(), **model.named_buffers()}.items():
+        view[...] = HAND[name]
+    return model
+
+
+def hand_logits(x):
+    """Eval-mode logits of hand_model: x W + b, then (h - running mean) / sqrt(running var + 1e-5) * gamma + beta."""
+    h = x.reshape(len(x), 4) @ HAND["dense.W"] + HAND["dense.b"]
+    return ((h - HAND["batchnorm.running_mean"]) / np.sqrt(HAND["batchnorm.running_var"] + 1e-5)
+            * HAND["batchnorm.gamma"] + HAND["batchnorm.beta"])
+
+
+def saved_both_ways(folder, arrays, meta):
+    """(checkpoint .h5, exported-format .npz) holding the same flat params, buffers and meta."""
+    buffers = {k[len("buffers/"):]: v for k, v in arrays.items() if k.startswith("buffers/")}
+    h5 = ckpt.save(folder / "checkpoints", 1, arrays["params"], {}, buffers, meta)
+    npz_meta = {**meta, "format": inference.NPZ_FORMAT, "format_version": inference.NPZ_VERSION,
+                "params_sha256": ckpt.params_digest(arrays["params"])}
+    np.savez(folder / "m.npz", **arrays, meta=np.array(json.dumps(npz_meta)))
+    return h5, folder / "m.npz"
+
+
+def state_of(model):
+    return {"params": np.asarray(model.params).copy(),
+            **{f"buffers/{k}": np.asarray(v).copy() for k, v in model.named_buffers().items()}}
+
+
+def test_a_saved_model_is_rebuilt_to_the_hand_computed_logits_from_h5_and_npz(tmp_path):
+    model = hand_model()
+    x = np.random.default_rng(0).standard_normal((6, 2, 2, 1))
+    np.testing.assert_allclose(model.forward(x), hand_logits(x), rtol=1e-12, atol=1e-12)  # hand_logits is right
+    h5, npz = saved_both_ways(tmp_path, state_of(model), {"model": model.describe(), **SAVED_META})
+    exported = export.export(h5, tmp_path / "exported.npz")
+    for loaded, _ in (inference.load_model(h5), inference.load_model_from_checkpoint(h5),
+                      inference.load_model(npz), inference.load(exported)):
+        assert loaded.params.dtype == np.float64
+        np.testing.assert_allclose(loaded.forward(x), hand_logits(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_conv_model_with_batchnorm_is_rebuilt_to_its_own_logits_from_h5_and_npz(tmp_path):
+    model = Sequential([L.Conv2D(4, 3), L.BatchNorm(), L.LeakyReLU(0.1), L.MaxPool2D(2), L.Flatten(),
+                        L.Dropout(0.5), L.Dense(16), L.BatchNorm(), L.PReLU(), L.Dense(10)], (28, 28, 1),
+                       get_backend("cpu", "float64"), seed=3)
+    rng = np.random.default_rng(3)
+    model.params[...] = rng.standard_normal(model.num_params) * 0.3
+    for buf in model.named_buffers().values():
+        buf[...] = rng.uniform(0.5, 1.5, buf.shape)
+    x = rng.standard_normal((5, 28, 28, 1))
+    want = np.array(model.forward(x))
+    h5, npz = saved_both_ways(tmp_path, state_of(model), {"model": model.describe(), **SAVED_META})
+    for path in (h5, npz, export.export(h5, tmp_path / "exported.npz")):
+        loaded, _ = inference.load_model(path)
+        np.testing.assert_allclose(loaded.forward(x), want, rtol=1e-12, atol=1e-12)
+
+
+def _shorter(key):
+    return lambda arrays: arrays.update({key: arrays[key][:-1]})
+
+
+@pytest.mark.parametrize("damage, meta_change, expected", [
+    (_shorter("params"), {}, "20 parameters, but its model description has 21"),
+    (_shorter("buffers/batchnorm.running_var"), {}, "buffer 'batchnorm.running_var' is missing or of the wrong shape"),
+    (lambda a: a.pop("buffers/batchnorm.running_mean"), {}, "buffer 'batchnorm.running_mean' is missing"),
+    (None, {"model": None}, "holds no model description"),
+    (None, {"model": {"input_shape": [2, 2, 1], "layers": [{"type": "Bogus"}]}}, "bad model description"),
+], ids=["parameter count", "buffer shape", "missing buffer", "no description", "bad description"])
+def test_a_saved_state_that_does_not_fit_its_description_is_an_error_naming_the_file(damage, meta_change, expected,
+                                                                                     tmp_path):
+    model = hand_model()
+    assert model.num_params == 21  # W 4x3 + b 3 + gamma 3 + beta 3
+    arrays = state_of(model)
+    if damage:
+        damage(arrays)
+    h5, npz = saved_both_ways(tmp_path, arrays, {"model": model.describe(), **SAVED_META, **meta_change})
+    for path, load in ((h5, inference.load_model), (h5, inference.load_model_from_checkpoint),
+                       (npz, inference.load_model)):
+        with pytest.raises(ckpt.CheckpointError, match=expected) as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
 # ---- no MPI (and, for .npz, no h5py) in a fresh interpreter ------------------------------------
 
 def run_python(code, *args):
@@ -410,6 +505,7 @@ def test_readme_npz_snippet(trained, tmp_path, monkeypatch):
     x = normalize(images, meta["mean"], meta["std"], model.backend.dtype)  # (N, 28, 28) uint8 -> (N, 28, 28, 1)
     probs = probabilities(model.predict(x))  # (N, classes), float64; names: meta["class_names"]
     # --- end README snippet
+    assert normalize is loader_normalize  # the data loader's own, tested in test_data_reader
     assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1)
     assert np.array_equal(probs, reference_probs(trained, images))
 
