@@ -2,11 +2,11 @@
 
     python bench/cpu_throughput.py                       # table for batch 64/128/256 + per-layer split
     python bench/cpu_throughput.py --batches 128 --no-torch
-    python bench/cpu_throughput.py --ranks                # also 2 ranks x 1 thread vs 1 rank x 2 threads
-    python bench/cpu_throughput.py --batches 128 --mkl    # also ddp_cnn with --blas mkl (pip install mkl)
+    python bench/cpu_throughput.py --ranks                # also N ranks x 1 BLAS thread vs 1 rank x N threads
 
 Every framework runs in its own subprocess, so its peak RSS (``ru_maxrss``)
-is its own and the BLAS thread count is fixed before NumPy or PyTorch loads.
+is its own and the BLAS thread count (``--threads``, default: every core) is
+fixed before NumPy or PyTorch loads: ddp_cnn in one process uses BLAS's own threads.
 The workers of one batch size stay alive side by side and take turns: one
 timed repeat each, in rotating order, ``--rounds`` x ``--repeats`` times, so
 a slow spell of a shared VM hits every framework alike; the ratio is also
@@ -106,14 +106,7 @@ def ddp_setup(args):
     from ddp_cnn.layers import SoftmaxCrossEntropy
 
     x_all, y_all = load_images(args.data, N_IMAGES)
-    # "ddp-blas": the layers in one thread, BLAS with its own threads (ddp_cnn before ddp_cnn.threads).
-    backend = get_backend("cpu", threads=1 if args.worker == "ddp-blas" else None)
-    if args.worker == "ddp-mkl" or (args.worker == "profile" and args.mkl):  # GEMMs on MKL (--blas mkl)
-        from ddp_cnn import blas
-        blas.use("mkl")
-    model = model_mod.build("fmnist-cnn", backend, seed=0)
-    # "ddp-layers": each layer split over the threads (ddp_cnn before the batch replicas).
-    model.thread_replicas = args.worker != "ddp-layers"
+    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     return model, opt, SoftmaxCrossEntropy(), x_all, y_all
 
@@ -213,7 +206,7 @@ def worker_profile(args) -> dict:
         step(i, totals)
     wall = clock() - t0
     assert np.isfinite(model.params).all()
-    return {"framework": "ddp_cnn-profile", "batch": b, "mkl": bool(args.mkl),
+    return {"framework": "ddp_cnn-profile", "batch": b,
             "ms_per_step": {k: 1e3 * v / steps for k, v in totals.items()},
             "wall_ms_per_step": 1e3 * wall / steps, "images_per_s": b * steps / wall}
 
@@ -277,8 +270,7 @@ def worker_mpi(args) -> dict:
             "is_root": comm.is_root}
 
 
-WORKERS = {"ddp": worker_ddp, "ddp-layers": worker_ddp, "ddp-blas": worker_ddp, "ddp-mkl": worker_ddp,
-           "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
+WORKERS = {"ddp": worker_ddp, "torch": worker_torch, "profile": worker_profile, "mpi": worker_mpi}
 
 
 # ---- driver -------------------------------------------------------------------
@@ -294,8 +286,6 @@ def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--batch", str(batch),
            "--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
-    if kind == "profile" and args.mkl:
-        cmd.append("--mkl")
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks)] + cmd
     return cmd, env
@@ -349,7 +339,7 @@ class Served:
 def print_profile(p: dict) -> None:
     ms = p["ms_per_step"]
     total = sum(ms.values())
-    print(f"\nddp_cnn per-layer split{' (--blas mkl)' if p.get('mkl') else ''}, batch {p['batch']}: "
+    print(f"\nddp_cnn per-layer split, batch {p['batch']}: "
           f"{p['wall_ms_per_step']:.1f} ms/step "
           f"({p['images_per_s']:.0f} img/s while timing each layer)")
     print(f"| {'phase':<22} | {'ms/step':>8} | {'share':>6} |")
@@ -358,7 +348,7 @@ def print_profile(p: dict) -> None:
         print(f"| {key:<22} | {v:8.2f} | {100 * v / total:5.1f}% |")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS / torch threads")
@@ -372,34 +362,23 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer split")
     p.add_argument("--profile-batch", type=int, default=128)
     p.add_argument("--ranks", action="store_true",
-                   help="also: 2 ranks x 1 BLAS thread vs 1 rank x 2 threads (mpirun), with the allreduce share")
+                   help="also: N ranks x 1 BLAS thread vs 1 rank x N BLAS threads, N = the cores (mpirun), "
+                        "with the allreduce share")
     p.add_argument("--bucket-mb", type=float, default=4.0, help="allreduce bucket size (as ddp_cnn.train)")
     p.add_argument("--unset-coretype", action="store_true",
                    help="drop OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers (benchmark only)")
-    p.add_argument("--mkl", action="store_true",
-                   help="also time ddp_cnn with its GEMMs on Intel MKL (--blas mkl; needs `pip install mkl`); "
-                        "the per-layer split then runs on MKL too")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    if args.worker:
-        result = WORKERS[args.worker](args)
-        if result.get("is_root", True):  # under mpirun, rank 0 alone reports
-            print(json.dumps(result), flush=True)
-        return 0
 
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
-          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
-          f"{args.threads} thread(s); data {args.data}; median of {args.rounds * args.repeats} x {args.steps} steps "
-          f"after {args.warmup} warm-up")
-    # Every worker of a batch size stays alive; their timed repeats alternate, a few
-    # seconds each, so that a slow spell of a shared machine hits all of them.
-    kinds = ("ddp", "ddp-layers", "ddp-blas")
-    kinds += ("ddp-mkl",) if args.mkl else ()
-    kinds += () if args.no_torch else ("torch",)
-    results, rows = [], []
+def time_frameworks(args) -> list:
+    """(batch, {kind: summary}) per batch size.  Every worker of a batch size stays alive;
+    their timed repeats alternate, a few seconds each, so that a slow spell of a shared
+    machine hits all of them."""
+    kinds = ("ddp",) + (() if args.no_torch else ("torch",))
+    rows = []
     for b in args.batches:
         workers: dict = {}
         try:
@@ -414,23 +393,20 @@ def main(argv=None) -> int:
             for w in workers.values():
                 if w.proc.poll() is None:  # close() has waited for the ones that ended well
                     w.proc.kill()
-        results += list(done.values())
         rows.append((b, done))
+    return rows
+
+
+def print_frameworks(rows, args) -> None:
     first = rows[0][1]
-    print(f"BLAS: {first['ddp']['blas']}; cores in use while timing: ddp_cnn {first['ddp']['cpu_per_wall']:.2f}, "
-          f"per-layer split {first['ddp-layers']['cpu_per_wall']:.2f}, BLAS threads ({first['ddp-blas']['blas']}) "
-          f"{first['ddp-blas']['cpu_per_wall']:.2f}"
+    print(f"BLAS: {first['ddp']['blas']}; cores in use while timing: ddp_cnn {first['ddp']['cpu_per_wall']:.2f}"
           + ("" if args.no_torch else f", torch {first['torch']['torch']} ({first['torch']['torch_threads']} "
                                       f"threads) {first['torch']['cpu_per_wall']:.2f}"))
-    print("\n(ddp_cnn: each thread runs the whole network on its share of the batch, BLAS in one thread each; "
-          "per-layer split: each layer's pass split over the threads; BLAS threads: the layers in one thread, "
-          "BLAS with its own threads)")
-    print("| batch | ddp_cnn img/s | per-layer split | BLAS threads | PyTorch img/s | ratio | ddp_cnn peak RSS MB "
-          "| PyTorch peak RSS MB | RSS ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | ddp_cnn img/s | PyTorch img/s | ratio | ddp_cnn peak RSS MB | PyTorch peak RSS MB | RSS ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for b, done in rows:
-        d, lay, old, t = done["ddp"], done["ddp-layers"], done["ddp-blas"], done.get("torch")
-        head = f"| {b} | {d['images_per_s']:.0f} | {lay['images_per_s']:.0f} | {old['images_per_s']:.0f} |"
+        d, t = done["ddp"], done.get("torch")
+        head = f"| {b} | {d['images_per_s']:.0f} |"
         if t:
             print(f"{head} {t['images_per_s']:.0f} | {d['images_per_s'] / t['images_per_s']:.2f} | "
                   f"{d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
@@ -438,43 +414,57 @@ def main(argv=None) -> int:
             print(f"{head} - | - | {d['peak_rss_mb']:.0f} | - | - |")
     if not args.no_torch:  # the ratio repeat by repeat: both timed within seconds of each other
         for b, done in rows:
-            for kind in ("ddp",) + (("ddp-mkl",) if args.mkl else ()):
-                pairs = sorted(a / c for a, c in zip(done[kind]["rates"], done["torch"]["rates"]))
-                print(f"batch {b}: ratio of each {'--blas mkl ' if kind == 'ddp-mkl' else ''}repeat to the PyTorch "
-                      f"repeat beside it: median {statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} "
-                      f"({len(pairs)} pairs)")
-    if args.mkl:
-        print("\nddp_cnn --blas mkl (the replicas, GEMMs on MKL):")
-        print("| batch | img/s | against ddp_cnn | against PyTorch | peak RSS MB |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
-        for b, done in rows:
-            m, d, t = done["ddp-mkl"], done["ddp"], done.get("torch")
-            print(f"| {b} | {m['images_per_s']:.0f} | {m['images_per_s'] / d['images_per_s']:.2f} | "
-                  + (f"{m['images_per_s'] / t['images_per_s']:.2f}" if t else "-") + f" | {m['peak_rss_mb']:.0f} |")
+            pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["torch"]["rates"]))
+            print(f"batch {b}: ratio of each repeat to the PyTorch repeat beside it: median "
+                  f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
+
+
+def compare_ranks(args) -> list:
+    """1 rank with BLAS threads = cores against one rank per core with 1 BLAS thread
+    each, interleaved round by round; prints the median rounds, returns every result."""
+    cores = os.cpu_count() or 1
+    print(f"\nOne node, global batch {args.profile_batch}, bucket {args.bucket_mb} MB: 1 rank with BLAS threads "
+          f"= cores, against one rank per core with 1 BLAS thread each:")
+    print("| layout | img/s | ms/step | allreduce time / step time | exposed (waited) share |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    layouts = ((1, cores), (cores, 1))
+    per_layout: dict = {}
+    for _ in range(args.rounds):
+        for ranks, threads in layouts:
+            per_layout.setdefault(ranks, []).append(run_worker("mpi", args, args.profile_batch, threads, ranks))
+    results = []
+    for ranks, threads in layouts:
+        rs = sorted(per_layout[ranks], key=lambda r: r["images_per_s"])
+        results += rs
+        r = rs[len(rs) // 2]  # the median round
+        print(f"| {ranks} rank(s) x {threads} BLAS thread(s) | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+              f"{100 * r['comm_share']:.1f}% | {100 * r['exposed_share']:.1f}% |")
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        if result.get("is_root", True):  # under mpirun, rank 0 alone reports
+            print(json.dumps(result), flush=True)
+        return 0
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+          f"{args.threads} thread(s); data {args.data}; median of {args.rounds * args.repeats} x {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    rows = time_frameworks(args)
+    print_frameworks(rows, args)
+    results = [summary for _, done in rows for summary in done.values()]
     if not args.no_profile:
         prof = run_worker("profile", args, args.profile_batch, args.threads)
         results.append(prof)
         print_profile(prof)
     if args.ranks:
-        cores = os.cpu_count() or 1
-        print(f"\nData parallel on this machine, global batch {args.profile_batch}, bucket {args.bucket_mb} MB:")
-        print("| layout | img/s | ms/step | allreduce time / step time | exposed (waited) share |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        layouts = ((1, cores), (cores, 1))
-        per_layout: dict = {}
-        for _ in range(args.rounds):  # interleaved, like the table above
-            for ranks, threads in layouts:
-                per_layout.setdefault(ranks, []).append(run_worker("mpi", args, args.profile_batch, threads, ranks))
-        for ranks, threads in layouts:
-            rs = sorted(per_layout[ranks], key=lambda r: r["images_per_s"])
-            results += rs
-            r = rs[len(rs) // 2]  # the median round
-            print(f"| {ranks} rank(s) x {threads} thread(s) | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
-                  f"{100 * r['comm_share']:.1f}% | {100 * r['exposed_share']:.1f}% |")
+        results += compare_ranks(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import threads as _threads
-
 try:  # CuPy is optional: CPU-only machines import everything without it.
     import cupy as _cupy
 except Exception:  # ImportError, or a CUDA library that fails to load
@@ -49,44 +47,36 @@ class Backend:
 
     @property
     def is_gpu(self) -> bool:
+        """The one question layers ask to pick their CPU or GPU implementation (once, at build)."""
         return self.device_id is not None
 
-    def asarray(self, a, dtype=None):
-        """Host (or device) array to this backend's device, in `dtype` (default: the model dtype)."""
-        return self.xp.asarray(a, dtype=self.dtype if dtype is None else dtype)
 
-    def to_host(self, a) -> np.ndarray:
-        """Any array to a NumPy array (a device-to-host copy on GPU)."""
-        return to_host(a)
-
-    def synchronize(self) -> None:
-        if self.is_gpu:
-            _cupy.cuda.get_current_stream().synchronize()
+def on_gpu(a) -> bool:
+    """Whether `a`, an array or an array module, is CuPy's: the same question as
+    :attr:`Backend.is_gpu`, for helpers that see only arrays."""
+    return _cupy is not None and (a is _cupy or isinstance(a, _cupy.ndarray))
 
 
 def to_host(a) -> np.ndarray:
-    if _cupy is not None and isinstance(a, _cupy.ndarray):
-        return _cupy.asnumpy(a)
-    return np.asarray(a)
+    """Any array as a NumPy array (a device-to-host copy for a CuPy one)."""
+    return _cupy.asnumpy(a) if on_gpu(a) else np.asarray(a)
 
 
 def array_module(a):
     """numpy or cupy, whichever owns `a`."""
-    if _cupy is not None and isinstance(a, _cupy.ndarray):
-        return _cupy
-    return np
+    return _cupy if on_gpu(a) else np
 
 
 def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 0,
-                local_size: int = 1, threads: int | None = None) -> Backend:
+                local_size: int = 1) -> Backend:
     """Pick and bind the compute device.
 
     device: ``cpu``, ``gpu`` (error if none) or ``auto`` (GPU when CuPy sees one).
     A rank binds GPU ``local_rank % device_count`` *before* any other CUDA work,
     so that no rank creates a context on GPU 0 by accident.  More ranks than
-    GPUs on a node share GPUs, with a warning.
-    On the CPU, the layers split their work over `threads` threads (None: as
-    configured before, else the cores of this rank; see :mod:`ddp_cnn.threads`).
+    GPUs on a node share GPUs, with a warning.  On the CPU, one process uses
+    BLAS's own threads (ddp_cnn/__init__ gives each rank of a node its share
+    of the cores under mpirun).
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"--device: expected auto|cpu|gpu, got {device!r}")
@@ -97,7 +87,6 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
         reason = "CuPy is not installed" if _cupy is None else "CuPy sees no CUDA device"
         raise RuntimeError(f"--device gpu: {reason}; install cupy-cuda12x/cupy-cuda13x or use --device cpu")
     if n_gpus == 0:
-        _threads.configure(threads)
         return Backend(np, DTYPES[dtype], None)
     device_id = local_rank % n_gpus
     if local_size > n_gpus and local_rank < n_gpus:
@@ -119,4 +108,3 @@ def host_rng(*key: int) -> np.random.Generator:
 # ever draw from the same sequence.
 STREAM_INIT = 1
 STREAM_DROPOUT = 2
-STREAM_DATA = 3

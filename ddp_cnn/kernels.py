@@ -6,18 +6,17 @@ transpose after the GEMM, and batch norm reduces over every axis but the last.
 
 Each helper here is written once against ``xp`` (NumPy or CuPy).  Where a
 dedicated GPU kernel is faster it is added beside its NumPy twin, and the
-pair is tested against each other.  On the CPU the heavy helpers split
-the batch between the threads of :mod:`ddp_cnn.threads` (:func:`split_batch`).
+pair is tested against each other.  On the CPU the heavy helpers work a
+cache-sized chunk of images at a time (:func:`batch_chunks`); on a GPU,
+on the whole batch at once.
 """
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
-from . import threads
-from .backend import array_module
+from .backend import array_module, on_gpu
 
 
 def conv_out_size(size: int, k: int, stride: int, pad_before: int, pad_after: int) -> int:
@@ -43,14 +42,15 @@ def resolve_padding(padding, size_hw, k_hw, stride):
     raise ValueError(f"padding: expected 'valid', 'same' or an int >= 0, got {padding!r}")
 
 
-def pad_nhwc(x, pads, value=0.0):
-    """Pad H and W of an NHWC array; returns x itself when there is nothing to pad."""
+def pad_nhwc(x, pads, value=0.0, out=None):
+    """Pad H and W of an NHWC array (into `out` if given); returns x itself when there is nothing to pad."""
     (t, b), (l, r) = pads
     if t == b == l == r == 0:
         return x
-    xp = array_module(x)
     n, h, w, c = x.shape
-    out = xp.full((n, h + t + b, w + l + r, c), value, dtype=x.dtype)
+    if out is None:
+        out = array_module(x).empty((n, h + t + b, w + l + r, c), dtype=x.dtype)
+    out.fill(value)
     out[:, t:t + h, l:l + w, :] = x
     return out
 
@@ -87,51 +87,36 @@ def col2im(cols, padded_shape, kh, kw, stride, oh, ow):
 class Scratch:
     """Arrays a layer reuses from step to step instead of allocating anew.
 
-    A fresh large array is page-faulted in again whenever glibc has handed
-    the previous one back to the OS, and whether it has depends on its
-    heuristics: at batch 128 a step spent 3 ms or 25 ms in page faults
-    (155 against 180 ms a step) after unrelated changes.  Two kinds:
-
-    - :meth:`get`: state the layer keeps to itself (im2col rows, masks); one
-      buffer per name grows to the largest request and smaller requests (the
-      last, short batch) get a view of its start.
-    - :meth:`output`: an array the layer returns.  On NumPy it is the one
-      returned last time when nobody holds it any more (no reference, no
-      view: the reference count says so), so a caller never sees an array
-      it holds change; otherwise a fresh one.
+    In train mode every working and output array of a layer comes from here:
+    one array per (name, shape, dtype), allocated on first use and handed out
+    again, the same memory, at every later step of that shape.  So the
+    layers that use it allocate nothing after the first training step (what
+    a CUDA graph needs), and the CPU does not page-fault fresh arrays in
+    again whenever glibc's heuristics have handed the previous ones back to
+    the OS.  The price: an array a layer returned in train mode is
+    overwritten by its next training forward (or backward); eval mode
+    allocates fresh arrays, so predictions a caller holds never change.
     """
 
     def __init__(self):
         self.arrays: dict = {}
 
     def get(self, name: str, shape, dtype, xp):
-        """A C-contiguous array of `shape` (contents undefined) owned by this scratch."""
-        size = math.prod(shape)
-        buf = self.arrays.get(name)
-        if buf is None or buf.size < size or buf.dtype != dtype or array_module(buf) is not xp:
-            buf = xp.empty(size, dtype=dtype)
-            self.arrays[name] = buf
-        return buf[:size].reshape(shape)
+        """The C-contiguous array called `name` of this shape and dtype (contents undefined)."""
+        key = (name, tuple(int(s) for s in shape), np.dtype(dtype))
+        buf = self.arrays.get(key)
+        if buf is None:
+            buf = self.arrays[key] = xp.empty(key[1], dtype=dtype)
+        return buf
 
     def ones(self, name: str, n: int, dtype, xp):
         """`n` ones owned by this scratch: with a GEMV (ones @ rows) they sum rows,
         2-5x faster than rows.sum(axis=0) and, on a GPU, than CuPy's reductions."""
+        key = (name, (int(n),), np.dtype(dtype))
+        fresh = key not in self.arrays
         buf = self.get(name, (n,), dtype, xp)
-        buf.fill(1)
-        return buf
-
-    def output(self, name: str, shape, dtype, xp):
-        """An array of `shape` (contents undefined) that no one else references."""
-        shape = tuple(shape)
-        buf = self.arrays.get(name)
-        # 3 references: self.arrays, `buf` and getrefcount's argument.  A view
-        # a caller keeps references its base, so it counts too.
-        if (xp is np and buf is not None and buf.shape == shape and buf.dtype == dtype
-                and sys.getrefcount(buf) == 3):
-            return buf
-        buf = xp.empty(shape, dtype=dtype)
-        if xp is np:  # CuPy's memory pool already recycles device memory
-            self.arrays[name] = buf
+        if fresh:
+            buf.fill(1)
         return buf
 
 
@@ -205,28 +190,18 @@ L2_BYTES = 1 * 2**20
 CHUNK_BYTES = 4 * 2**20
 
 
-def images_per_chunk(xp, n: int, bytes_per_image: int, budget: int | None = None) -> int:
-    """How many images to process at once: all of them on a GPU, a cache-sized share
-    (`budget` bytes, default CHUNK_BYTES) on the CPU."""
-    if xp is not np:
-        return max(n, 1)
+def batch_chunks(n: int, bytes_per_image: int, budget: int | None = None):
+    """(start, stop) ranges over a batch of n on the CPU, as many images each as fit
+    in `budget` bytes (default CHUNK_BYTES), at least one."""
     budget = CHUNK_BYTES if budget is None else budget
-    return max(1, min(n, budget // max(bytes_per_image, 1)))
-
-
-def batch_chunks(xp, n: int, bytes_per_image: int, budget: int | None = None):
-    """(start, stop) ranges over a batch of n, :func:`images_per_chunk` images each."""
-    step = images_per_chunk(xp, n, bytes_per_image, budget)
+    step = max(1, min(n, budget // max(bytes_per_image, 1)))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
-def split_batch(xp, n: int, fn, nbytes: int) -> int:
-    """fn(part, start, stop) over the batch split between the CPU threads
-    (:func:`threads.parallel`); one call with the whole batch on a GPU.  Returns the parts."""
-    if xp is not np:
-        fn(0, 0, n)
-        return 1
-    return threads.parallel(n, fn, nbytes)
+def _chunks(x, bytes_per_image: int, budget: int):
+    """:func:`batch_chunks` over x's batch on the CPU; the whole batch on a GPU."""
+    n = x.shape[0]
+    return [(0, n)] if on_gpu(x) else batch_chunks(n, bytes_per_image, budget)
 
 
 def pool_tiles_forward(x, kh, kw, mode, y=None, arg=None):
@@ -249,20 +224,17 @@ def pool_tiles_forward(x, kh, kw, mode, y=None, arg=None):
         y = xp.empty((n, h // kh, w // kw, c), dtype=x.dtype)
     if arg is None:
         arg = xp.empty(y.shape, dtype=np.uint8)
-
-    def part(_, start, stop):
-        arg[start:stop].fill(0)
-        for a, b in batch_chunks(xp, stop - start, h * w * c * x.dtype.itemsize, L2_BYTES):
-            a, b = a + start, b + start
-            xa, ya, arga = x[a:b], y[a:b], arg[a:b]
-            ya[...] = xa[:, 0::kh, 0::kw, :]
-            wins = xp.empty(ya.shape, dtype=bool)
-            for k in range(1, kh * kw):
-                v = xa[:, k // kw::kh, k % kw::kw, :]
-                better(v, ya, out=wins)  # strictly: ties keep the earlier position
-                xp.maximum(arga, wins.view(np.uint8) * np.uint8(k), out=arga)
-                pick(ya, v, out=ya)
-    split_batch(xp, n, part, 2 * x.nbytes)
+    arg.fill(0)
+    chunks = _chunks(x, h * w * c * x.dtype.itemsize, L2_BYTES)
+    wins = xp.empty((chunks[0][1],) + y.shape[1:], dtype=bool)
+    for a, b in chunks:
+        xa, ya, arga, wa = x[a:b], y[a:b], arg[a:b], wins[:b - a]
+        ya[...] = xa[:, 0::kh, 0::kw, :]
+        for k in range(1, kh * kw):
+            v = xa[:, k // kw::kh, k % kw::kw, :]
+            better(v, ya, out=wa)  # strictly: ties keep the earlier position
+            xp.maximum(arga, wa.view(np.uint8) * np.uint8(k), out=arga)
+            pick(ya, v, out=ya)
     return y, arg
 
 
@@ -272,14 +244,10 @@ def pool_tiles_backward(dy, arg, kh, kw, dx=None):
     n, oh, ow, c = dy.shape
     if dx is None:
         dx = xp.empty((n, oh * kh, ow * kw, c), dtype=dy.dtype)
-
-    def part(_, start, stop):
-        for a, b in batch_chunks(xp, stop - start, oh * ow * c * dy.dtype.itemsize * kh * kw, L2_BYTES):
-            a, b = a + start, b + start
-            for k in range(kh * kw):
-                # A float one-hot: multiplying by a bool array casts element by element (3x slower).
-                xp.multiply(dy[a:b], (arg[a:b] == k).astype(dy.dtype), out=dx[a:b, k // kw::kh, k % kw::kw, :])
-    split_batch(xp, n, part, 2 * dx.nbytes)
+    for a, b in _chunks(dy, oh * ow * c * dy.dtype.itemsize * kh * kw, L2_BYTES):
+        for k in range(kh * kw):
+            # A float one-hot: multiplying by a bool array casts element by element (3x slower).
+            xp.multiply(dy[a:b], (arg[a:b] == k).astype(dy.dtype), out=dx[a:b, k // kw::kh, k % kw::kw, :])
     return dx
 
 
@@ -293,23 +261,10 @@ def leaky_relu(x, alpha, slope=None, y=None):
     xp = array_module(x)
     slope = xp.empty_like(x) if slope is None else slope
     y = xp.empty_like(x) if y is None else y
-
-    def part(_, a, b):
-        slope[a:b] = x[a:b] > 0
-        xp.maximum(slope[a:b], x.dtype.type(alpha), out=slope[a:b])
-        xp.multiply(x[a:b], slope[a:b], out=y[a:b])
-    split_batch(xp, x.shape[0], part, 3 * x.nbytes)
+    slope[...] = x > 0
+    xp.maximum(slope, x.dtype.type(alpha), out=slope)
+    xp.multiply(x, slope, out=y)
     return y, slope
-
-
-def multiply_into(a, b, out):
-    """out = a * b for arrays of one shape, split over the batch (first) axis."""
-    xp = array_module(a)
-
-    def part(_, start, stop):
-        xp.multiply(a[start:stop], b[start:stop], out=out[start:stop])
-    split_batch(xp, a.shape[0], part, 3 * a.nbytes)
-    return out
 
 
 def unpad_nhwc(x, pads):
@@ -325,42 +280,25 @@ def scatter_windows(d_windows, padded_shape, kh, kw, stride, oh, ow):
     return col2im(d_windows.reshape(n * oh * ow, kh * kw * c), padded_shape, kh, kw, stride, oh, ow)
 
 
-def dropout_mask(shape, p: float, key: tuple, xp, dtype, start: int = 0):
-    """Inverted-dropout multiplier: 0 with probability p, 1/(1-p) otherwise.
+def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None):
+    """Inverted-dropout multiplier: 0 with probability p, 1/(1-p) otherwise, into `out` if given.
 
     Drawn from a generator derived from `key` (seed, stream, rank, step,
     layer), so a resumed run draws exactly the masks of an uninterrupted one.
-    `start` (CPU only): the mask is elements start, start+1, ... of that
-    stream, so a replica holding images a..b of a batch draws exactly those
-    rows of the whole batch's mask (start = a * elements per image).
+    On the CPU the mask is one float32 draw of ``default_rng(key)`` over the
+    whole batch (into `uniform`, float32, if given).
     """
     keep = 1.0 - p
     scale = dtype(1.0 / keep) if isinstance(dtype, type) else 1.0 / keep
-    if xp is not np:
-        if start:
-            raise ValueError("dropout_mask: start is for the CPU's batch replicas only")
+    if on_gpu(xp):
         # One hashing pass (cuda_kernels.dropout_mask): setting up a CuPy generator
         # every step costs more than the mask.  Not the CPU's stream: GPU runs are
         # reproducible on the GPU.
         from . import cuda_kernels
         seed = int(np.random.default_rng([int(k) for k in key]).integers(2**63))
         return cuda_kernels.dropout_mask(shape, keep, scale, seed, dtype)
-    mask = np.empty(shape, dtype=dtype)
-    flat, size = mask.reshape(-1), mask.size
-
-    # Split over the CPU threads, each drawing its share of the one stream that
-    # default_rng(key) gives: float32 draws 2i and 2i+1 come from 64-bit output
-    # i of PCG64, so a thread starting at pair i advances the generator by i.
-    # The masks are bitwise those of a single draw, whatever the thread count.
-    first = start // 2
-
-    def pairs(_, a, b):
-        lo, hi = max(2 * (first + a), start), min(2 * (first + b), start + size)  # stream positions
-        generator = np.random.PCG64(np.random.SeedSequence([int(k) for k in key]))
-        generator.advance(first + a)
-        u = np.random.Generator(generator).random(2 * (b - a), dtype=np.float32)[lo - 2 * (first + a):]
-        out = flat[lo - start:hi - start]
-        out[...] = u[:hi - lo] < keep
-        out *= scale
-    threads.parallel((start + size + 1) // 2 - first, pairs, 4 * size)
+    mask = np.empty(shape, dtype=dtype) if out is None else out
+    u = np.random.default_rng([int(k) for k in key]).random(shape, dtype=np.float32, out=uniform)
+    np.less(u, keep, out=mask)
+    mask *= scale
     return mask

@@ -4,6 +4,11 @@ Every layer's parameters and gradients are views into ``model.params`` and
 ``model.grads``.  The allreduce, the optimizer, the broadcast and the
 checkpoint each handle one array, never a list of tensors.
 
+``model.grads`` is ``model.grad_buffer[:num_params]``: the gradient storage
+has one spare element after the gradients, which carries the step's flags
+(a stop request, a non-finite gradient) through the same allreduce as the
+gradients, so a step needs no collective of its own for them.
+
 Parameters are laid out in *reverse* layer order: backward produces the last
 layer's gradients first, so the gradient buffer fills from its start, and a
 bucket ``grads[a:b]`` is complete as soon as backward has passed the layer
@@ -15,7 +20,6 @@ import numpy as np
 
 from . import init as initializers
 from . import layers as L
-from . import threads
 from .backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
 
 
@@ -32,13 +36,6 @@ class Sequential:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.seed = int(seed)
         self.rank = 0
-        # Training on a CPU with several threads: each thread runs the whole stack on
-        # its share of the batch (replicas), unless a layer keeps state across steps
-        # (BatchNorm).  Evaluation splits each layer instead, so that an image's
-        # logits do not depend on the batch it comes in.
-        self.thread_replicas = True
-        self._replicas: list = []
-        self._split = None  # the ranges of the last replicated training forward
         _unique_names(self.layers)
         shape = self.input_shape
         for layer in self.layers:
@@ -66,7 +63,8 @@ class Sequential:
         for i, spec, off in sorted(self.entries, key=lambda e: (e[0], e[2])):
             fn = initializers.get(spec.init)
             host[off:off + int(np.prod(spec.shape))] = fn(rng, spec.shape, spec.fan_in, spec.fan_out).ravel()
-        self._bind(xp.asarray(host.astype(dtype)), xp.zeros(offset, dtype=dtype))
+        self.grad_buffer = xp.zeros(offset + 1, dtype=dtype)  # + the flags element (module docstring)
+        self._bind(xp.asarray(host.astype(dtype)), self.grad_buffer[:offset])
         self.decay_ranges = _merge_ranges(
             [(off, off + int(np.prod(spec.shape))) for _, spec, off in self.entries if spec.decay])
 
@@ -100,111 +98,28 @@ class Sequential:
                              f"got {x.dtype}")
 
     def forward(self, x, train: bool = False, step: int = 0):
-        """Logits for a batch.  `step` keys the dropout masks (with seed and rank)."""
+        """Logits for a batch.  `step` keys the dropout masks (with seed and rank).
+
+        In train mode every layer works in buffers it reuses from step to step,
+        so the logits returned are valid until the next training forward (copy
+        them to keep them); eval mode allocates fresh arrays.
+        """
         self.check_input(x)
-        self._split = None
-        ranges = self._replica_ranges(x.shape[0]) if train else [(0, x.shape[0])]
-        if len(ranges) == 1:
-            return self._forward_layers(x, train, step, 0)
-        # One thread per share of the batch, each through the whole stack on its
-        # own replica: one hand-over per step instead of one per pass, which
-        # lets the cores run apart (a VM's cores are not always there at once).
-        out = self.xp.empty((x.shape[0],) + tuple(self.output_shape), dtype=x.dtype)
-        stacks = [self] + self._replicas
-
-        def share(j, a, b):
-            with threads.serial():
-                out[a:b] = stacks[j]._forward_layers(x[a:b], train, step, a)
-        threads.run(ranges, share)
-        self._split = ranges
-        return out
-
-    def _forward_layers(self, x, train, step, first_image):
         for i, layer in enumerate(self.layers):
             if isinstance(layer, L.Dropout):
                 layer.key = (self.seed, STREAM_DROPOUT, self.rank, step, i)
-                layer.first_image = first_image
             x = layer.forward(x, train)
         return x
 
     def backward(self, dlogits, on_layer_done=None) -> None:
         """Fill ``self.grads``.  ``on_layer_done(i)`` runs after layer i's backward,
-        when grads[:layer_ends[i]]... is final (the reducer starts buckets there)."""
-        if self._split is None:
-            self._backward_layers(dlogits, on_layer_done)
-            return
-        ranges, self._split = self._split, None
-        stacks = [self] + self._replicas[:len(ranges) - 1]
-        # The gradient is the sum of the shares' (dlogits already holds the 1/batch),
-        # added in replica order, so a run is deterministic for a thread count.
-        if on_layer_done is None:  # add everything at the end, split over the threads
-            threads.run(ranges, lambda j, a, b: stacks[j]._backward_share(dlogits[a:b]))
-
-            threads.parallel(self.grads.size, lambda _, a, b: self._add_replica_grads(stacks, a, b),
-                             3 * self.grads.nbytes)
-            return
-        # With a hook (the reducer of several ranks), the calling thread adds up each
-        # layer as soon as every replica has passed it, and reports it, in layer
-        # order, between its own layers: the buckets' allreduces overlap the rest of
-        # backward, and MPI is only ever called from this thread.
-        passed = [len(self.layers)] * len(stacks)  # the last layer each replica has finished
-        pending = [len(self.layers) - 1]  # the next layer to add up and report
-
-        def report():
-            while pending[0] >= 0 and max(passed) <= pending[0]:
-                i = pending[0]
-                self._add_replica_grads(stacks, self.layer_offsets[i], self.layer_ends[i])
-                on_layer_done(i)
-                pending[0] -= 1
-
-        def share(j, a, b):
-            def done(i):
-                passed[j] = i
-                if j == 0:  # the calling thread
-                    report()
-            stacks[j]._backward_share(dlogits[a:b], done)
-        threads.run(ranges, share)
-        report()
-
-    def _add_replica_grads(self, stacks, a, b):
-        """grads[a:b] += each replica's, in replica order (stacks[0] is this model)."""
-        for replica in stacks[1:]:
-            self.grads[a:b] += replica.grads[a:b]
-
-    def _backward_share(self, dy, on_layer_done=None):
-        with threads.serial():
-            self._backward_layers(dy, on_layer_done)
-
-    def _backward_layers(self, dy, on_layer_done=None):
+        in reverse layer order, when grads[:layer_ends[i]] is final (the reducer
+        starts buckets there)."""
+        dy = dlogits
         for i in reversed(range(len(self.layers))):
             dy = self.layers[i].backward(dy, need_dx=i > 0)
             if on_layer_done is not None:
                 on_layer_done(i)
-
-    def _replica_ranges(self, n: int) -> list[tuple[int, int]]:
-        """How the batch is shared between replicas: one range per CPU thread, or
-        [(0, n)] (no replicas) on a GPU, with one thread, or when a layer keeps
-        state across steps (BatchNorm's running statistics would see one share)."""
-        if (not self.thread_replicas or self.backend.is_gpu or threads.count() == 1 or n < 2
-                or threads.in_serial() or any(layer.buffers for layer in self.layers)):
-            return [(0, n)]
-        ranges = threads.split(n, threads.count())
-        while len(self._replicas) < len(ranges) - 1:
-            self._replicas.append(self._replica())
-        for replica in self._replicas:  # the dropout keys name the model's seed and rank
-            replica.seed, replica.rank = self.seed, self.rank
-        return ranges
-
-    def _replica(self) -> "Sequential":
-        """A copy of the stack with its own layers (state, scratch) and gradient
-        buffer, whose parameters are views into this model's buffer."""
-        layers = [type(layer)(**layer.config) for layer in self.layers]
-        for copy, layer in zip(layers, self.layers):
-            copy.name = layer.name
-        replica = Sequential(layers, self.input_shape, self.backend, self.seed, self.name, self.arch_kwargs)
-        replica.thread_replicas = False
-        replica._bind(self.params, self.xp.zeros_like(self.grads))
-        return replica
 
     def predict(self, x, batch_size: int = 1024):
         """Eval-mode logits for any number of samples, in batches."""

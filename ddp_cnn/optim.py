@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import threads
+from .backend import array_module, on_gpu
 
 # Elements per slice of the fused CPU updates: five float32 slices of 1 MiB stay in L2.
 _CHUNK = 1 << 18
@@ -47,7 +47,8 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.decay_ranges = [(0, params.size)] if decay_ranges is None else list(decay_ranges)
         self.t = 0
-        xp = _xp(params)
+        self.gpu = on_gpu(params)  # the fused updates pick their CPU or GPU form by this, once
+        xp = array_module(params)
         self.state = {name: xp.zeros_like(params) for name in self.state_names}
         self.ema = float(ema)
         if self.ema:
@@ -73,17 +74,12 @@ class Optimizer:
         decay = min(self.ema, (1.0 + self.t) / (10.0 + self.t))
         weight = self.params.dtype.type(1.0 - decay)
         average, params = self.state["ema"], self.params
-
-        def part(_, a, b, chunk=_CHUNK):
-            for lo in range(a, b, chunk):
-                hi = min(b, lo + chunk)
-                delta = params[lo:hi] - average[lo:hi]
-                delta *= weight
-                average[lo:hi] += delta
-        if _xp(params) is np:  # L2-sized slices, split over the CPU threads
-            threads.parallel(params.size, part, 3 * params.nbytes)
-        else:  # three kernels over the whole buffer
-            part(0, 0, params.size, max(params.size, 1))
+        chunk = max(params.size, 1) if self.gpu else _CHUNK  # three kernels, or L2-sized slices
+        for lo in range(0, params.size, chunk):
+            hi = min(params.size, lo + chunk)
+            delta = params[lo:hi] - average[lo:hi]
+            delta *= weight
+            average[lo:hi] += delta
 
     @contextmanager
     def averaged_weights(self):
@@ -107,9 +103,9 @@ class Optimizer:
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
         for name in self.state_names:
-            self.state[name][...] = _xp(self.params).asarray(state[name])
+            self.state[name][...] = array_module(self.params).asarray(state[name])
         if self.ema:  # a checkpoint written without --ema: the average starts from its weights
-            self.state["ema"][...] = _xp(self.params).asarray(state["ema"]) if "ema" in state else self.params
+            self.state["ema"][...] = array_module(self.params).asarray(state["ema"]) if "ema" in state else self.params
 
 
 class SGD(Optimizer):
@@ -151,45 +147,39 @@ class Adam(Optimizer):
             raise ValueError(f"--beta1/--beta2 must be in [0, 1) and --eps > 0, got {beta1}, {beta2}, {eps}")
         super().__init__(params, grads, lr, **kw)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
-        self._tmps = {}  # one reused temporary per CPU thread
+        self._tmp = None if self.gpu else np.empty(max(1, min(_CHUNK, params.size)), dtype=params.dtype)
 
     def _update(self, lr):
-        xp = _xp(self.params)
         # Fold both bias corrections into one step size (as the Adam paper's sec. 2 suggests).
         step = lr * math.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
         eps_hat = self.eps * math.sqrt(1 - self.beta2 ** self.t)
-        if xp is not np:  # one fused kernel over the whole flat buffer (cuda_kernels.adam_update)
+        if self.gpu:  # one fused kernel over the whole flat buffer (cuda_kernels.adam_update)
             from . import cuda_kernels
             cuda_kernels.adam_update(self.params, self.grads, self.state["m"], self.state["v"],
                                      self.beta1, self.beta2, step, eps_hat)
             return
-        # In place, one cache-sized slice at a time, with one reused temporary: the
-        # same operations in the same order as m = b1 m + (1 - b1) g;
-        # v = b2 v + (1 - b2) g^2; p -= step * (m / (sqrt(v) + eps_hat)), so the
-        # result is bitwise that of the textbook lines.
-        threads.parallel(self.params.size, lambda part, a, b: self._adam_slices(part, a, b, step, eps_hat),
-                         self.params.nbytes * 5)
+        self._adam_cpu(step, eps_hat)
 
-    def _adam_slices(self, part, start, stop, step, eps_hat):
-        """The CPU update of elements start..stop (one thread's share), a slice at a time."""
-        xp = np  # this path is the CPU's
-        tmp = self._tmps.get(part)
-        if tmp is None or tmp.dtype != self.params.dtype or tmp.size < _CHUNK:
-            tmp = self._tmps[part] = np.empty(_CHUNK, dtype=self.params.dtype)
-        for a in range(start, stop, _CHUNK):
-            b = min(stop, a + _CHUNK)
+    def _adam_cpu(self, step, eps_hat):
+        """In place, one cache-sized slice at a time, with one reused temporary: the
+        same operations in the same order as m = b1 m + (1 - b1) g;
+        v = b2 v + (1 - b2) g^2; p -= step * (m / (sqrt(v) + eps_hat)), so the
+        result is bitwise that of the textbook lines."""
+        chunk = self._tmp.size
+        for a in range(0, self.params.size, chunk):
+            b = min(self.params.size, a + chunk)
             p, g = self.params[a:b], self.grads[a:b]
-            m, v, t = self.state["m"][a:b], self.state["v"][a:b], tmp[:b - a]
+            m, v, t = self.state["m"][a:b], self.state["v"][a:b], self._tmp[:b - a]
             m *= self.beta1
-            xp.multiply(g, 1 - self.beta1, out=t)
+            np.multiply(g, 1 - self.beta1, out=t)
             m += t
             v *= self.beta2
-            xp.multiply(g, g, out=t)
+            np.multiply(g, g, out=t)
             t *= 1 - self.beta2
             v += t
-            xp.sqrt(v, out=t)
+            np.sqrt(v, out=t)
             t += eps_hat
-            xp.divide(m, t, out=t)
+            np.divide(m, t, out=t)
             t *= step
             p -= t
 
@@ -204,7 +194,7 @@ class AdaGrad(Optimizer):
         self.eps = float(eps)
 
     def _update(self, lr):
-        xp = _xp(self.params)
+        xp = array_module(self.params)
         s = self.state["sum_sq"]
         s += self.grads * self.grads
         self.params -= lr * self.grads / (xp.sqrt(s) + self.eps)
@@ -222,7 +212,7 @@ class RMSprop(Optimizer):
         self.rho, self.eps = float(rho), float(eps)
 
     def _update(self, lr):
-        xp = _xp(self.params)
+        xp = array_module(self.params)
         s = self.state["mean_sq"]
         s *= self.rho
         s += (1 - self.rho) * (self.grads * self.grads)
@@ -283,11 +273,6 @@ class Schedule:
         span = max(self.total - self.warmup, 1)
         progress = min(after / span, 1.0)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _xp(a):
-    from .backend import array_module
-    return array_module(a)
 
 
 __all__ = ["SGD", "Momentum", "Adam", "AdaGrad", "RMSprop", "Schedule", "create", "OPTIMIZERS"]

@@ -5,13 +5,9 @@ import numpy as np
 import pytest
 
 from ddp_cnn.backend import get_backend, gpu_available, to_host
-from ddp_cnn.blas import find_mkl
 from ddp_cnn.model import Sequential
 
 GPU_REASON = "needs CuPy and a CUDA GPU (run the suite on the GPU machine)"
-# --blas mkl's tests: skipped, with this reason, where the mkl wheel is not installed.
-needs_mkl = pytest.mark.skipif(find_mkl() is None, reason="needs Intel MKL (pip install mkl, or the [mkl] extra; "
-                                                          ".ci/run installs it)")
 
 # Every numeric check runs on NumPy and, where a GPU is present, on CuPy.
 BACKENDS = [pytest.param("cpu", id="cpu"),
@@ -39,7 +35,6 @@ def check_layer_gradients(layer, input_shape, device="cpu", batch=2, train=True,
     bk = backend64(device)
     xp = bk.xp
     model = Sequential([layer], input_shape, bk, seed=seed)
-    model.thread_replicas = False  # the layer itself is checked, on the whole batch
     rng = np.random.default_rng(seed + 1)
     if x is None:
         x = rng.standard_normal((batch,) + tuple(input_shape))

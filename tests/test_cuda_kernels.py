@@ -90,7 +90,6 @@ def test_batchnorm_on_the_gpu_matches_the_cpu_path(shape, train):
         bk = get_backend(device, "float64")
         layer = BatchNorm(momentum=0.3)
         model = Sequential([layer], shape[1:], bk)
-        model.thread_replicas = False
         model.params[...] = bk.xp.asarray(rng.standard_normal(model.num_params) if not results
                                           else to_host(results[0][4]))
         layer.buffers["running_mean"][...] = 0.5

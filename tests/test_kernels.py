@@ -119,21 +119,19 @@ def test_leaky_relu_layer_matches_its_formula_bitwise(alpha):
         assert np.array_equal(layer.backward(dy), dy * slope)
 
 
-def test_scratch_output_never_hands_out_an_array_someone_holds():
+def test_scratch_hands_out_one_array_per_name_shape_and_dtype():
     s = kernels.Scratch()
-    a = s.output("y", (4, 3), np.float32, np)
-    b = s.output("y", (4, 3), np.float32, np)
-    assert not np.shares_memory(a, b)  # `a` is still held
-    view = b.reshape(-1)
-    del b
-    c = s.output("y", (4, 3), np.float32, np)
-    assert not np.shares_memory(c, view)  # a view keeps its base busy
-    address = c.ctypes.data
-    del a, view, c
-    d = s.output("y", (4, 3), np.float32, np)
-    assert d.ctypes.data == address  # nobody holds the last one: it comes back
-    e = s.output("y", (2, 3), np.float32, np)
-    assert e.shape == (2, 3) and not np.shares_memory(d, e)  # another shape: a new array
+    a = s.get("y", (4, 3), np.float32, np)
+    assert a.shape == (4, 3) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert s.get("y", [4, 3], np.float32, np) is a  # the same array, step after step
+    others = [s.get("y", (2, 3), np.float32, np), s.get("y", (4, 3), np.float64, np), s.get("z", (4, 3), np.float32, np)]
+    assert not any(np.shares_memory(a, o) for o in others)  # another shape, dtype or name: its own array
+    assert s.get("y", (2, 3), np.float32, np) is others[0]  # a short last batch gets its own, reused too
+    assert len(s.arrays) == 4
+    ones = s.ones("ones", 5, np.float32, np)
+    ones[0] = 7  # a caller that writes into them does not get its writes back as ones...
+    assert s.ones("ones", 5, np.float32, np) is ones
+    assert s.get("ones", (5,), np.float32, np) is ones  # ...but the ones are filled once, on allocation
 
 
 def train_steps(model, batches, seed=0):
@@ -181,13 +179,43 @@ def test_reused_buffers_survive_batch_size_changes_and_a_second_model(dtype):
         opt_b.step()
 
 
-def test_outputs_held_by_the_caller_do_not_change():
+def test_eval_outputs_held_by_the_caller_do_not_change():
+    """Eval mode allocates: a library user's predictions are never overwritten (train
+    mode reuses its buffers, so a training forward's logits last until the next one)."""
     model = build("fmnist-cnn", get_backend("cpu"), seed=1)
     (x1, _), (x2, _) = batches([4, 4])
-    first = [model.layers[0].forward(x1, train=True)]
-    keep = first[0].copy()
-    model.layers[0].forward(x2, train=True)
-    assert np.array_equal(first[0], keep)
+    first_layer = model.layers[0].forward(x1, train=False)
+    first = model.forward(x1)
+    keep, keep_layer = first.copy(), first_layer.copy()
+    model.layers[0].forward(x2, train=False)
+    model.forward(x2)
+    model.forward(x2, train=True, step=0)
+    assert np.array_equal(first, keep) and np.array_equal(first_layer, keep_layer)
+    predicted = model.predict(x1)
+    model.predict(x2)
+    assert np.array_equal(predicted, keep)
+
+
+def scratch_pointers(model):
+    return {(i, key): arr.__array_interface__["data"][0]
+            for i, layer in enumerate(model.layers) for key, arr in layer.scratch.arrays.items()}
+
+
+@pytest.mark.parametrize("name,kw", [("fmnist-cnn", {}), ("fmnist-cnn", {"batchnorm": True}), ("lenet", {}),
+                                     ("mlp", {"batchnorm": True, "dropout": True})])
+def test_training_steps_after_the_first_reuse_the_same_buffers(name, kw):
+    """What a CUDA graph needs: after a warm-up step, every layer's working and output
+    arrays are the same memory at every step, and no new ones appear."""
+    model = build(name, get_backend("cpu"), seed=2, **kw)
+    data = batches([6, 6, 6], seed=7)
+    train_steps(model, data[:1])
+    before = scratch_pointers(model)
+    assert before  # the layers do work in their scratch
+    logits = model.forward(data[1][0], train=True, step=1)
+    train_steps(model, data[1:])
+    assert scratch_pointers(model) == before
+    again = model.forward(data[2][0], train=True, step=5)
+    assert again.__array_interface__["data"][0] == logits.__array_interface__["data"][0]  # valid until the next
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -206,10 +234,10 @@ def test_chunked_conv_equals_one_chunk(monkeypatch, dtype, stride):
         return y, dx, model.grads.copy()
 
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 1 << 40)
-    assert len(kernels.batch_chunks(np, 7, 100)) == 1
+    assert len(kernels.batch_chunks(7, 100)) == 1
     whole = run()
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)  # one image at a time
-    assert len(kernels.batch_chunks(np, 7, 100)) == 7
+    assert len(kernels.batch_chunks(7, 100)) == 7
     one = run()
     tol = 1e-5 if dtype == "float32" else 1e-12
     for w, o in zip(whole, one):

@@ -334,7 +334,6 @@ def test_fmnist_cnn_pooling_before_the_activation_equals_seed_002_order(batchnor
     x, labels = rng.standard_normal((4, 28, 28, 1)), rng.integers(0, 10, 4)
     results = []
     for model in (ours, seed):
-        model.thread_replicas = False
         loss = L.SoftmaxCrossEntropy()
         logits = model.forward(x, train=True, step=5)  # dropout on: the masks are keyed by layer index
         loss.forward(logits, labels)
@@ -342,3 +341,114 @@ def test_fmnist_cnn_pooling_before_the_activation_equals_seed_002_order(batchnor
         results.append((logits, model.grads.copy()))
     assert np.array_equal(results[0][0], results[1][0])
     assert rel_error(results[0][1], results[1][1]) < 1e-14
+
+
+# ---- one process, whole batches (formerly checked against N CPU threads) ---
+
+@pytest.mark.parametrize("layer,shape", [(lambda: L.Conv2D(3, 3), (5, 5, 2)),
+                                         (lambda: L.Conv2D(3, 3, padding="same"), (4, 4, 1)),
+                                         (lambda: L.Dense(4), (6,)),
+                                         (lambda: L.BatchNorm(), (3, 3, 2))])
+def test_gradients_on_an_odd_batch(layer, shape):
+    check_layer_gradients(layer(), shape, batch=5)
+
+
+def test_dropout_masks_are_bitwise_one_draw_of_the_stream():
+    from ddp_cnn import kernels
+    key, shape, p = (5, 2, 1, 9, 3), (3, 7, 5), 0.3
+    u = np.random.default_rng(list(key)).random(shape, dtype=np.float32)  # the definition
+    expected = (u < 1 - p).astype(np.float32) * np.float32(1 / (1 - p))
+    assert np.array_equal(kernels.dropout_mask(shape, p, key, np, np.float32), expected)
+    layer = L.Dropout(p)
+    model = Sequential([layer], shape[1:], get_backend("cpu"), seed=5)
+    model.rank = 1
+    x = np.ones(shape, np.float32)
+    y = model.forward(x, train=True, step=9)  # the model keys layer 0's mask (seed, stream, rank, step, layer)
+    assert np.array_equal(y, kernels.dropout_mask(shape, p, (5, 2, 1, 9, 0), np, np.float32))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_on_transposed_and_empty_batches(train):
+    layer = L.BatchNorm()
+    Sequential([layer], (4, 4, 3), backend64(), seed=0)
+    layer.buffers["running_var"][...] = 2.0
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 3))
+    xt = x.transpose(0, 2, 1, 3)  # not C-contiguous
+    assert np.array_equal(layer.forward(xt, train), layer.forward(np.ascontiguousarray(xt), train))
+    before = {k: v.copy() for k, v in layer.buffers.items()}
+    y = layer.forward(x[:0], train)
+    assert y.shape == (0, 4, 4, 3) and layer.backward(y).shape == (0, 4, 4, 3)
+    assert all(np.array_equal(before[k], v) for k, v in layer.buffers.items())  # empty: nothing to learn from
+
+
+def _train(steps=3, batch=7, **arch):
+    """fmnist-cnn float64 (dropout on) after a few Adam steps; the model and the layers
+    whose backward reported done, in order."""
+    from ddp_cnn import model as model_mod
+    from ddp_cnn import optim
+    rng = np.random.default_rng(0)
+    x, labels = rng.random((batch, 28, 28, 1)), rng.integers(0, 10, batch)
+    model = model_mod.build("fmnist-cnn", backend64(), seed=0, **arch)
+    model.rank = 1
+    opt = optim.create("adam", model.params, model.grads, lr=1e-3)
+    loss_layer = L.SoftmaxCrossEntropy()
+    done = []
+    for step in range(steps):
+        logits = model.forward(x, train=True, step=step)
+        loss_layer.forward(logits, labels)
+        model.backward(loss_layer.backward(), done.append)
+        opt.step()
+    return model, done
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_training_is_deterministic_and_reports_every_layer_in_reverse_order(batchnorm):
+    one, done = _train(batchnorm=batchnorm)
+    assert done == [i for _ in range(3) for i in reversed(range(len(one.layers)))]
+    again, _ = _train(batchnorm=batchnorm)
+    assert np.array_equal(again.params, one.params)
+    for name, value in one.named_buffers().items():
+        assert np.array_equal(value, again.named_buffers()[name])
+
+
+def test_each_layer_is_reported_once_its_gradient_is_final():
+    """The reducer's hook: when layer i is reported, grads[:layer_ends[i]] no longer changes."""
+    from ddp_cnn import model as model_mod
+    rng = np.random.default_rng(0)
+    x, labels = rng.random((7, 28, 28, 1)), rng.integers(0, 10, 7)
+    model = model_mod.build("fmnist-cnn", backend64(), seed=0)
+    loss_layer = L.SoftmaxCrossEntropy()
+    loss_layer.forward(model.forward(x, train=True, step=0), labels)
+    seen = []
+    model.backward(loss_layer.backward(), lambda i: seen.append((i, model.grads[:model.layer_ends[i]].copy())))
+    assert [i for i, _ in seen] == list(reversed(range(len(model.layers))))
+    for i, prefix in seen:
+        assert np.array_equal(prefix, model.grads[:model.layer_ends[i]]), f"layer {i} reported before it was final"
+    without_hook = model_mod.build("fmnist-cnn", backend64(), seed=0)
+    loss_layer.forward(without_hook.forward(x, train=True, step=0), labels)
+    without_hook.backward(loss_layer.backward())
+    assert np.array_equal(without_hook.grads, model.grads)
+
+
+def test_the_gradient_buffer_has_one_spare_element_after_the_gradients():
+    """The spare element carries the step's flags through the gradients' allreduce; backward never writes it."""
+    from ddp_cnn import model as model_mod
+    from ddp_cnn import optim
+    model = model_mod.build("lenet", backend64(), seed=0)
+    assert model.grad_buffer.shape == (model.num_params + 1,)
+    assert model.grads.shape == (model.num_params,) and np.shares_memory(model.grads, model.grad_buffer)
+    assert model.grads.__array_interface__["data"][0] == model.grad_buffer.__array_interface__["data"][0]
+    model.grad_buffer[-1] = 3.0
+    rng = np.random.default_rng(0)
+    loss = L.SoftmaxCrossEntropy()
+    loss.forward(model.forward(rng.random((4, 28, 28, 1)), train=True), rng.integers(0, 10, 4))
+    model.backward(loss.backward())
+    assert model.grad_buffer[-1] == 3.0
+    assert np.array_equal(model.grad_buffer[:-1], model.grads)
+    for name, p in model.named_params().items():  # every layer's gradient is a view into the buffer
+        layer, what = name.rsplit(".", 1)
+        grad = next(l for l in model.layers if l.name == layer).grads[what]
+        assert np.shares_memory(grad, model.grad_buffer), name
+    before = model.params.copy()
+    optim.create("sgd", model.params, model.grads, 0.1).step()  # an optimizer over model.grads still works
+    assert np.allclose(model.params, before - 0.1 * model.grads, rtol=0, atol=1e-15)

@@ -1,0 +1,154 @@
+"""Batch normalisation over every axis but the last (channels or features)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from .base import Layer, ParamSpec
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over every axis but the last (channels or features).
+
+    Train mode normalises with the local batch statistics (no SyncBN: under
+    data parallelism each rank uses its own batch, like PyTorch DDP) and
+    updates running statistics; eval mode uses the running statistics.
+
+    Both implementations take per-channel sums as GEMVs (ones @ rows) and
+    write xhat and y (forward) or dx (backward) in one pass over (pixels,
+    channels) rows: ~10 full-array NumPy passes, each with a fresh
+    temporary, become 2-3.  On a GPU the passes are CUDA kernels (cuda_kernels).
+    """
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
+        super().__init__(name)
+        self._remember(locals())
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def _build(self, input_shape):
+        self.c = input_shape[-1]
+        self.buffers = {"running_mean": self.xp.zeros(self.c, self.dtype),
+                        "running_var": self.xp.ones(self.c, self.dtype)}
+        self._forward = self._forward_gpu if self.gpu else self._forward_cpu
+        self._backward = self._backward_gpu if self.gpu else self._backward_cpu
+        return input_shape
+
+    def param_specs(self):
+        return [ParamSpec("gamma", (self.c,), "ones"), ParamSpec("beta", (self.c,), "zeros")]
+
+    def forward(self, x, train=False):
+        self.check_input(x)
+        return self._forward(x, train)
+
+    def backward(self, dy, need_dx=True):
+        return self._backward(dy, need_dx)
+
+    def _statistics(self, train, m, batch_statistics):
+        """(mean, var) to normalise with: in train mode the batch's, from
+        batch_statistics(), folded into the running statistics; else the running ones."""
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        if not train or m == 0:  # an empty batch has no statistics
+            return rm, rv
+        mean, var = batch_statistics()
+        rm *= 1 - self.momentum
+        rm += self.momentum * mean
+        rv *= 1 - self.momentum
+        rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
+        return mean, var
+
+    # ---- GPU -----------------------------------------------------------------
+    def _forward_gpu(self, x, train):
+        from .. import cuda_kernels
+        x2 = self.xp.ascontiguousarray(x).reshape(-1, self.c)
+        ones = self.scratch.ones("ones", x2.shape[0], x2.dtype, self.xp)
+        mean, var = self._statistics(train, x2.shape[0], lambda: cuda_kernels.batchnorm_statistics(x2, ones))
+        self.batch_stats = train
+        self.invstd = 1.0 / self.xp.sqrt(var + self.eps)
+        self.xhat, y = cuda_kernels.batchnorm_normalise(x2, mean, self.invstd, self.params["gamma"],
+                                                       self.params["beta"])
+        return y.reshape(x.shape)
+
+    def _backward_gpu(self, dy, need_dx):
+        from .. import cuda_kernels
+        dy2 = self.xp.ascontiguousarray(dy).reshape(-1, self.c)
+        m = dy2.shape[0]
+        ones = self.scratch.ones("ones", m, dy2.dtype, self.xp)
+        self.grads["beta"][...] = cuda_kernels.channel_sums(dy2, ones)
+        self.grads["gamma"][...] = cuda_kernels.channel_sums(dy2 * self.xhat, ones)
+        xhat, self.xhat = self.xhat, None
+        if not need_dx:
+            return None
+        scale = self.params["gamma"] * self.invstd
+        if not self.batch_stats:  # eval mode: statistics are constants
+            return (dy2 * scale).reshape(dy.shape)
+        # d/dx of (x - mean(x)) / std(x), with both statistics depending on x.
+        dx = cuda_kernels.batchnorm_backward(dy2, xhat, scale, self.grads["beta"] / max(m, 1),
+                                             self.grads["gamma"] / max(m, 1))
+        return dx.reshape(dy.shape)
+
+    # ---- CPU -----------------------------------------------------------------
+    def _channel_sums(self, rows, times=None, minus=None):
+        """Per-channel float64 sums over `rows` of rows, (rows - minus)**2 or rows * times,
+        an L2-sized block of rows at a time, each block's sums a GEMV (ones @ block)."""
+        m, c = rows.shape
+        total = np.zeros(c)
+        if m == 0:
+            return total
+        block = min(m, max(1, kernels.L2_BYTES // (4 * c * rows.itemsize)))
+        ones = self.scratch.ones("ones", block, rows.dtype, np)
+        tmp = self.scratch.get("block", (block, c), rows.dtype, np)
+        for a in range(0, m, block):
+            b = min(m, a + block)
+            part = rows[a:b]
+            if minus is not None:
+                part = np.subtract(part, minus, out=tmp[:b - a])
+                part *= part
+            elif times is not None:
+                part = np.multiply(part, times[a:b], out=tmp[:b - a])
+            total += ones[:b - a] @ part
+        return total
+
+    def _forward_cpu(self, x, train):
+        x2 = x.reshape(-1, self.c)
+        m = x2.shape[0]
+
+        def batch_statistics():  # two passes: the variance about the mean, not E[x^2] - mean^2
+            mean = self._channel_sums(x2) / m
+            return mean, self._channel_sums(x2, minus=mean.astype(x.dtype)) / m
+        mean, var = self._statistics(train, m, batch_statistics)
+        self.batch_stats = train
+        self.invstd = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
+        mean = np.asarray(mean, dtype=x.dtype)
+        xhat = self.xhat = self.buffer("xhat", x2.shape, reuse=train)
+        # C-contiguous, so that y2 below is a view of y (empty_like would keep a transposed x's layout).
+        y = self.buffer("y", x.shape, reuse=train)
+        y2 = y.reshape(-1, self.c)
+        np.subtract(x2, mean, out=xhat)
+        xhat *= self.invstd
+        np.multiply(xhat, self.params["gamma"], out=y2)
+        y2 += self.params["beta"]
+        return y
+
+    def _backward_cpu(self, dy, need_dx):
+        dy2, xhat = dy.reshape(-1, self.c), self.xhat
+        m = dy2.shape[0]
+        dbeta, dgamma = self._channel_sums(dy2), self._channel_sums(dy2, times=xhat)
+        self.grads["beta"][...] = dbeta
+        self.grads["gamma"][...] = dgamma
+        self.xhat = None
+        if not need_dx:
+            return None
+        dtype = dy.dtype.type
+        scale = self.params["gamma"] * self.invstd
+        # d/dx of (x - mean(x)) / std(x), both statistics depending on x (train),
+        # or constants (eval): gamma invstd (dy - mean(dy) - xhat mean(dy xhat)).
+        shift, slope = (dtype(0), dtype(0)) if not self.batch_stats else \
+            ((dbeta / max(m, 1)).astype(dtype), (dgamma / max(m, 1)).astype(dtype))
+        dx = self.buffer("dx", dy.shape)
+        dx2 = dx.reshape(-1, self.c)
+        np.multiply(xhat, slope, out=dx2)
+        dx2 += shift
+        np.subtract(dy2, dx2, out=dx2)
+        dx2 *= scale
+        return dx
