@@ -221,7 +221,7 @@ def worker_mpi(args) -> dict:
     from ddp_cnn.backend import get_backend
     from ddp_cnn.layers import SoftmaxCrossEntropy
     from ddp_cnn.reducer import GradReducer
-    from ddp_cnn.train import forward_backward_allreduce
+    from ddp_cnn.step import compute_gradients
 
     comm = comm_mod.create("auto")
     x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)
@@ -230,16 +230,14 @@ def worker_mpi(args) -> dict:
     model.rank = comm.rank
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     loss_fn = SoftmaxCrossEntropy()
-    transport = "mpi" if comm.size > 1 else "single"
-    reducer = GradReducer(comm, model.grads, list(zip(model.layer_offsets, model.layer_ends)), args.bucket_mb,
-                          backend, transport)
+    reducer = GradReducer(comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)), args.bucket_mb)
     local = args.batch // comm.size
     per_epoch = N_IMAGES // local
 
     def step(i):
         k = i % per_epoch
-        forward_backward_allreduce(model, loss_fn, reducer, x_all[k * local:(k + 1) * local],
-                                   y_all[k * local:(k + 1) * local], i)
+        compute_gradients(model, loss_fn, reducer, x_all[k * local:(k + 1) * local],
+                          y_all[k * local:(k + 1) * local], i)
         opt.step()
 
     for i in range(args.warmup):

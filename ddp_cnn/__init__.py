@@ -27,3 +27,14 @@ def _default_blas_threads() -> None:
 
 
 _default_blas_threads()
+
+
+def __getattr__(name):
+    """``ddp_cnn.Trainer`` and ``ddp_cnn.TrainConfig``, imported on first use (they bring NumPy and h5py)."""
+    if name == "Trainer":
+        from .trainer import Trainer
+        return Trainer
+    if name == "TrainConfig":
+        from .config import TrainConfig
+        return TrainConfig
+    raise AttributeError(f"module 'ddp_cnn' has no attribute {name!r}")

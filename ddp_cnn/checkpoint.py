@@ -131,3 +131,31 @@ def load_latest(directory, warn=print):
         except CheckpointError as exc:
             warn(f"warning: skipping {exc}")
     return None
+
+
+def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, warn=print):
+    """The checkpoint a run resumes from (``spec``: a file, or "latest" in ``directory``), or None.
+
+    Refuses (CheckpointError) a checkpoint of another architecture; warns
+    when it was trained with another teacher (``teacher``: the run's
+    distillation record, or None) than the run goes on with.
+    """
+    if spec == "latest":
+        state = load_latest(directory, warn=warn)
+        if state is None:
+            warn(f"--resume latest: no valid checkpoint in {directory}; starting from scratch")
+            return None
+    else:
+        state = load(spec)
+    saved = state["meta"]["model"]
+    if saved != model_description:
+        name = model_description["name"]
+        hint = ("; fmnist-cnn checkpoints from before its max-pools moved ahead of the activations "
+                "evaluate, predict and export, but do not resume" if name == "fmnist-cnn" else "")
+        raise CheckpointError(f"checkpoint {state['path']}: holds a {saved['name']} model that differs from "
+                              f"--model {name} with these flags{hint}")
+    before = state["meta"].get("teacher") or {}
+    if before.get("sha256") != (teacher or {}).get("sha256"):
+        warn(f"warning: the checkpoint was trained with teacher {before.get('source', 'none')}; the run goes on "
+             f"with {teacher['source'] if teacher else 'none'}")
+    return state

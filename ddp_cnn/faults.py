@@ -6,8 +6,9 @@ prints the traceback with the rank, then calls ``MPI_Abort`` so the launcher
 kills every rank.
 
 SIGTERM/SIGINT (what SLURM sends on preemption, what Ctrl-C sends) only set
-a flag; the training loop agrees on it at the next step boundary, writes a
-checkpoint and exits with :data:`EXIT_PREEMPTED`.
+a flag; the flag rides in the next step's gradient allreduce (see
+:mod:`ddp_cnn.reducer`), so every rank stops after the same step, rank 0
+writes a checkpoint and the job exits with :data:`EXIT_PREEMPTED`.
 """
 from __future__ import annotations
 
@@ -52,10 +53,19 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
+        self.previous: dict = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only; a library user training elsewhere keeps theirs
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+            self.previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        """Give the handlers from before :meth:`install` back (the Trainer used as a library)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handler(self, signum, frame):
         self.signum = signum
@@ -80,3 +90,28 @@ def parse_fail_at(spec: str | None, env: str = "DDP_CNN_FAIL_AT", flag: str = "-
 def maybe_fail(fail_at, rank: int, step: int) -> None:
     if fail_at is not None and fail_at == (rank, step):
         raise InjectedFault(f"injected failure on rank {rank} at step {step} (--fail-at)")
+
+
+SETUP_ERRORS = (ValueError, RuntimeError, OSError)  # DataError and CheckpointError are ValueErrors
+
+
+class SetupError(ValueError):
+    """A start-up problem, raised on every rank at once (the ranks agreed on it)."""
+
+
+def agreed(comm, fn):
+    """Collective: ``fn()``'s result, or SetupError on every rank when it raised on any.
+
+    The first failing rank's message wins.  Every rank reaches the same
+    collective whether its own ``fn`` failed or not, so a rank that fails
+    never leaves the others waiting.
+    """
+    try:
+        result, error = fn(), None
+    except SETUP_ERRORS as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather_obj(error)
+    for rank, err in enumerate(errors):
+        if err is not None:
+            raise SetupError(err if comm.size == 1 else f"{err} (rank {rank})")
+    return result

@@ -1,27 +1,23 @@
 """Mean of the flat gradient buffer over ranks, bucket by bucket, overlapping backward.
 
 Parameters sit in the flat buffer in reverse layer order, so backward fills
-``grads`` from offset 0 upwards.  A bucket is a contiguous slice made of whole
-layers; it is *ready* when backward has passed its lowest layer, and its
-allreduce starts right then, while the rest of backward runs.
+the gradients from offset 0 upwards.  A bucket is a contiguous slice made of
+whole layers; it is *ready* when backward has passed its lowest layer, and
+its ``allreduce_mean`` starts right then, while the rest of backward runs.
+The reducer only plans buckets and orders them; the communicator moves
+the bytes.
 
-Transports:
-- ``mpi``: a worker thread runs blocking ``MPI_Allreduce`` bucket by bucket,
-  in the same order on every rank, on host memory (staged through pinned host
-  buffers on a GPU: the MPI here is not CUDA-aware).  A thread rather than
-  ``Iallreduce`` because MPICH and Open MPI make little asynchronous progress
-  without one, so the overlap would not happen.
-- ``nccl``: ``ncclAllReduce`` in place on device memory on a side stream that
-  waits on an event of the compute stream; nothing blocks the host.
-- ``single``: nothing to do.
+The buffer has one element more than the gradients: the step's flag, which
+rides in the last bucket.  Each rank writes its stop request (1 or 0) there
+and adds 0 x the sum of each bucket before starting it, which turns the
+flag into NaN when the rank's gradient holds a NaN or an infinity.  After
+the mean, the flag is identical on every rank: NaN when any rank's gradient
+was not finite, else > 0 when any rank was asked to stop.  No other
+collective, and no host synchronisation, is needed to agree on either.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
-
-import numpy as np
 
 
 def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):
@@ -52,151 +48,58 @@ def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):
 
 
 class GradReducer:
-    """Averages ``grads`` over ``comm``; call begin(), layer_done(i) per layer in backward, finish()."""
+    """Averages ``buffer`` (gradients + the flag) over ``comm``.
 
-    def __init__(self, comm, grads, layer_ranges, bucket_mb: float, backend, transport: str = "mpi"):
-        self.comm, self.grads, self.backend = comm, grads, backend
-        self.size = comm.size
-        self.buckets = plan_buckets(layer_ranges, int(bucket_mb * 2**20), grads.dtype.itemsize)
+    Per step: ``begin(stop)``, ``layer_done(i)`` after each layer's backward
+    (pass it as the model's ``on_layer_done``), ``finish(deadline)``; then
+    :attr:`flag` holds the agreed flag.
+    """
+
+    def __init__(self, comm, buffer, layer_ranges, bucket_mb: float = 4.0):
+        self.comm, self.buffer = comm, buffer
+        self.n = buffer.size - 1  # gradients; buffer[n] is the flag
+        planned = plan_buckets(layer_ranges, int(bucket_mb * 2**20), buffer.dtype.itemsize)
+        if not planned:  # a model without parameters still agrees on the flag
+            planned = [(0, 0, None)]
+        a, _, trigger = planned[-1]
+        self.buckets = planned[:-1] + [(a, self.n + 1, trigger)]  # the last bucket carries the flag
         self.by_trigger = {trig: k for k, (_, _, trig) in enumerate(self.buckets) if trig is not None}
-        self.transport = transport  # "mpi" or "nccl" also work with one rank (tests use that)
-        self.comm_seconds = 0.0     # time the transport spent in collectives (thread or host)
+        self.comm_seconds = 0.0     # time the transport spent on the gradient allreduces
         self.exposed_seconds = 0.0  # time the caller waited for them in finish()
-        self.inverse = grads.dtype.type(1.0 / self.size)
-        if self.transport == "mpi":
-            self._setup_mpi()
-        elif self.transport == "nccl":
-            self._setup_nccl()
+        self.handles: list = []
 
-    # ---- lifecycle ----------------------------------------------------
-    def begin(self) -> None:
-        self.started = [False] * len(self.buckets)
+    @property
+    def flag(self):
+        """The agreed flag (a 0-d view of the buffer): NaN = non-finite, > 0 = stop requested."""
+        return self.buffer[self.n]
+
+    def begin(self, stop: bool = False) -> None:
+        self.handles = [None] * len(self.buckets)
+        self.buffer[self.n] = 1.0 if stop else 0.0
 
     def layer_done(self, layer_index: int) -> None:
         k = self.by_trigger.get(layer_index)
-        if k is not None and self.transport != "single":
+        if k is not None:
             self._start(k)
 
-    def finish(self) -> None:
-        """Block until every bucket is averaged (on GPU: until the compute stream will see it)."""
-        if self.transport == "single":
-            return
-        for k in range(len(self.buckets)):
-            if not self.started[k]:
+    def _start(self, k: int) -> None:
+        a, b, _ = self.buckets[k]
+        grads = self.buffer[a:min(b, self.n)]
+        if grads.size:
+            # 0 x sum: 0 when every value is finite, NaN otherwise (on the device, no sync).
+            self.buffer[self.n:] += grads.sum() * 0
+        self.handles[k] = self.comm.allreduce_mean(self.buffer[a:b])
+
+    def finish(self, deadline: float | None = None) -> None:
+        """Start what backward did not, and wait (until ``deadline``, time.monotonic()) for every bucket."""
+        for k, handle in enumerate(self.handles):
+            if handle is None:
                 self._start(k)
         t0 = time.perf_counter()
-        if self.transport == "mpi":
-            self._wait_mpi()
-        else:
-            self._wait_nccl()
+        for handle in self.handles:
+            handle.wait(deadline)
+            self.comm_seconds += handle.seconds
         self.exposed_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
-        if self.transport == "mpi" and self.worker is not None:
-            self.jobs.put(None)
-            self.worker.join()
-            self.worker = None
-
-    def _start(self, k: int) -> None:
-        self.started[k] = True
-        if self.transport == "mpi":
-            self._start_mpi(k)
-        else:
-            self._start_nccl(k)
-
-    # ---- MPI, host staged ----------------------------------------------
-    def _setup_mpi(self):
-        MPI = self.comm.MPI
-        self.MPI = MPI
-        self.threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED
-        self.worker = None
-        if self.backend.is_gpu:
-            import cupy
-            import cupyx
-            self.cupy = cupy
-            self.host = cupyx.empty_pinned(self.grads.shape, self.grads.dtype)
-            self.copy_stream = cupy.cuda.Stream(non_blocking=True)
-            self.ready_events = [cupy.cuda.Event(disable_timing=True) for _ in self.buckets]
-            self.done_event = cupy.cuda.Event(disable_timing=True)
-        if self.threaded:
-            self.jobs: queue.Queue = queue.Queue()
-            self.results: queue.Queue = queue.Queue()
-            self.worker = threading.Thread(target=self._worker_loop, name="grad-allreduce", daemon=True)
-            self.worker.start()
-
-    def _start_mpi(self, k):
-        if self.backend.is_gpu:
-            # Mark where the compute stream is; the worker copies once it gets there.
-            self.ready_events[k].record(self.cupy.cuda.get_current_stream())
-        if self.threaded:
-            self.jobs.put(k)
-        else:
-            self._reduce_bucket(k)
-
-    def _worker_loop(self):
-        if self.backend.is_gpu:
-            self.cupy.cuda.Device(self.backend.device_id).use()
-        while True:
-            k = self.jobs.get()
-            if k is None:
-                return
-            try:
-                self._reduce_bucket(k)
-                self.results.put(None)
-            except BaseException as exc:  # handed to the main thread, which raises it
-                self.results.put(exc)
-
-    def _reduce_bucket(self, k):
-        a, b, _ = self.buckets[k]
-        t0 = time.perf_counter()
-        if self.backend.is_gpu:
-            with self.copy_stream:
-                self.copy_stream.wait_event(self.ready_events[k])
-                self.grads[a:b].get(out=self.host[a:b], stream=self.copy_stream, blocking=True)
-            self.comm.comm.Allreduce(self.MPI.IN_PLACE, self.host[a:b], op=self.MPI.SUM)
-            with self.copy_stream:
-                self.grads[a:b].set(self.host[a:b], stream=self.copy_stream)
-                self.grads[a:b] *= self.inverse
-        else:
-            view = self.grads[a:b]
-            self.comm.comm.Allreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
-            view *= self.inverse
-        self.comm_seconds += time.perf_counter() - t0
-
-    def _wait_mpi(self):
-        if self.threaded:
-            errors = [self.results.get() for _ in self.buckets]
-            for exc in errors:
-                if exc is not None:
-                    raise exc
-        if self.backend.is_gpu:
-            self.done_event.record(self.copy_stream)
-            self.cupy.cuda.get_current_stream().wait_event(self.done_event)
-
-    # ---- NCCL ------------------------------------------------------------
-    def _setup_nccl(self):
-        import cupy
-        from cupy.cuda import nccl
-        self.cupy, self.nccl = cupy, nccl
-        uid = nccl.get_unique_id() if self.comm.rank == 0 else None
-        uid = self.comm.bcast_obj(uid)
-        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.comm.rank)
-        self.nccl_dtype = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
-                           np.dtype(np.float64): nccl.NCCL_FLOAT64}[np.dtype(self.grads.dtype)]
-        self.comm_stream = cupy.cuda.Stream(non_blocking=True)
-        self.ready_events = [cupy.cuda.Event(disable_timing=True) for _ in self.buckets]
-        self.done_event = cupy.cuda.Event(disable_timing=True)
-
-    def _start_nccl(self, k):
-        a, b, _ = self.buckets[k]
-        self.ready_events[k].record(self.cupy.cuda.get_current_stream())
-        self.comm_stream.wait_event(self.ready_events[k])
-        view = self.grads[a:b]
-        self.nccl_comm.allReduce(view.data.ptr, view.data.ptr, b - a, self.nccl_dtype, self.nccl.NCCL_SUM,
-                                 self.comm_stream.ptr)
-        with self.comm_stream:
-            view *= self.inverse
-
-    def _wait_nccl(self):
-        self.done_event.record(self.comm_stream)
-        self.cupy.cuda.get_current_stream().wait_event(self.done_event)
+        self.comm.close()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn.train import main as train_main
-from helpers import make_synthetic_shards, needs_mkl
+from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def run(argv, capsys):
     (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1)"),
     (["--fail-at", "x"], "--fail-at: expected RANK:STEP"),
     (["--dropout-rate", "1"], "--dropout-rate: must be in [0, 1)"),
-    (["--threads", "0"], "--threads: must be an integer >= 1"),
+    (["--collective-timeout", "-1"], "--collective-timeout: must be a number >= 0"),
     (["--ema", "1"], "--ema: must be in [0, 1)"),
     (["--width", "0"], "--width: must be an integer >= 1"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
@@ -116,46 +116,9 @@ def test_help_documents_every_flag_with_default():
     for flag in ("--data", "--model", "--epochs", "--batch-size", "--local-batch-size", "--optimizer", "--lr",
                  "--weight-decay", "--schedule", "--warmup-epochs", "--scale-lr", "--seed", "--device", "--comm",
                  "--bucket-mb", "--checkpoint-dir", "--checkpoint-every", "--resume", "--eval-every", "--metrics",
-                 "--config", "--check-replicas", "--keep", "--skip-nonfinite", "--threads", "--dropout-rate"):
+                 "--config", "--check-replicas", "--keep", "--skip-nonfinite", "--collective-timeout", "--dropout-rate"):
         assert flag in out, flag
     assert "(default: 4.0)" in out  # bucket size default shown
-
-
-def test_threads_flag_sets_the_cpu_thread_count(data, tmp_path):
-    from ddp_cnn import threads
-    before = threads.count()
-    try:
-        argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 2,
-                "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off", "--threads", 3]
-        assert train_main([str(a) for a in argv]) == 0
-        assert threads.count() == 3
-    finally:
-        threads.configure(before)
-
-
-def test_blas_flag_without_mkl_exits_2_with_one_line(data, tmp_path, capsys, monkeypatch):
-    from ddp_cnn import blas
-    monkeypatch.setattr(blas, "find_mkl", lambda: None)
-    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 1,
-                     "--run-dir", tmp_path, "--progress", "off", "--blas", "mkl"], capsys)
-    assert code == 2 and len(err) == 1
-    assert err[0] == "error: --blas mkl: libmkl_rt not found; install it with `pip install mkl` (or ddp_cnn[mkl]), " \
-                     "or use --blas numpy"
-    assert not (tmp_path / "metrics.jsonl").exists()
-
-
-@needs_mkl
-def test_blas_mkl_trains_and_says_so(data, tmp_path, capsys):
-    from ddp_cnn import blas
-    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet", "--max-steps", 2,
-            "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off", "--blas", "mkl"]
-    try:
-        assert train_main([str(a) for a in argv]) == 0
-        assert blas.current() == "mkl"
-    finally:
-        blas.use("numpy")
-    captured = capsys.readouterr()
-    assert "BLAS mkl" in captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
@@ -205,19 +168,21 @@ def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
     from ddp_cnn.backend import get_backend
     from ddp_cnn.comm import SingleComm
     from ddp_cnn.data import Loader, open_rank_data
-    from ddp_cnn.evaluate import to_model_layout
-    from ddp_cnn.train import teacher_logits_by_row
+    from ddp_cnn.distill import Distiller
     train = open_rank_data(data, "train", SingleComm())
     loader = Loader(train, batch_size=32, comm=SingleComm(), seed=3, dtype=np.float64, prefetch=0)
     teacher = model_mod.build("lenet", get_backend("cpu", "float64"), seed=2)
-    by_row = teacher_logits_by_row(teacher, train, loader, chunk=100)
-    assert by_row.shape == (len(train), 10)
+    distiller = Distiller(teacher)
+    distiller.cache_rows(Loader(train, batch_size=100, comm=SingleComm(), seed=0, dtype=np.float64,
+                                shuffle=False, drop_last=False))
+    assert distiller.cache.shape == (len(train), 10) and distiller.teacher is None
     order = loader.order(4)
     for step in (0, 7):
         x, _ = loader.batch(order, 4, step)
-        want = teacher.forward(to_model_layout(x, teacher), train=False)
-        rows = order[step * 32:(step + 1) * 32]
-        assert np.allclose(by_row[rows], want, rtol=1e-12, atol=1e-12)
+        want = teacher.forward(x, train=False)
+        rows = loader.rows(order, step)
+        assert np.array_equal(rows, order[step * 32:(step + 1) * 32])
+        assert np.allclose(distiller.targets(x, rows), want, rtol=1e-12, atol=1e-12)
 
 
 def test_width_sets_the_vgg_stages_and_survives_a_checkpoint(data, tmp_path):

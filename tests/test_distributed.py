@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from ddp_cnn import layers as L
-from ddp_cnn import optim, threads
+from ddp_cnn import optim
 from ddp_cnn.backend import get_backend
 from ddp_cnn.comm import MPIComm, SingleComm
 from ddp_cnn.evaluate import evaluate
 from ddp_cnn.model import Sequential
 from ddp_cnn.reducer import GradReducer, plan_buckets
-from ddp_cnn.train import forward_backward_allreduce
+from ddp_cnn.step import compute_gradients
 from helpers import make_synthetic_shards
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
@@ -31,7 +31,7 @@ def small_cnn(backend, seed=3):
 
 def reducer_for(comm, model, bucket_mb):
     ranges = list(zip(model.layer_offsets, model.layer_ends))
-    return GradReducer(comm, model.grads, ranges, bucket_mb, model.backend, "mpi" if comm.size > 1 else "single")
+    return GradReducer(comm, model.grad_buffer, ranges, bucket_mb)
 
 
 def batch_for_step(step):
@@ -51,7 +51,8 @@ def train_steps(comm, opt_name, bucket_mb, steps=5, digests=None, distill=False)
     for step in range(steps):
         x, y = batch_for_step(step)
         part = slice(comm.rank * local, (comm.rank + 1) * local)
-        forward_backward_allreduce(model, loss_fn, reducer, x[part], y[part], step, teacher=teacher)
+        soft = teacher.forward(x[part], train=False) if teacher is not None else None
+        compute_gradients(model, loss_fn, reducer, x[part], y[part], step, soft=soft)
         opt.step()
         if digests is not None:
             digests.append(comm.allgather_obj(hashlib.sha256(model.params.tobytes()).hexdigest()))
@@ -62,17 +63,11 @@ def train_steps(comm, opt_name, bucket_mb, steps=5, digests=None, distill=False)
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam"])
 @pytest.mark.parametrize("bucket_mb", [0.0, 0.002])
-@pytest.mark.parametrize("n_threads", [1, 2])  # 2: batch replicas in each rank, buckets reported as layers finish
-def test_n_ranks_equal_one_rank_big_batch(opt_name, bucket_mb, n_threads):
+def test_n_ranks_equal_one_rank_big_batch(opt_name, bucket_mb):
     comm = MPIComm()
     assert GLOBAL_BATCH % comm.size == 0
     digests = []
-    before = threads.count()
-    threads.configure(n_threads)
-    try:
-        distributed = train_steps(comm, opt_name, bucket_mb, digests=digests)
-    finally:
-        threads.configure(before)
+    distributed = train_steps(comm, opt_name, bucket_mb, digests=digests)
     single = train_steps(SingleComm(), opt_name, 0.0)
     rel = np.linalg.norm(distributed - single) / np.linalg.norm(single)
     assert rel < 1e-10, f"{comm.size} ranks vs 1 rank: relative difference {rel:.2e}"
@@ -114,7 +109,50 @@ def test_allreduce_mean_of_rank_values_is_exact_and_repeatable():
             reducer.layer_done(i)
         reducer.finish()
         assert np.all(model.grads == (comm.size - 1) / 2)
+        assert reducer.flag == 0  # no rank asked to stop, every gradient finite
     reducer.close()
+
+
+def run_flag_round(comm, model, reducer, nan_rank=None, stop_rank=None):
+    """One allreduce in which `nan_rank` holds a NaN gradient and `stop_rank` asks to stop."""
+    model.grads[...] = 1.0
+    if comm.rank == nan_rank:
+        model.grads[3] = np.nan
+    reducer.begin(stop=comm.rank == stop_rank)
+    for i in reversed(range(len(model.layers))):
+        reducer.layer_done(i)
+    reducer.finish()
+    return float(reducer.flag)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_stop_and_non_finite_flags_ride_in_the_gradient_allreduce_and_agree():
+    comm = MPIComm()
+    model = small_cnn(get_backend("cpu", "float64"))
+    reducer = reducer_for(comm, model, 0.001)
+    assert len(reducer.buckets) > 1
+    last = comm.size - 1
+    assert run_flag_round(comm, model, reducer) == 0.0
+    flags = comm.allgather_obj(run_flag_round(comm, model, reducer, stop_rank=last))
+    assert all(f > 0 for f in flags) and len(set(flags)) == 1, flags
+    flags = comm.allgather_obj(run_flag_round(comm, model, reducer, nan_rank=last))
+    assert all(np.isnan(f) for f in flags), flags
+    # An infinity is as non-finite as a NaN; a stop request does not hide it.
+    model.grads[...] = 1.0
+    model.grads[-1] = np.inf if comm.rank == 0 else 1.0
+    reducer.begin(stop=True)
+    reducer.finish()
+    assert np.isnan(float(reducer.flag))
+    assert run_flag_round(comm, model, reducer) == 0.0  # nothing left over from the rounds before
+    reducer.close()
+
+
+def test_flags_on_one_rank():
+    model = small_cnn(get_backend("cpu", "float64"))
+    reducer = reducer_for(SingleComm(), model, 0.001)
+    assert run_flag_round(SingleComm(), model, reducer) == 0.0
+    assert run_flag_round(SingleComm(), model, reducer, stop_rank=0) > 0
+    assert np.isnan(run_flag_round(SingleComm(), model, reducer, nan_rank=0))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -213,3 +251,16 @@ def test_distributed_evaluation_equals_single_process(tmp_path_factory):
     assert np.array_equal(dist["confusion"], single["confusion"])
     assert dist["loss"] == pytest.approx(single["loss"], rel=1e-12)
     assert dist["accuracy"] == single["accuracy"]
+
+
+def test_a_wait_past_its_deadline_raises_instead_of_hanging():
+    import time
+    from ddp_cnn.comm import CollectiveTimeout
+    from ddp_cnn.comm.mpi import ThreadHandle
+    handle = ThreadHandle(size=1000, on_gpu=False)  # never completed: a rank that stalled
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match="allreduce of 1000 gradient values not complete by its deadline"):
+        handle.wait(deadline=t0 + 0.2)
+    assert 0.2 <= time.monotonic() - t0 < 5
+    handle.done.set()
+    handle.wait(deadline=time.monotonic() - 1)  # done: a deadline in the past does not matter

@@ -190,3 +190,37 @@ def test_soak_4_ranks_300_steps_with_a_preemption(data, tmp_path):
     epochs = [r["epoch"] for r in records if r["kind"] == "epoch" and r["complete"]]
     assert epochs == sorted(set(epochs)) and epochs == list(range(len(epochs)))
     assert final(tmp_path)["meta"]["global_step"] == 300
+
+
+def rank_pid(job_marker: str, rank: int) -> int | None:
+    """The pid of the training process of `rank` (MPICH and Open MPI both export the rank)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if job_marker in cmdline and "ddp_cnn.train" in cmdline and (
+                f"PMI_RANK={rank}".encode() in environ or f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ):
+            return int(entry.name)
+    return None
+
+
+def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path):
+    job = start(train_cmd(2, data[2], tmp_path, "--epochs", 200, "--eval-every", 0, "--log-every", 1,
+                          "--collective-timeout", 3))
+    wait_for(lambda: last_step(tmp_path) >= 20, job)
+    pid = rank_pid(str(tmp_path), 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
+    t0 = time.perf_counter()
+    try:
+        out, err = job.communicate(timeout=60)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert time.perf_counter() - t0 < 30
+    assert "[rank 0] uncaught exception" in err and "CollectiveTimeout: allreduce of" in err

@@ -510,31 +510,6 @@ def test_readme_npz_snippet(trained, tmp_path, monkeypatch):
     assert np.array_equal(probs, reference_probs(trained, images))
 
 
-def test_readme_library_example():
-    # --- begin README example
-    import numpy as np
-    from ddp_cnn import layers as L, optim
-    from ddp_cnn.comm import SingleComm
-    from ddp_cnn.model import Sequential
-    from ddp_cnn.reducer import GradReducer
-    from ddp_cnn.train import forward_backward_allreduce
-    model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),
-                        L.Flatten(), L.Dropout(0.2), L.Dense(10)], input_shape=(28, 28, 1), seed=0)
-    opt = optim.create("adam", model.params, model.grads, lr=1e-3, decay_ranges=model.decay_ranges)
-    comm = SingleComm()  # under mpirun: ddp_cnn.comm.create("mpi"), transport="mpi", model.rank = comm.rank
-    reducer = GradReducer(comm, model.grads, list(zip(model.layer_offsets, model.layer_ends)),
-                          bucket_mb=4, backend=model.backend, transport="single")
-    loss_fn, rng = L.SoftmaxCrossEntropy(), np.random.default_rng(0)
-    x, y = rng.standard_normal((64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)  # this rank's batch
-    for step in range(30):
-        loss, correct = forward_backward_allreduce(model, loss_fn, reducer, x, y, step)  # grads averaged over ranks
-        opt.step()
-    reducer.close()
-    # --- end README example
-    assert float(loss) < 1.0 < np.log(10)  # it learns: memorises the 64 samples, far below chance
-    assert int(correct) >= 48
-
-
 def test_a_run_with_ema_is_loaded_and_exported_with_its_averaged_weights(tmp_path):
     from ddp_cnn.train import main as train_main
     data = make_synthetic_shards(tmp_path / "data", 1)

@@ -1,0 +1,92 @@
+"""The Communicator interface every transport implements, and the handle of a pending allreduce.
+
+Every method documented as "collective" must be called by every rank, in the
+same order.  Object collectives (``*_obj``) pickle Python values and are for
+start-up and bookkeeping; ``allreduce_host`` sums small host arrays
+(metrics); ``allreduce_mean`` is the gradient path: non-blocking, in place,
+on a flat view of the gradient buffer.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+OPS = ("sum", "min", "max")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete by its deadline: a rank stalled, died or lost its link."""
+
+
+class Handle:
+    """A pending ``allreduce_mean``.  ``wait(deadline)`` returns once the mean is in place."""
+
+    seconds = 0.0  # time the transport spent on it (for the comm/compute split in the metrics)
+
+    def wait(self, deadline: float | None = None) -> None:
+        """Block until done, or raise CollectiveTimeout past ``deadline`` (a time.monotonic() value; None: no limit)."""
+
+
+class DoneHandle(Handle):
+    """A collective that completed inside the call (one rank, or an MPI without a progress thread)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"allreduce: op must be one of {list(OPS)}, got {op!r}")
+
+
+class Communicator:
+    """The interface: who this rank is, and the collectives training needs."""
+
+    name: str
+    rank: int
+    size: int
+    local_rank: int   # rank among the processes of this node: picks the GPU
+    local_size: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_mean(self, view) -> Handle:
+        """Collective, non-blocking: replace ``view`` (a contiguous 1-D slice of host or device
+        memory) by its mean over ranks.  Do not touch ``view`` until the handle's wait returns."""
+        raise NotImplementedError
+
+    def allreduce_scalar(self, value, op: str = "sum"):
+        """Collective: reduce one Python number over ranks with op in sum|min|max."""
+        raise NotImplementedError
+
+    def allreduce_host(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Collective: reduce a small host array (metrics, confusion matrix); returns a new array."""
+        raise NotImplementedError
+
+    def bcast_obj(self, obj, root: int = 0):
+        """Collective: rank root's picklable object, on every rank."""
+        raise NotImplementedError
+
+    def allgather_obj(self, obj) -> list:
+        """Collective: the list of every rank's object, in rank order."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Collective: wait until every rank gets here."""
+        raise NotImplementedError
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (MPI_Abort)."""
+        os._exit(code)
+
+    def close(self) -> None:
+        """Stop background threads; the communicator is not used for gradients afterwards."""

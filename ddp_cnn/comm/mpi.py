@@ -1,0 +1,164 @@
+"""MPI over mpi4py.  Gradients are averaged on host memory (staged from a GPU: the MPIs
+seen on the GPU machines are not CUDA-aware and segfault on device pointers).
+
+``allreduce_mean`` hands the view to one progress thread, which runs blocking
+``MPI_Allreduce`` calls in submission order (the same on every rank) on a
+duplicate of the communicator, so they never interleave with the main
+thread's collectives.  A thread rather than ``Iallreduce``: MPICH and Open
+MPI make little asynchronous progress without one, so nothing would overlap.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from .base import Communicator, CollectiveTimeout, Handle, check_op, remaining
+
+_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+class ThreadHandle(Handle):
+    """Completed by the progress thread; ``wait`` re-raises its error here."""
+
+    def __init__(self, size: int, on_gpu: bool):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.size, self.on_gpu = size, on_gpu
+        self.gpu_done = None  # a CUDA event the compute stream waits for (GPU views)
+
+    def wait(self, deadline=None):
+        if not self.done.wait(remaining(deadline)):
+            raise CollectiveTimeout(f"allreduce of {self.size} gradient values not complete by its deadline: "
+                                    "a rank stalled, died or lost its network link")
+        if self.error is not None:
+            raise self.error
+        if self.gpu_done is not None:
+            import cupy
+            cupy.cuda.get_current_stream().wait_event(self.gpu_done)
+
+
+class MPIComm(Communicator):
+    name = "mpi"
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        # Node-local rank picks the GPU: ranks sharing memory share a node.
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self.threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED
+        self.grad_comm = self.comm.Dup()  # the progress thread's own: never mixed with the main thread's calls
+        self._jobs: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._staging: dict = {}  # (device pointer, size) -> pinned host buffer, CUDA events
+
+    # ---- the gradient path ---------------------------------------------
+    def allreduce_mean(self, view) -> Handle:
+        on_gpu = not isinstance(view, np.ndarray)
+        handle = ThreadHandle(view.size, on_gpu)
+        if on_gpu:  # the copy to the host starts once the compute stream has produced the view
+            import cupy
+            stage = self._stage(view)
+            stage["ready"].record(cupy.cuda.get_current_stream())
+        if not self.threaded:
+            self._reduce(view, handle)
+            return handle
+        if self._worker is None:
+            self._jobs = queue.Queue()
+            self._worker = threading.Thread(target=self._progress, name="ddp_cnn-allreduce", daemon=True)
+            self._worker.start()
+        self._jobs.put((view, handle))
+        return handle
+
+    def _progress(self):
+        device = None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            view, handle = job
+            if handle.on_gpu and device is None:  # CuPy's current device is per thread
+                device = view.device
+                device.use()
+            self._reduce(view, handle)
+
+    def _reduce(self, view, handle):
+        t0 = time.perf_counter()
+        try:
+            if handle.on_gpu:
+                self._reduce_staged(view, handle)
+            else:
+                self.grad_comm.Allreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
+                view *= view.dtype.type(1.0 / self.size)
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            handle.error = exc
+        handle.seconds = time.perf_counter() - t0
+        handle.done.set()
+
+    def _stage(self, view) -> dict:
+        key = (view.data.ptr, view.size)
+        if key not in self._staging:
+            import cupy
+            import cupyx
+            self._staging[key] = {"host": cupyx.empty_pinned(view.shape, view.dtype),
+                                  "stream": cupy.cuda.Stream(non_blocking=True),
+                                  "ready": cupy.cuda.Event(disable_timing=True),
+                                  "done": cupy.cuda.Event(disable_timing=True)}
+        return self._staging[key]
+
+    def _reduce_staged(self, view, handle):
+        stage = self._stage(view)
+        host, stream = stage["host"], stage["stream"]
+        with stream:
+            stream.wait_event(stage["ready"])
+            view.get(out=host, stream=stream, blocking=True)
+        self.grad_comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
+        with stream:
+            view.set(host, stream=stream)
+            view *= view.dtype.type(1.0 / self.size)
+            stage["done"].record(stream)
+        handle.gpu_done = stage["done"]
+
+    def close(self):
+        if self._worker is not None:
+            self._jobs.put(None)
+            # A thread stuck in an allreduce that will never complete (the reason we are
+            # closing after a CollectiveTimeout) must not hang the exit: it is a daemon.
+            self._worker.join(timeout=1.0)
+            self._worker = None
+
+    # ---- small collectives, from the main thread -----------------------
+    def _op(self, op):
+        check_op(op)
+        return getattr(self.MPI, _OPS[op])
+
+    def allreduce_scalar(self, value, op="sum"):
+        return self.comm.allreduce(value, op=self._op(op))
+
+    def allreduce_host(self, array, op="sum"):
+        src = np.ascontiguousarray(array)
+        out = np.empty_like(src)
+        self.comm.Allreduce(src, out, op=self._op(op))
+        return out
+
+    def bcast_obj(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_obj(self, obj):
+        return self.comm.allgather(obj)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+__all__ = ["MPIComm", "ThreadHandle"]

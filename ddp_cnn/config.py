@@ -1,0 +1,81 @@
+"""One typed configuration for a training run: what ``python -m ddp_cnn.train`` parses and
+what :class:`ddp_cnn.Trainer` reads.  The command line's defaults are these."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "data/fashion-mnist"
+    slice_data: bool = False
+    augment_shift: int = 0
+    hflip: bool = False
+    erase: float = 0.0
+    # model (the command line builds it from these; a library user passes a built model)
+    model: str = "lenet"
+    dropout: bool = True
+    dropout_rate: float | None = None
+    batchnorm: bool = False
+    width: int | None = None
+    activation: str | None = None
+    dtype: str = "float32"
+    label_smoothing: float = 0.0
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
+    # optimisation
+    epochs: int = 2
+    max_steps: int = 0
+    batch_size: int = 128
+    local_batch_size: int | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    scale_lr: bool = False
+    lr_base_batch: int = 256
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float | None = None
+    rho: float = 0.9
+    weight_decay: float = 0.0
+    l2: float = 0.0
+    ema: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    step_epochs: float = 10.0
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    skip_nonfinite: bool = False
+    # system
+    seed: int = 0
+    device: str = "auto"
+    comm: str = "auto"
+    bucket_mb: float = 4.0
+    collective_timeout: float = 600.0
+    check_replicas: int = 0
+    fail_at: tuple | None = None     # testing: (rank, step) that raises
+    inject_nan: tuple | None = None  # testing: (rank, step) whose gradient turns NaN
+    # output
+    run_dir: str | None = None       # default runs/MODEL
+    metrics: str | None = None       # default RUN_DIR/metrics.jsonl
+    checkpoint_dir: str | None = None  # default RUN_DIR/checkpoints
+    checkpoint_every: int = 0
+    keep: int = 3
+    resume: str | None = None        # a checkpoint file, or "latest"
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    log_every: int = 0
+    progress: str = "auto"
+
+    # Settings that may differ between ranks without changing what is computed.
+    LOCAL_ONLY = ("fail_at", "inject_nan", "progress")
+
+    def record(self) -> dict:
+        """Every setting as text, sorted (checkpoints, metrics, the ranks' identity check)."""
+        return {k: str(v) for k, v in sorted(asdict(self).items())}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}

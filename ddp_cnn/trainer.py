@@ -1,0 +1,386 @@
+"""The library Trainer: any :class:`~ddp_cnn.model.Sequential` + HDF5 shards -> data-parallel training.
+
+The same loop as ``python -m ddp_cnn.train``: each rank reads its part of
+the data, computes gradients with our layers, averages them over ranks in
+buckets that overlap backward, and applies the same optimizer step.  Rank 0
+alone prints, logs and saves; evaluation is distributed; checkpoints resume
+exactly.  Runs unchanged in one process or under ``mpirun``::
+
+    from ddp_cnn import Trainer
+    Trainer(model, data="data/fashion-mnist", epochs=2, run_dir="runs/mine").fit()
+
+Every method is called on every rank unless its name or docstring says root.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import comm as comm_mod
+from . import optim
+from .backend import to_host
+from .config import TrainConfig
+from .data import Augment, Loader, class_names_of, open_data
+from .evaluate import evaluate
+from .faults import EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, agreed, install_abort_hook, maybe_fail
+from .layers import SoftmaxCrossEntropy
+from .step import compute_gradients
+
+class RootLog:
+    """Rank 0 prints; everyone else stays quiet."""
+
+    def __init__(self, comm):
+        self.root = comm.is_root
+
+    def __call__(self, *parts):
+        if self.root:
+            print(*parts, flush=True)
+
+
+class Trainer:
+    """Trains ``model`` data-parallel over the ranks of ``comm`` (default: MPI under mpirun, else one process).
+
+    ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
+    else: the data folder, batch size, optimizer, schedule, checkpoints,
+    evaluation.  ``rank_data``: (train, test) already opened with
+    :func:`open_data` (else ``config.data`` is opened); ``distiller``: a
+    :class:`~ddp_cnn.distill.Distiller`.
+    Start-up problems raise :class:`SetupError` on every rank.
+    """
+
+    def __init__(self, model, config: TrainConfig | None = None, *, comm=None, rank_data=None, distiller=None,
+                 log=None, **overrides):
+        self.config = cfg = replace(config or TrainConfig(), **overrides)
+        self.world = comm if comm is not None else comm_mod.create(cfg.comm)
+        install_abort_hook(self.world)
+        self.log = log or RootLog(self.world)
+        self.model, self.distiller = model, distiller
+        model.rank = self.world.rank  # dropout masks are keyed by rank
+        self.xp = model.xp
+        self.run_dir = Path(cfg.run_dir or f"runs/{model.name}")
+        self.metrics_path = Path(cfg.metrics) if cfg.metrics else self.run_dir / "metrics.jsonl"
+        self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
+        self.global_batch, self.local_batch = agreed(self.world, self._batch_sizes)
+        self.train_data, self.test_data = rank_data if rank_data is not None else open_data(cfg, self.world)
+        self.class_names = class_names_of(self.train_data)
+        self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
+        error = self._check_same_everywhere()
+        if error:
+            raise SetupError(error)
+        self.train_loader, self.test_loader = agreed(self.world, self._loaders)
+        self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
+        if self.comm is not self.world or cfg.comm == "auto" and model.backend.is_gpu:
+            self.log(f"comm: {reason}")
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        self.schedule = optim.Schedule(
+            self.opt.lr, cfg.epochs * self.steps_per_epoch, cfg.schedule,
+            warmup=round(cfg.warmup_epochs * self.steps_per_epoch),
+            step_size=max(1, round(cfg.step_epochs * self.steps_per_epoch)), gamma=cfg.gamma, min_lr=cfg.min_lr)
+        self.loss_fn = SoftmaxCrossEntropy(cfg.label_smoothing, distiller.weight if distiller else 0.0,
+                                           distiller.temperature if distiller else 1.0)
+        self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
+        self._restore_or_broadcast()
+        from .reducer import GradReducer
+        self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
+                                   cfg.bucket_mb)
+        if distiller is not None and not self.augment.changes_images:
+            distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
+                                        dtype=model.backend.dtype, shuffle=False, drop_last=False))
+        self.stop = StopFlag()
+
+    # ---- setup (each step local, then agreed) ----------------------------
+    def _batch_sizes(self):
+        cfg, size = self.config, self.world.size
+        if cfg.local_batch_size:
+            return cfg.local_batch_size * size, cfg.local_batch_size
+        if cfg.batch_size % size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {size} ranks; "
+                             f"use a multiple of {size} or --local-batch-size")
+        return cfg.batch_size, cfg.batch_size // size
+
+    def _optimizer_and_resume(self):
+        cfg, model = self.config, self.model
+        shape = tuple(int(v) for v in self.train_data.images.shape[1:])
+        shape = shape + (1,) if len(shape) == 2 else shape  # grayscale shards hold (N, H, W)
+        if tuple(model.input_shape) != shape:
+            raise ValueError(f"model {model.name!r} takes inputs of shape {tuple(model.input_shape)}, "
+                             f"{cfg.data} holds images of shape {shape}")
+        if model.output_shape[-1] != len(self.class_names):
+            raise ValueError(f"model {model.name!r} predicts {model.output_shape[-1]} classes, "
+                             f"{cfg.data} has {len(self.class_names)}")
+        if cfg.ema and model.named_buffers():
+            raise ValueError(f"--ema: not for a model with batch norm ({model.name}): its running statistics "
+                             "belong to the raw weights, not to their average")
+        lr = cfg.lr * self.global_batch / cfg.lr_base_batch if cfg.scale_lr else cfg.lr
+        opt = optim.create(cfg.optimizer, model.params, model.grads, lr, momentum=cfg.momentum, beta1=cfg.beta1,
+                           beta2=cfg.beta2, eps=cfg.eps, rho=cfg.rho, l2=cfg.l2, weight_decay=cfg.weight_decay,
+                           decay_ranges=model.decay_ranges, ema=cfg.ema)
+        self.augment = Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase)
+        return opt, self._load_resume() if cfg.resume and self.world.is_root else None
+
+    def _load_resume(self):
+        """Rank 0 reads the checkpoint to resume; everyone receives it in the broadcast."""
+        return ckpt.load_for_resume(self.config.resume, self.checkpoint_dir, self.model.describe(),
+                                    self.distiller.record if self.distiller else None, warn=self.log)
+
+    def _check_same_everywhere(self) -> str | None:
+        """Collective: a message when the ranks disagree on what they are about to train."""
+        cfg = {k: v for k, v in self.config.record().items() if k not in TrainConfig.LOCAL_ONLY}
+        ident = {"model": _sha(self.model.describe()), "num_params": self.model.num_params,
+                 "teacher": self.distiller.digest if self.distiller else None,
+                 "dataset": self.train_data.attrs.get("sharding_id"), "config": _sha(cfg)}
+        everyone = self.world.allgather_obj(ident)
+        what = {"model": "model architecture", "num_params": "parameter count",
+                "teacher": "--teacher weights (a run folder that resolved to different checkpoints?)",
+                "dataset": "dataset (sharding_id of the shards: shards from different sharding runs?)",
+                "config": "training configuration (flags or code)"}
+        for key in ident:
+            values = [e[key] for e in everyone]
+            if len(set(map(str, values))) > 1:
+                return (f"ranks disagree on the {what[key]}: "
+                        + ", ".join(f"rank {r}: {str(v)[:12]}" for r, v in enumerate(values)))
+        return None
+
+    def _loaders(self):
+        cfg, dtype = self.config, self.model.backend.dtype
+        train = Loader(self.train_data, batch_size=self.local_batch, comm=self.world, seed=cfg.seed, xp=self.xp,
+                       dtype=dtype, augment=self.augment)
+        test = None
+        if self.test_data is not None:
+            test = Loader(self.test_data, batch_size=cfg.eval_batch_size, comm=self.world, seed=cfg.seed,
+                          xp=self.xp, dtype=dtype, shuffle=False, drop_last=False,
+                          mean=self.train_data.attrs["mean"], std=self.train_data.attrs["std"])
+        return train, test
+
+    # ---- state -----------------------------------------------------------
+    def _restore_or_broadcast(self):
+        """Rank 0's parameters (fresh or from the checkpoint) and optimizer state, on every rank."""
+        state = None
+        if self.world.is_root:
+            state = ({k: self.resume[k] for k in ("params", "optim", "buffers", "meta", "path")}
+                     if self.resume is not None else {"params": to_host(self.model.params)})
+        state = self.world.bcast_obj(state)
+        self.model.params[...] = self.xp.asarray(state["params"])
+        if "optim" not in state:
+            if self.world.is_root:
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                self.metrics_path.write_text("")
+            return
+        if "ema" in state["optim"] and not self.opt.ema:
+            self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
+                     "run without --ema drops: later checkpoints, evaluate and export use the raw weights")
+        self.opt.load_state_dict(state["optim"])
+        for name, buf in self.model.named_buffers().items():
+            buf[...] = self.xp.asarray(state["buffers"][name])
+        meta = state["meta"]
+        self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        if meta["world_size"] != self.world.size:
+            self.log(f"warning: checkpoint was written by {meta['world_size']} ranks, resuming on "
+                     f"{self.world.size}: the data order differs from the original run")
+        self.log(f"resumed from {state['path']} at epoch {self.epoch} "
+                 f"step {self.step_in_epoch} (global step {self.global_step})")
+        self._truncate_metrics_after(self.global_step)
+
+    def sync_buffers(self):
+        """Average BatchNorm statistics over ranks (each rank saw its own batches)."""
+        for buf in self.model.named_buffers().values():
+            buf[...] = self.xp.asarray(self.world.allreduce_host(to_host(buf)) / self.world.size)
+
+    def save_checkpoint(self):
+        self.sync_buffers()
+        if not self.world.is_root:
+            return
+        attrs = self.train_data.attrs
+        meta = {"model": self.model.describe(), "config": self.config.record(), "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seed": self.config.seed,
+                "world_size": self.world.size, "global_batch": self.global_batch,
+                "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
+                "mean": float(attrs["mean"]), "std": float(attrs["std"]),
+                "teacher": self.distiller.record if self.distiller else None}
+        optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
+        buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
+        path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
+                         buffers, meta, keep=self.config.keep)
+        self.write_metrics({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
+
+    def write_metrics(self, record):
+        """Root: append one JSON line to the metrics file."""
+        if self.world.is_root:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics_after(self, step):
+        """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
+        if not self.world.is_root or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def check_replicas(self):
+        digest = ckpt.params_digest(to_host(self.model.params))
+        everyone = self.world.allgather_obj(digest)
+        if len(set(everyone)) != 1:
+            raise RuntimeError(f"replicas diverged at step {self.global_step}: parameter digests "
+                               + ", ".join(d[:12] for d in everyone))
+
+    # ---- the loop ----------------------------------------------------------
+    def train_step(self, x, y, soft=None):
+        """Gradient, allreduce, update (or a skip agreed by every rank).  Returns (loss, correct, stop)."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.collective_timeout if cfg.collective_timeout > 0 else None
+        loss, correct = compute_gradients(
+            self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
+            poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=self.stop.requested)
+        # The flag is bitwise the same on every rank, so this decision is too.  Reading it
+        # is free on the CPU; on a GPU it is the step's one synchronisation.
+        flag = float(self.reducer.flag)
+        if math.isnan(flag):
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(f"non-finite gradient at global step {self.global_step} "
+                                         f"(epoch {self.epoch}); lower --lr or use --skip-nonfinite")
+            self.skipped += 1
+            self.log(f"warning: skipped the update of step {self.global_step}: non-finite gradient")
+        else:
+            self.opt.step(self.schedule(self.global_step))
+        return loss, correct, flag > 0
+
+    def fit(self) -> int:
+        """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
+        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
+        self.stop.install()
+        self._log_start()
+        try:
+            while self.epoch < self.config.epochs:
+                status = self.run_epoch()
+                if status is not None:
+                    return status
+                if self.config.max_steps and self.global_step >= self.config.max_steps:
+                    break
+        except FloatingPointError as exc:  # raised on every rank at the same step
+            if self.world.is_root:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        finally:
+            self.reducer.close()
+            self.stop.uninstall()
+        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
+        self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
+        return 0
+
+    def _log_start(self):
+        model, world, backend = self.model, self.world, self.model.backend
+        self.log(f"ddp_cnn: {world.size} rank(s), {backend.name}, {np.dtype(backend.dtype).name}, "
+                 f"comm={self.comm.name}, model={model.name} ({model.num_params:,} params), "
+                 f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
+                 f"{len(self.reducer.buckets)} gradient bucket(s)")
+        if self.distiller is not None:
+            self.log(self.distiller.describe())
+        if self.global_step == 0:
+            from .summary import format_summary
+            self.log(format_summary(model))
+            self.write_metrics({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
+                                "world_size": world.size, "device": backend.name, "comm": self.comm.name,
+                                "global_batch": self.global_batch, "class_names": self.class_names,
+                                "config": self.config.record()})
+
+    def run_epoch(self):
+        cfg, xp = self.config, self.xp
+        loss_sum, correct_sum, seen = xp.zeros((), np.float64), xp.zeros((), np.int64), 0
+        self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
+        bar = self._progress_bar()
+        # The epoch's sample order, to look the cached soft targets up by row.
+        cached = self.distiller is not None and self.distiller.cache is not None
+        order = self.train_loader.order(self.epoch) if cached else None
+        t0 = time.perf_counter()
+        for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
+            maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
+            soft = None
+            if self.distiller is not None:
+                soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
+            loss, correct, stop = self.train_step(x, y, soft)
+            loss_sum += loss.astype(np.float64) * y.shape[0]
+            correct_sum += correct
+            seen += y.shape[0]
+            self.global_step += 1
+            self.step_in_epoch += 1
+            self._after_step(bar, loss, seen, t0)
+            if stop:  # agreed inside the gradient allreduce: every rank stops at this step
+                self.save_checkpoint()
+                self.world.barrier()
+                self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
+                         "continue with --resume latest")
+                return EXIT_PREEMPTED
+            if cfg.max_steps and self.global_step >= cfg.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        self._end_epoch(loss_sum, correct_sum, seen, time.perf_counter() - t0)
+        return None
+
+    def _after_step(self, bar, loss, seen, t0):
+        cfg, step = self.config, self.global_step
+        if bar is not None:
+            bar.update(1)
+            if self.step_in_epoch % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}",
+                                img_s=f"{seen * self.world.size / (time.perf_counter() - t0):.0f}")
+        if cfg.log_every and step % cfg.log_every == 0:
+            mean_loss = self.world.allreduce_scalar(float(loss), "sum") / self.world.size
+            self.write_metrics({"kind": "step", "step": step, "epoch": self.epoch, "loss": mean_loss,
+                                "lr": self.schedule(step - 1)})
+        if cfg.check_replicas and step % cfg.check_replicas == 0:
+            self.check_replicas()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _end_epoch(self, loss_sum, correct_sum, seen, elapsed):
+        cfg = self.config
+        epoch_done = self.step_in_epoch >= self.steps_per_epoch
+        totals = self.world.allreduce_host(np.array([float(to_host(loss_sum)), float(to_host(correct_sum)), seen]))
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "complete": epoch_done,
+                  "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
+                  "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
+                  "comm_seconds": self.reducer.comm_seconds, "comm_exposed_seconds": self.reducer.exposed_seconds,
+                  "compute_seconds": elapsed - self.reducer.exposed_seconds, "lr": self.schedule(self.global_step - 1),
+                  "skipped_steps": self.skipped}
+        if cfg.eval_every and self.test_loader is not None and (
+                (self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
+            self.sync_buffers()
+            with self.opt.averaged_weights():  # --ema: the average is the model
+                result = evaluate(self.model, self.test_loader, self.world, len(self.class_names))
+            record.update(test_loss=result["loss"], test_acc=result["accuracy"], test_count=result["count"],
+                          confusion=result["confusion"].tolist())
+        if epoch_done:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        self.write_metrics(record)
+        self.log(f"epoch {record['epoch'] + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+                 f"acc {record['train_acc'] * 100:.2f}%"
+                 + (f", test loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}%"
+                    if "test_acc" in record else "")
+                 + f", {record['images_per_s']:.0f} img/s, comm {record['comm_seconds']:.2f}s "
+                   f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
+        self.save_checkpoint()
+
+    def _progress_bar(self):
+        if not self.world.is_root:
+            return None
+        progress = self.config.progress
+        if not (progress == "on" or (progress == "auto" and sys.stderr.isatty())):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
+                    unit="step", leave=False, dynamic_ncols=True)
+
+
+def _sha(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

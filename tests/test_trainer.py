@@ -1,0 +1,109 @@
+"""The library Trainer: the README's "your own network" example, in one process and under
+mpirun, the CLI's equal, its config, and start-up errors raised on every rank."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddp_cnn import layers as L
+from ddp_cnn import model as model_mod
+from ddp_cnn.checkpoint import list_checkpoints, load
+from ddp_cnn.comm import SingleComm
+from ddp_cnn.config import TrainConfig
+from ddp_cnn.model import Sequential
+from ddp_cnn.faults import SetupError
+from ddp_cnn.trainer import Trainer
+from helpers import make_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trainer")
+    return {n: make_synthetic_shards(base / f"d{n}", n) for n in (1, 2)}
+
+
+def readme_example(data_dir, run_dir) -> str:
+    """The README's Trainer example, pointed at `data_dir` and `run_dir`."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("Your own network")
+    code = re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+    assert 'data="data/fashion-mnist"' in code and 'run_dir="runs/mine"' in code
+    return code.replace('data="data/fashion-mnist"', f'data="{data_dir}"').replace(
+        'run_dir="runs/mine"', f'run_dir="{run_dir}"')
+
+
+def test_readme_example_trains_in_one_process(data, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(readme_example(data[1], tmp_path / "run"))
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 1/1" in proc.stdout and "test loss" in proc.stdout  # it prints its progress
+    state = load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert state["meta"]["world_size"] == 1
+
+
+def test_readme_example_runs_unchanged_under_mpirun(data, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(readme_example(data[2], tmp_path / "run"))
+    proc = subprocess.run([str(REPO / "launch" / "mpirun.sh"), "-n", "2", sys.executable, str(script)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
+    state = load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert state["meta"]["world_size"] == 2
+
+
+def test_library_trainer_equals_the_command_line(data, tmp_path):
+    from ddp_cnn.backend import get_backend
+    from ddp_cnn.train import main
+    flags = dict(max_steps=6, batch_size=32, eval_every=0, optimizer="nesterov", lr=0.05, augment_shift=1, seed=4)
+    argv = ["--data", data[1], "--model", "lenet", "--comm", "single", "--device", "cpu", "--progress", "off",
+            "--run-dir", tmp_path / "cli"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", v)]
+    assert main([str(a) for a in argv]) == 0
+    model = model_mod.build("lenet", get_backend("cpu", "float32"), seed=4, num_classes=10, dropout=True)
+    trainer = Trainer(model, TrainConfig(data=str(data[1]), run_dir=str(tmp_path / "lib"), progress="off"),
+                      comm=SingleComm(), **flags)
+    assert trainer.fit() == 0
+    cli = load(list_checkpoints(tmp_path / "cli" / "checkpoints")[-1])
+    assert np.array_equal(cli["params"], model.params), "the library and the command line trained differently"
+
+
+def test_unknown_setting_is_a_type_error(data):
+    model = model_mod.build("lenet")
+    with pytest.raises(TypeError, match="learning_rate"):
+        Trainer(model, comm=SingleComm(), data=str(data[1]), learning_rate=0.1)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: Sequential([L.Flatten(), L.Dense(10)], (32, 32, 3)), "takes inputs of shape (32, 32, 3)"),
+    (lambda: Sequential([L.Flatten(), L.Dense(7)], (28, 28, 1)), "predicts 7 classes"),
+    (lambda: Sequential([L.Flatten(), L.Dense(10), L.BatchNorm()], (28, 28, 1)), "--ema: not for a model"),
+])
+def test_a_model_that_does_not_fit_the_data_is_a_setup_error(data, tmp_path, make, needle):
+    with pytest.raises(SetupError, match=re.escape(needle)):
+        Trainer(make(), comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path), ema=0.5)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_step_alone_memorises_a_batch():
+    """The step under the Trainer (compute_gradients + the optimizer), driven by hand as before the Trainer."""
+    from ddp_cnn import optim
+    from ddp_cnn.reducer import GradReducer
+    from ddp_cnn.step import compute_gradients
+    model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),
+                        L.Flatten(), L.Dropout(0.2), L.Dense(10)], input_shape=(28, 28, 1), seed=0)
+    opt = optim.create("adam", model.params, model.grads, lr=1e-3, decay_ranges=model.decay_ranges)
+    reducer = GradReducer(SingleComm(), model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)))
+    loss_fn, rng = L.SoftmaxCrossEntropy(), np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
+    for step in range(30):
+        loss, correct = compute_gradients(model, loss_fn, reducer, x, y, step)
+        opt.step()
+    reducer.close()
+    assert float(loss) < 1.0 < np.log(10)  # it learns: memorises the 64 samples, far below chance
+    assert int(correct) >= 48
