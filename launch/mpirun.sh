@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One-node launcher: `launch/mpirun.sh -n N python -m ddp_cnn.train [flags]`.
 #
+# `-n auto`: one rank per GPU when nvidia-smi lists GPUs, else one rank per core
+# (parallelism on one node is ranks; each rank's BLAS then runs one thread).
+#
 # Adds the flags the installed MPI needs (Open MPI refuses root and more ranks
 # than cores without them; MPICH needs none) and splits the cores between the
 # ranks' BLAS threads, unless OMP_NUM_THREADS is already set.
@@ -12,11 +15,16 @@ if [ "${1:-}" = "-n" ] || [ "${1:-}" = "-np" ]; then
     ranks="${2:?launch/mpirun.sh: -n needs a number}"
     shift 2
 fi
+if [ "$ranks" = auto ]; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [ "${gpus:-0}" -gt 0 ]; then ranks=$gpus; what="GPU"; else ranks=$(nproc 2>/dev/null || echo 1); what="core"; fi
+    echo "launch/mpirun.sh: -n auto: $ranks ranks (one per $what)" >&2
+fi
 if ! [[ "$ranks" =~ ^[1-9][0-9]*$ ]]; then
-    echo "usage: launch/mpirun.sh -n RANKS COMMAND..." >&2
+    echo "usage: launch/mpirun.sh -n RANKS|auto COMMAND..." >&2
     exit 2
 fi
-[ $# -gt 0 ] || { echo "usage: launch/mpirun.sh -n RANKS COMMAND..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: launch/mpirun.sh -n RANKS|auto COMMAND..." >&2; exit 2; }
 
 mpirun="${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}"
 [ -n "$mpirun" ] || { echo "launch/mpirun.sh: no mpirun on PATH; pip install mpich (or apt-get install openmpi-bin)" >&2; exit 2; }
