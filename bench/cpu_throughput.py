@@ -223,7 +223,7 @@ def worker_mpi(args) -> dict:
     from ddp_cnn.reducer import GradReducer
     from ddp_cnn.step import compute_gradients
 
-    comm = comm_mod.create("auto")
+    comm, _ = comm_mod.for_device(comm_mod.create("auto"), get_backend("cpu"))
     x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)
     backend = get_backend("cpu")
     model = model_mod.build("fmnist-cnn", backend, seed=0)
@@ -274,25 +274,31 @@ WORKERS = {"ddp": worker_ddp, "torch": worker_torch, "profile": worker_profile, 
 # ---- driver -------------------------------------------------------------------
 
 def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
-    """(argv, env) of a worker subprocess with its thread count fixed before NumPy/PyTorch load."""
+    """(argv, env, cwd) of a worker subprocess with its thread count fixed before NumPy/PyTorch load.
+
+    Kinds ending in ``-before`` run the worker of that name from the ``--before``
+    checkout (its own bench/cpu_throughput.py and ddp_cnn), for before/after tables."""
+    tree = ROOT
+    if kind.endswith("-before"):
+        kind, tree = kind[:-len("-before")], Path(args.before).resolve()
     env = dict(os.environ)
     for var in THREAD_VARS:
         env[var] = str(threads)
     if args.unset_coretype:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--batch", str(batch),
+    cmd = [sys.executable, str(tree / "bench" / "cpu_throughput.py"), "--worker", kind, "--batch", str(batch),
            "--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks)] + cmd
-    return cmd, env
+    return cmd, env, tree
 
 
 def run_worker(kind: str, args, batch: int, threads: int, ranks: int = 1) -> dict:
     """Run a one-shot worker (profile, mpi) to its end; its last JSON line."""
-    cmd, env = worker_command(kind, args, batch, threads, ranks)
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    cmd, env, cwd = worker_command(kind, args, batch, threads, ranks)
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")][-1]
@@ -303,8 +309,8 @@ class Served:
     times one repeat, ``close()`` ends it and returns its summary."""
 
     def __init__(self, kind, args, batch, threads):
-        self.cmd, env = worker_command(kind, args, batch, threads)
-        self.proc = subprocess.Popen(self.cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.cmd, env, cwd = worker_command(kind, args, batch, threads)
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.repeats: list[dict] = []
         self._expect("ready")
@@ -366,6 +372,9 @@ def parse_args(argv=None):
     p.add_argument("--unset-coretype", action="store_true",
                    help="drop OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in the workers (benchmark only)")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
+    p.add_argument("--before", metavar="CHECKOUT", default=None,
+                   help="also time the ddp_cnn of another checkout (e.g. the commit before a change; its "
+                        "one-process worker and, with --ranks, its one rank per core), side by side")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -375,7 +384,7 @@ def time_frameworks(args) -> list:
     """(batch, {kind: summary}) per batch size.  Every worker of a batch size stays alive;
     their timed repeats alternate, a few seconds each, so that a slow spell of a shared
     machine hits all of them."""
-    kinds = ("ddp",) + (() if args.no_torch else ("torch",))
+    kinds = ("ddp",) + (("ddp-before",) if args.before else ()) + (() if args.no_torch else ("torch",))
     rows = []
     for b in args.batches:
         workers: dict = {}
@@ -410,6 +419,11 @@ def print_frameworks(rows, args) -> None:
                   f"{d['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
         else:
             print(f"{head} - | - | {d['peak_rss_mb']:.0f} | - | - |")
+    for b, done in rows if args.before else []:  # this checkout against --before, repeat by repeat
+        pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["ddp-before"]["rates"]))
+        print(f"batch {b}: ddp_cnn {done['ddp']['images_per_s']:.0f} img/s, --before "
+              f"{done['ddp-before']['images_per_s']:.0f} img/s; ratio repeat by repeat: median "
+              f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
     if not args.no_torch:  # the ratio repeat by repeat: both timed within seconds of each other
         for b, done in rows:
             pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["torch"]["rates"]))
@@ -425,17 +439,18 @@ def compare_ranks(args) -> list:
           f"= cores, against one rank per core with 1 BLAS thread each:")
     print("| layout | img/s | ms/step | allreduce time / step time | exposed (waited) share |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    layouts = ((1, cores), (cores, 1))
+    layouts = [("mpi", 1, cores), ("mpi", cores, 1)] + ([("mpi-before", cores, 1)] if args.before else [])
     per_layout: dict = {}
     for _ in range(args.rounds):
-        for ranks, threads in layouts:
-            per_layout.setdefault(ranks, []).append(run_worker("mpi", args, args.profile_batch, threads, ranks))
+        for kind, ranks, threads in layouts:
+            per_layout.setdefault((kind, ranks), []).append(run_worker(kind, args, args.profile_batch, threads, ranks))
     results = []
-    for ranks, threads in layouts:
-        rs = sorted(per_layout[ranks], key=lambda r: r["images_per_s"])
+    for kind, ranks, threads in layouts:
+        rs = sorted(per_layout[kind, ranks], key=lambda r: r["images_per_s"])
         results += rs
         r = rs[len(rs) // 2]  # the median round
-        print(f"| {ranks} rank(s) x {threads} BLAS thread(s) | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+        where = " (--before)" if kind.endswith("-before") else ""
+        print(f"| {ranks} rank(s) x {threads} BLAS thread(s){where} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
               f"{100 * r['comm_share']:.1f}% | {100 * r['exposed_share']:.1f}% |")
     return results
 

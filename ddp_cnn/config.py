@@ -2,7 +2,7 @@
 what :class:`ddp_cnn.Trainer` reads.  The command line's defaults are these."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -68,6 +68,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     log_every: int = 0
     progress: str = "auto"
+    config: str | None = None        # the TOML recipe these settings came from (train --config)
 
     # Settings that may differ between ranks without changing what is computed.
     LOCAL_ONLY = ("fail_at", "inject_nan", "progress")
@@ -75,7 +76,3 @@ class TrainConfig:
     def record(self) -> dict:
         """Every setting as text, sorted (checkpoints, metrics, the ranks' identity check)."""
         return {k: str(v) for k, v in sorted(asdict(self).items())}
-
-
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}

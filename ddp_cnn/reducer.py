@@ -8,16 +8,20 @@ The reducer only plans buckets and orders them; the communicator moves
 the bytes.
 
 The buffer has one element more than the gradients: the step's flag, which
-rides in the last bucket.  Each rank writes its stop request (1 or 0) there
-and adds 0 x the sum of each bucket before starting it, which turns the
-flag into NaN when the rank's gradient holds a NaN or an infinity.  After
-the mean, the flag is identical on every rank: NaN when any rank's gradient
-was not finite, else > 0 when any rank was asked to stop.  No other
-collective, and no host synchronisation, is needed to agree on either.
+rides in the last bucket.  Each rank adds 0 x (max + min) of each bucket
+before starting it, which turns the flag into NaN when the rank's gradient
+holds a NaN or an infinity (and never overflows on finite values), and adds
+its stop request (1 or 0) just before the last bucket starts, so a signal
+that arrives during backward still counts for this step.  After the mean,
+the flag is identical on every rank: NaN when any rank's gradient was not
+finite, else > 0 when any rank was asked to stop.  No other collective, and
+no host synchronisation, is needed to agree on either.
 """
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 
 def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):
@@ -73,9 +77,12 @@ class GradReducer:
         """The agreed flag (a 0-d view of the buffer): NaN = non-finite, > 0 = stop requested."""
         return self.buffer[self.n]
 
-    def begin(self, stop: bool = False) -> None:
+    def begin(self, stop=False) -> None:
+        """Start a step.  ``stop``: this rank's stop request, or a callable asked for it when the
+        last bucket starts (as late as possible)."""
         self.handles = [None] * len(self.buckets)
-        self.buffer[self.n] = 1.0 if stop else 0.0
+        self.stop = stop
+        self.buffer[self.n] = 0.0
 
     def layer_done(self, layer_index: int) -> None:
         k = self.by_trigger.get(layer_index)
@@ -86,8 +93,11 @@ class GradReducer:
         a, b, _ = self.buckets[k]
         grads = self.buffer[a:min(b, self.n)]
         if grads.size:
-            # 0 x sum: 0 when every value is finite, NaN otherwise (on the device, no sync).
-            self.buffer[self.n:] += grads.sum() * 0
+            # 0 x (max + min): 0 when every value is finite, NaN otherwise (on the device, no sync).
+            with np.errstate(invalid="ignore"):
+                self.buffer[self.n:] += grads.max() * 0 + grads.min() * 0
+        if b > self.n and (self.stop() if callable(self.stop) else self.stop):
+            self.buffer[self.n:] += 1.0
         self.handles[k] = self.comm.allreduce_mean(self.buffer[a:b])
 
     def finish(self, deadline: float | None = None) -> None:

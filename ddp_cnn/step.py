@@ -8,13 +8,14 @@ from __future__ import annotations
 
 
 def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, poison: bool = False,
-                      stop: bool = False, deadline: float | None = None):
+                      stop=False, deadline: float | None = None):
     """Collective: one step's gradient, averaged over ranks into ``model.grads``.
 
     Returns (loss, correct) as device scalars; the agreed flag (non-finite
     gradient on any rank, stop requested on any rank) is ``reducer.flag``.
     Each bucket's allreduce starts as soon as backward has produced it.
-    `soft`: the teacher's logits for this batch (distillation).
+    `soft`: the teacher's logits for this batch (distillation); `stop`: this
+    rank's stop request, or a callable asked for it as late as possible.
     """
     logits = model.forward(x, train=True, step=step)
     loss = loss_fn.forward(logits, y, soft)

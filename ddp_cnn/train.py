@@ -170,7 +170,8 @@ def _system_flags(p):
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--collective-timeout", type=non_negative_float, default=D.collective_timeout,
                    help="seconds a rank waits for the gradient allreduce of one step before it ends the job "
-                        "(a stalled or unreachable rank); 0: no limit")
+                        "(a stalled or unreachable rank); 0: no limit. MPI transport only: with NCCL the host "
+                        "does not wait for the allreduce")
     g.add_argument("--bucket-mb", type=non_negative_float, default=D.bucket_mb,
                    help="allreduce bucket size in MB; 0: one allreduce of the whole buffer after backward")
     g.add_argument("--check-replicas", type=non_negative_int, default=D.check_replicas,

@@ -30,7 +30,9 @@ from .backend import to_host
 from .config import TrainConfig
 from .data import Augment, Loader, class_names_of, open_data
 from .evaluate import evaluate
-from .faults import EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, agreed, install_abort_hook, maybe_fail
+from .comm import CollectiveTimeout
+from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, agreed, install_abort_hook, maybe_fail,
+                     require_same)
 from .layers import SoftmaxCrossEntropy
 from .step import compute_gradients
 
@@ -72,12 +74,10 @@ class Trainer:
         self.train_data, self.test_data = rank_data if rank_data is not None else open_data(cfg, self.world)
         self.class_names = class_names_of(self.train_data)
         self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
-        error = self._check_same_everywhere()
-        if error:
-            raise SetupError(error)
+        self._check_same_everywhere()
         self.train_loader, self.test_loader = agreed(self.world, self._loaders)
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
-        if self.comm is not self.world or cfg.comm == "auto" and model.backend.is_gpu:
+        if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
             self.log(f"comm: {reason}")
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.schedule = optim.Schedule(
@@ -91,9 +91,6 @@ class Trainer:
         from .reducer import GradReducer
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
-        if distiller is not None and not self.augment.changes_images:
-            distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
-                                        dtype=model.backend.dtype, shuffle=False, drop_last=False))
         self.stop = StopFlag()
 
     # ---- setup (each step local, then agreed) ----------------------------
@@ -131,23 +128,17 @@ class Trainer:
         return ckpt.load_for_resume(self.config.resume, self.checkpoint_dir, self.model.describe(),
                                     self.distiller.record if self.distiller else None, warn=self.log)
 
-    def _check_same_everywhere(self) -> str | None:
-        """Collective: a message when the ranks disagree on what they are about to train."""
+    def _check_same_everywhere(self) -> None:
+        """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
         cfg = {k: v for k, v in self.config.record().items() if k not in TrainConfig.LOCAL_ONLY}
         ident = {"model": _sha(self.model.describe()), "num_params": self.model.num_params,
                  "teacher": self.distiller.digest if self.distiller else None,
                  "dataset": self.train_data.attrs.get("sharding_id"), "config": _sha(cfg)}
-        everyone = self.world.allgather_obj(ident)
-        what = {"model": "model architecture", "num_params": "parameter count",
-                "teacher": "--teacher weights (a run folder that resolved to different checkpoints?)",
-                "dataset": "dataset (sharding_id of the shards: shards from different sharding runs?)",
-                "config": "training configuration (flags or code)"}
-        for key in ident:
-            values = [e[key] for e in everyone]
-            if len(set(map(str, values))) > 1:
-                return (f"ranks disagree on the {what[key]}: "
-                        + ", ".join(f"rank {r}: {str(v)[:12]}" for r, v in enumerate(values)))
-        return None
+        require_same(self.world, ident, {
+            "model": "model architecture", "num_params": "parameter count",
+            "teacher": "--teacher weights (a run folder that resolved to different checkpoints?)",
+            "dataset": "dataset (sharding_id of the shards: shards from different sharding runs?)",
+            "config": "training configuration (flags or code)"})
 
     def _loaders(self):
         cfg, dtype = self.config, self.model.backend.dtype
@@ -159,6 +150,12 @@ class Trainer:
                           xp=self.xp, dtype=dtype, shuffle=False, drop_last=False,
                           mean=self.train_data.attrs["mean"], std=self.train_data.attrs["std"])
         return train, test
+
+    def record(self) -> dict:
+        """The settings as metrics and checkpoints record them: the config, with the paths
+        resolved and the name of the model trained (a built model brings its own)."""
+        return {**self.config.record(), "model": self.model.name, "run_dir": str(self.run_dir),
+                "metrics": str(self.metrics_path), "checkpoint_dir": str(self.checkpoint_dir)}
 
     # ---- state -----------------------------------------------------------
     def _restore_or_broadcast(self):
@@ -199,7 +196,7 @@ class Trainer:
         if not self.world.is_root:
             return
         attrs = self.train_data.attrs
-        meta = {"model": self.model.describe(), "config": self.config.record(), "epoch": self.epoch,
+        meta = {"model": self.model.describe(), "config": self.record(), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seed": self.config.seed,
                 "world_size": self.world.size, "global_batch": self.global_batch,
                 "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
@@ -239,7 +236,7 @@ class Trainer:
         deadline = time.monotonic() + cfg.collective_timeout if cfg.collective_timeout > 0 else None
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
-            poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=self.stop.requested)
+            poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested)
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)
@@ -257,8 +254,12 @@ class Trainer:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
         by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
         self.stop.install()
-        self._log_start()
         try:
+            distiller = self.distiller
+            if distiller is not None and distiller.cache is None and not self.augment.changes_images:
+                distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
+                                            dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
+            self._log_start()
             while self.epoch < self.config.epochs:
                 status = self.run_epoch()
                 if status is not None:
@@ -269,6 +270,9 @@ class Trainer:
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
+        except CollectiveTimeout as exc:  # a rank stalled or lost its link: the job cannot go on
+            print(f"error: [rank {self.world.rank}] {exc}", file=sys.stderr, flush=True)
+            self.world.abort(EXIT_FAILED)
         finally:
             self.reducer.close()
             self.stop.uninstall()
@@ -290,7 +294,7 @@ class Trainer:
             self.write_metrics({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,
                                 "global_batch": self.global_batch, "class_names": self.class_names,
-                                "config": self.config.record()})
+                                "config": self.record()})
 
     def run_epoch(self):
         cfg, xp = self.config, self.xp
@@ -314,17 +318,24 @@ class Trainer:
             self.step_in_epoch += 1
             self._after_step(bar, loss, seen, t0)
             if stop:  # agreed inside the gradient allreduce: every rank stops at this step
-                self.save_checkpoint()
-                self.world.barrier()
-                self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
-                         "continue with --resume latest")
-                return EXIT_PREEMPTED
+                return self._preempted()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 break
         if bar is not None:
             bar.close()
+        # A signal that came after the last step's flag went out: agreed here, once an epoch,
+        # so that neither the evaluation nor the end-of-epoch checkpoint runs first.
+        if self.world.allreduce_scalar(int(self.stop.requested), "max"):
+            return self._preempted()
         self._end_epoch(loss_sum, correct_sum, seen, time.perf_counter() - t0)
         return None
+
+    def _preempted(self) -> int:
+        self.save_checkpoint()
+        self.world.barrier()
+        self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
+                 "continue with --resume latest")
+        return EXIT_PREEMPTED
 
     def _after_step(self, bar, loss, seen, t0):
         cfg, step = self.config, self.global_step

@@ -107,3 +107,51 @@ def test_the_step_alone_memorises_a_batch():
     reducer.close()
     assert float(loss) < 1.0 < np.log(10)  # it learns: memorises the 64 samples, far below chance
     assert int(correct) >= 48
+
+
+def signalled_trainer(data, tmp_path, when):
+    """A one-epoch Trainer whose stop flag is set (as SIGTERM would) by `when(trainer)`'s hook."""
+    model = model_mod.build("lenet")
+    trainer = Trainer(model, comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path), epochs=1, batch_size=100,
+                      progress="off", keep=0)
+    when(trainer)
+    return trainer
+
+
+def metric_kinds(run_dir):
+    import json
+    return [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_signal_during_backward_stops_after_that_step(data, tmp_path):
+    from ddp_cnn.faults import EXIT_PREEMPTED
+
+    def during_backward_of_step_3(trainer):
+        layer_done = trainer.reducer.layer_done
+
+        def hook(i):
+            if trainer.global_step == 3 and i == 0:  # the first layer: backward's very end
+                trainer.stop.signum = 15
+            layer_done(i)
+        trainer.reducer.layer_done = hook
+    trainer = signalled_trainer(data, tmp_path, during_backward_of_step_3)
+    assert trainer.fit() == EXIT_PREEMPTED
+    assert load(list_checkpoints(tmp_path / "checkpoints")[-1])["meta"]["global_step"] == 4  # steps 0..3 done
+
+
+def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
+    from ddp_cnn.faults import EXIT_PREEMPTED
+
+    def after_the_last_allreduce(trainer):
+        step = trainer.opt.step
+
+        def hook(lr=None):
+            if trainer.global_step == trainer.steps_per_epoch - 1:  # the flag has gone out already
+                trainer.stop.signum = 15
+            step(lr)
+        trainer.opt.step = hook
+    trainer = signalled_trainer(data, tmp_path, after_the_last_allreduce)
+    assert trainer.fit() == EXIT_PREEMPTED
+    saved = load(list_checkpoints(tmp_path / "checkpoints")[-1])["meta"]
+    assert saved["global_step"] == trainer.steps_per_epoch
+    assert "epoch" not in metric_kinds(tmp_path)  # neither the evaluation nor the epoch's record ran first

@@ -16,6 +16,7 @@ from .base import CollectiveTimeout, Communicator, DoneHandle, Handle
 from .single import SingleComm
 
 KINDS = ("auto", "single", "mpi", "nccl")
+_world: Communicator | None = None
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
 
 
@@ -37,8 +38,11 @@ def create(kind: str = "auto") -> Communicator:
     """
     if kind not in KINDS:
         raise ValueError(f"--comm: expected one of {'|'.join(KINDS)}, got {kind!r}")
+    global _world
     if kind == "single":
         return SingleComm()
+    if _world is not None:  # MPI is started once per process: every caller shares its world
+        return _world
     try:
         from mpi4py import MPI  # noqa: F401  (starts MPI)
     except ImportError as exc:
@@ -47,7 +51,8 @@ def create(kind: str = "auto") -> Communicator:
                                "install it with `pip install mpi4py mpich` or use --comm single") from exc
         return SingleComm()
     from .mpi import MPIComm
-    return MPIComm()
+    _world = MPIComm()
+    return _world
 
 
 def _have_nccl() -> bool:
@@ -62,11 +67,14 @@ def for_device(world: Communicator, backend, kind: str = "auto") -> tuple[Commun
     """Collective: the gradient transport for ``backend`` and the reason, as (communicator, reason).
 
     NCCL when every rank owns a distinct GPU and CuPy has NCCL (``auto`` or
-    ``nccl``), else ``world`` (MPI, host-staged from a GPU, or one process).
+    ``nccl``), else ``world`` (MPI, host-staged from a GPU); one rank needs
+    no transport (``SingleComm``).
     Raises ValueError (on every rank alike) when ``kind`` cannot be had.
     """
+    if kind == "single" and world.size > 1:
+        raise ValueError(f"--comm single: {world.size} ranks need a transport (auto, mpi or nccl)")
     if world.size == 1 and kind != "nccl":
-        return world, "one process"
+        return SingleComm(), "one process"
     if kind == "mpi" or not backend.is_gpu:
         if kind == "nccl":
             raise ValueError("--comm nccl: needs --device gpu (NCCL runs between GPUs)")

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .base import Communicator, CollectiveTimeout, Handle, check_op, remaining
+from .base import CollectiveTimeout, Communicator, Handle, check_op, remaining
 
 _OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
 
