@@ -34,7 +34,9 @@ from .comm import CollectiveTimeout
 from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, agreed, install_abort_hook, maybe_fail,
                      require_same)
 from .layers import SoftmaxCrossEntropy
+from .reducer import GradReducer
 from .step import compute_gradients
+
 
 class RootLog:
     """Rank 0 prints; everyone else stays quiet."""
@@ -75,6 +77,7 @@ class Trainer:
         self.class_names = class_names_of(self.train_data)
         self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
         self._check_same_everywhere()
+        self.augment = agreed(self.world, lambda: Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase))
         self.train_loader, self.test_loader = agreed(self.world, self._loaders)
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
         if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
@@ -88,7 +91,6 @@ class Trainer:
                                            distiller.temperature if distiller else 1.0)
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self._restore_or_broadcast()
-        from .reducer import GradReducer
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
         self.stop = StopFlag()
@@ -120,7 +122,6 @@ class Trainer:
         opt = optim.create(cfg.optimizer, model.params, model.grads, lr, momentum=cfg.momentum, beta1=cfg.beta1,
                            beta2=cfg.beta2, eps=cfg.eps, rho=cfg.rho, l2=cfg.l2, weight_decay=cfg.weight_decay,
                            decay_ranges=model.decay_ranges, ema=cfg.ema)
-        self.augment = Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase)
         return opt, self._load_resume() if cfg.resume and self.world.is_root else None
 
     def _load_resume(self):
