@@ -8,6 +8,7 @@ allreduce.  The result is the same whatever the number of ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -47,40 +48,57 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
     return "\n".join([head + "   <- predicted"] + rows)
 
 
+def print_report(split: str, result: dict, names) -> None:
+    """Overall accuracy and loss, per-class accuracy and the confusion matrix, on stdout."""
+    print(f"{split} accuracy {result['accuracy'] * 100:.2f}%  loss {result['loss']:.4f}  "
+          f"({result['count']} images)")
+    for name, acc in zip(names, per_class_accuracy(result["confusion"])):
+        print(f"  {name:<14} {acc * 100:6.2f}%")
+    print(format_confusion(result["confusion"], names))
+
+
 def main(argv=None) -> int:
     from . import comm as comm_mod
-    from .faults import EXIT_USAGE
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .inference import load_model_from_checkpoint
     from .data import Loader, open_rank_data
+    from .faults import EXIT_USAGE, SetupError, agreed
+    from .inference import load_model, resolve_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (.h5) written by ddp_cnn.train")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint (.h5) from ddp_cnn.train, .npz from ddp_cnn.export, or a run folder "
+                        "(or its checkpoints folder): its newest checkpoint")
     p.add_argument("--data", required=True, help="folder with test.h5 (made by data_tools.shard)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="which split to score (default: test)")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch per rank (default: 1000)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"], help="default: cpu")
     args = p.parse_args(argv)
     comm = comm_mod.create("auto")
-    try:
-        model, meta = load_model_from_checkpoint(args.checkpoint, device=args.device)
+
+    def setup():
+        model, meta = load_model(resolve_checkpoint(args.checkpoint), device=args.device)
         data = open_rank_data(args.data, args.split, comm)
         loader = Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp,
                         dtype=model.backend.dtype, shuffle=False, drop_last=False,
                         mean=meta.get("mean"), std=meta.get("std"))
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return model, meta, loader
+
+    try:
+        model, meta, loader = agreed(comm, setup)  # a bad input stops every rank, and is said once
+    except SetupError as exc:
+        if comm.is_root:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     result = evaluate(model, loader, comm, model.output_shape[0])
     if comm.is_root:
         names = meta.get("class_names") or [str(i) for i in range(model.output_shape[0])]
-        print(f"{args.split} accuracy {result['accuracy'] * 100:.2f}%  loss {result['loss']:.4f}  "
-              f"({result['count']} images)")
-        for name, acc in zip(names, per_class_accuracy(result["confusion"])):
-            print(f"  {name:<14} {acc * 100:6.2f}%")
-        print(format_confusion(result["confusion"], names))
+        try:
+            print_report(args.split, result, names)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader left (`| head -1`): what it took is all it wanted.  Point stdout at
+            # /dev/null so the interpreter's last flush does not fail again at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

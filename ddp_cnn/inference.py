@@ -64,18 +64,30 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
     return model_from_state(f"checkpoint {path}", meta.get("model"), params, state["buffers"], backend), meta
 
 
+def resolve_checkpoint(path, name: str | None = None) -> Path:
+    """``path`` itself, or for a run folder (or its checkpoints folder) the newest checkpoint in it.
+
+    The one place a folder is turned into a checkpoint (``train --teacher``,
+    ``evaluate --checkpoint``).  CheckpointError "``name``: no checkpoint ..."
+    for a folder without one (``name`` defaults to the path).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = ckpt.list_checkpoints(folder)
+    if not found:
+        raise ckpt.CheckpointError(f"{name or path}: no checkpoint (ckpt-*.h5) in {folder}")
+    return found[-1]
+
+
 def load_teacher(path, backend, student, class_names, data_attrs):
     """The model of checkpoint `path` on `backend`, checked against the student and its data
     (knowledge distillation, ``train --teacher``).  `path` may also be a run folder (or its
     checkpoints folder): its newest checkpoint.  Raises CheckpointError naming the file;
     the teacher's ``source`` is the file read."""
     where = f"--teacher {path}"
-    if Path(path).is_dir():
-        folder = Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path)
-        found = ckpt.list_checkpoints(folder)
-        if not found:
-            raise ckpt.CheckpointError(f"{where}: no checkpoint (ckpt-*.h5) in {folder}")
-        path = found[-1]
+    path = resolve_checkpoint(path, where)
     try:
         teacher, meta = load_model_from_checkpoint(path, backend=backend)
     except ckpt.CheckpointError as exc:  # "checkpoint PATH: why" -> "--teacher PATH: why"
