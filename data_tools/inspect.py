@@ -3,8 +3,10 @@
     python -m data_tools.inspect data/fmnist/train-00000-of-00004.h5
     python -m data_tools.inspect data/fmnist/test.h5 --grid samples.png --count 48
 
-The summary gives counts, the class histogram, the stored (training) mean/std
-and this file's own.  ``--grid`` needs matplotlib, imported only then.
+The summary gives counts, the stored (training) mean/std and this file's own,
+and two text histograms: samples per class, and pixel values (the share of
+all pixels in each of 8 bins of 32 grey levels).  ``--grid`` needs
+matplotlib, imported only then.
 """
 from __future__ import annotations
 
@@ -21,8 +23,22 @@ from data_tools.atomic import temp_path
 from data_tools.errors import DataError, run_cli
 
 
+PIXEL_BINS = 8  # of 256 // PIXEL_BINS grey levels each
+BAR = 30  # characters of the longest bar
+
+
+def bar(value: float, top: float) -> str:
+    return "#" * round(BAR * value / top) if top > 0 else ""
+
+
+def pixel_histogram(images: np.ndarray) -> np.ndarray:
+    """Share of all pixels in each of PIXEL_BINS equal bins of the 0..255 grey levels (sums to 1)."""
+    counts = np.bincount(images.ravel(), minlength=256).reshape(PIXEL_BINS, -1).sum(axis=1)
+    return counts / max(counts.sum(), 1)
+
+
 def summarize(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict) -> str:
-    """A few lines for a person: who, how many, which classes, what pixel statistics."""
+    """A few lines for a person: who, how many, what pixel statistics; class and pixel histograms."""
     names = attrs["class_names"]
     counts = np.bincount(labels, minlength=len(names))
     pixels = images.astype(np.float64) / 255.0 if len(images) else np.zeros(1)
@@ -33,11 +49,17 @@ def summarize(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict) -
         f"seed {attrs['seed']}, stratified {attrs['stratified']}, sharding_id {attrs['sharding_id'][:12]}",
         f"mean/std: stored (training set) {attrs['mean']:.4f}/{attrs['std']:.4f}, "
         f"this file {pixels.mean():.4f}/{pixels.std():.4f}",
-        "classes:",
+        "classes (samples per class):",
     ]
     width = max(len(n) for n in names)
-    lines += [f"  {i:3d} {name:<{width}} {int(c):7d}" for i, (name, c) in enumerate(zip(names, counts))]
-    return "\n".join(lines)
+    lines += [f"  {i:3d} {name:<{width}} {int(c):7d}  {bar(c, counts.max())}"
+              for i, (name, c) in enumerate(zip(names, counts))]
+    if len(images):
+        share, step = pixel_histogram(images), 256 // PIXEL_BINS
+        lines.append(f"pixel values (share of all pixels, bins of {step} grey levels):")
+        lines += [f"  {lo:3d}-{lo + step - 1:<3d} {s * 100:6.2f}%  {bar(s, share.max())}"
+                  for lo, s in zip(range(0, 256, step), share)]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def save_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[str], count: int, seed: int) -> None:

@@ -418,7 +418,25 @@ def test_inspect_summary_without_matplotlib(small, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would now fail
     code, out, err = run(inspect_tool, [small / "train-00000-of-00003.h5"], capsys)
     assert code == 0, err
-    assert "16 samples" in out and "classes:" in out and "mean/std" in out
+    assert "16 samples" in out and "classes (samples per class):" in out and "mean/std" in out
+
+
+def test_inspect_prints_the_class_and_pixel_histograms_of_the_file(small, capsys):
+    images, labels, _, attrs = read_file(small / "test.h5")
+    code, out, err = run(inspect_tool, [small / "test.h5"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    at = lines.index("classes (samples per class):")
+    classes = [line.split() for line in lines[at + 1:at + 1 + len(attrs["class_names"])]]
+    counts = [int(np.sum(labels == c)) for c in range(len(attrs["class_names"]))]
+    assert [int(row[2]) for row in classes] == counts
+    assert [len(row[3]) if len(row) > 3 else 0 for row in classes] == [round(30 * c / max(counts)) for c in counts]
+    at = lines.index("pixel values (share of all pixels, bins of 32 grey levels):")
+    bins = [line.split() for line in lines[at + 1:at + 9]]
+    expected, _ = np.histogram(images, bins=8, range=(0, 256))
+    assert [row[0] for row in bins] == [f"{lo}-{lo + 31}" for lo in range(0, 256, 32)]
+    assert np.allclose([float(row[1].rstrip("%")) for row in bins], 100 * expected / images.size, atol=0.005)
+    assert max(len(row[2]) for row in bins if len(row) > 2) == 30  # the fullest bin has the full bar
 
 
 def test_inspect_grid_writes_a_png(small, tmp_path, capsys):
