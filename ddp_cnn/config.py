@@ -67,12 +67,13 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 1000
     log_every: int = 0
-    progress: str = "auto"
+    progress: str = "auto"           # auto | bar | lines | off (ddp_cnn.progress)
+    overwrite: bool = False          # replace the run already in run_dir
     config: str | None = None        # the TOML recipe these settings came from (train --config)
 
     # Settings that may differ between ranks without changing what is computed.
     LOCAL_ONLY = ("fail_at", "inject_nan", "progress")
 
     def record(self) -> dict:
-        """Every setting as text, sorted (checkpoints, metrics, the ranks' identity check)."""
-        return {k: str(v) for k, v in sorted(asdict(self).items())}
+        """Every setting, sorted, as JSON values (metrics, checkpoints, the ranks' identity check)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}

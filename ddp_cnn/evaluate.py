@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from . import comm as comm_mod
     from .data import Loader, open_rank_data
     from .faults import EXIT_USAGE, SetupError, agreed
-    from .inference import load_model, resolve_checkpoint
+    from .inference import load_model
 
     p = argparse.ArgumentParser(prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     comm = comm_mod.create("auto")
 
     def setup():
-        model, meta = load_model(resolve_checkpoint(args.checkpoint), device=args.device)
+        model, meta = load_model(args.checkpoint, device=args.device)
         data = open_rank_data(args.data, args.split, comm)
         loader = Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp,
                         dtype=model.backend.dtype, shuffle=False, drop_last=False,

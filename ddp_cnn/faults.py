@@ -36,16 +36,21 @@ def install_abort_hook(comm) -> None:
 
     def hook(exc_type, exc, tb):
         text = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n{text}")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # Give the launcher a moment to forward what we printed: MPICH's hydra tears
-        # the job down on MPI_Abort and was seen to drop a traceback still in flight.
-        time.sleep(1.0)
-        comm.abort(EXIT_FAILED)
+        abort_job(comm, f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n{text}")
 
     sys.excepthook = hook
     threading.excepthook = lambda args: hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def abort_job(comm, message: str, code: int = EXIT_FAILED) -> None:
+    """Print ``message`` on stderr, then end every rank of the job (MPI_Abort) with ``code``."""
+    sys.stderr.write(message if message.endswith("\n") else message + "\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # Give the launcher a moment to forward what we printed: MPICH's hydra tears the
+    # job down on MPI_Abort and was seen to drop lines still in flight.
+    time.sleep(1.0)
+    comm.abort(code)
 
 
 class StopFlag:

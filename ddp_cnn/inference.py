@@ -68,7 +68,7 @@ def resolve_checkpoint(path, name: str | None = None) -> Path:
     """``path`` itself, or for a run folder (or its checkpoints folder) the newest checkpoint in it.
 
     The one place a folder is turned into a checkpoint (``train --teacher``,
-    ``evaluate --checkpoint``).  CheckpointError "``name``: no checkpoint ..."
+    and through :func:`load_model` ``evaluate``, ``predict`` and ``export``).  CheckpointError "``name``: no checkpoint ..."
     for a folder without one (``name`` defaults to the path).
     """
     path = Path(path)
@@ -159,8 +159,9 @@ def load(path, device: str = "cpu", dtype: str | None = None):
 
 
 def load_model(path, device: str = "cpu", dtype: str | None = None):
-    """(model, meta) from either a training checkpoint (.h5) or an exported .npz, told apart by content."""
-    path = Path(path)
+    """(model, meta) from a training checkpoint (.h5) or an exported .npz, told apart by content,
+    or from a run folder (or its checkpoints folder): its newest checkpoint."""
+    path = resolve_checkpoint(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(_HDF5_MAGIC))

@@ -68,8 +68,11 @@ class GradReducer:
         a, _, trigger = planned[-1]
         self.buckets = planned[:-1] + [(a, self.n + 1, trigger)]  # the last bucket carries the flag
         self.by_trigger = {trig: k for k, (_, _, trig) in enumerate(self.buckets) if trig is not None}
-        self.comm_seconds = 0.0     # time the transport spent on the gradient allreduces
-        self.exposed_seconds = 0.0  # time the caller waited for them in finish()
+        # Summed over steps: from the first bucket's start to the last one's completion (the
+        # allreduces in flight), and the part of that the caller waited in finish() (not hidden
+        # behind backward).  exposed <= comm by construction.
+        self.comm_seconds = 0.0
+        self.exposed_seconds = 0.0
         self.handles: list = []
 
     @property
@@ -81,6 +84,7 @@ class GradReducer:
         """Start a step.  ``stop``: this rank's stop request, or a callable asked for it when the
         last bucket starts (as late as possible)."""
         self.handles = [None] * len(self.buckets)
+        self.first_start = None
         self.stop = stop
         self.buffer[self.n] = 0.0
 
@@ -98,18 +102,21 @@ class GradReducer:
                 self.buffer[self.n:] += grads.max() * 0 + grads.min() * 0
         if b > self.n and (self.stop() if callable(self.stop) else self.stop):
             self.buffer[self.n:] += 1.0
+        if self.first_start is None:
+            self.first_start = time.perf_counter()
         self.handles[k] = self.comm.allreduce_mean(self.buffer[a:b])
 
     def finish(self, deadline: float | None = None) -> None:
         """Start what backward did not, and wait (until ``deadline``, time.monotonic()) for every bucket."""
+        t0 = time.perf_counter()
         for k, handle in enumerate(self.handles):
             if handle is None:
                 self._start(k)
-        t0 = time.perf_counter()
         for handle in self.handles:
             handle.wait(deadline)
-            self.comm_seconds += handle.seconds
-        self.exposed_seconds += time.perf_counter() - t0
+        done = time.perf_counter()
+        self.comm_seconds += done - self.first_start
+        self.exposed_seconds += done - t0
 
     def close(self) -> None:
         self.comm.close()

@@ -28,6 +28,7 @@ from .backend import get_backend
 from .config import TrainConfig
 from .data import class_names_of, open_data
 from .faults import EXIT_USAGE, SetupError, agreed, install_abort_hook, parse_fail_at
+from .progress import MODES
 from .trainer import RootLog, Trainer
 
 D = TrainConfig()
@@ -77,12 +78,22 @@ def weight(text):
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: nothing added where the help already says it, or to an on/off flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ddp_cnn.train",
         description="Train a CNN data-parallel over MPI ranks (mpirun -n N python -m ddp_cnn.train ...), "
                     "or in one process without mpirun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config", metavar="TOML", help="TOML file with any of these flags as keys "
                    "(dashes or underscores); flags given on the command line override it")
     for add in (_data_flags, _model_flags, _optimisation_flags, _system_flags, _output_flags):
@@ -105,10 +116,10 @@ def _model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=D.model, choices=sorted(model_mod.ARCHITECTURES), help="architecture")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
-                   help="remove the dropout layers (dropout kept: %(default)s)")
+                   help="remove the dropout layers")
     g.add_argument("--dropout-rate", type=fraction, default=D.dropout_rate,
-                   help="one rate for every dropout layer; default %(default)s: the architecture's own "
-                        "(fmnist-cnn .25/.25/.5, mlp .2, lenet .25, fmnist-vgg .1/.2)")
+                   help="one rate for every dropout layer (default: the architecture's own: "
+                        "fmnist-cnn .25/.25/.5, mlp .2, lenet .25, fmnist-vgg .1/.2)")
     g.add_argument("--batchnorm", action="store_true", help="fmnist-cnn and mlp: batch norm after each conv/hidden dense layer")
     g.add_argument("--width", type=positive_int, default=D.width,
                    help="fmnist-vgg: filters of the first stage, doubled at each of the next two (default 64)")
@@ -177,9 +188,9 @@ def _system_flags(p):
     g.add_argument("--check-replicas", type=non_negative_int, default=D.check_replicas,
                    help="every N steps, verify that all ranks hold bitwise-identical parameters (0: never)")
     g.add_argument("--fail-at", metavar="RANK:STEP", default=D.fail_at,
-                   help="testing: raise on RANK at global step STEP (also $DDP_CNN_FAIL_AT)")
+                   help=argparse.SUPPRESS)  # testing: raise on RANK at global step STEP (also $DDP_CNN_FAIL_AT)
     g.add_argument("--inject-nan", metavar="RANK:STEP", default=D.inject_nan,
-                   help="testing: make RANK's gradient NaN at global step STEP (also $DDP_CNN_NAN_AT)")
+                   help=argparse.SUPPRESS)  # testing: RANK's gradient turns NaN at STEP (also $DDP_CNN_NAN_AT)
 
 
 def _output_flags(p):
@@ -196,8 +207,13 @@ def _output_flags(p):
     g.add_argument("--eval-batch-size", type=positive_int, default=D.eval_batch_size, help="evaluation batch per rank")
     g.add_argument("--log-every", type=non_negative_int, default=D.log_every,
                    help="also write a metrics line every N steps (0: per epoch only)")
-    g.add_argument("--progress", default=D.progress, choices=["auto", "on", "off"],
-                   help="tqdm bar on rank 0 (auto: when stderr is a terminal)")
+    g.add_argument("--progress", default=D.progress, choices=MODES,
+                   help="what rank 0 shows during an epoch: a tqdm bar (bar), a line every 5 s with loss, img/s "
+                        "and time left (lines), nothing (off); auto: the bar on a terminal, else lines "
+                        "(as under mpirun)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --run-dir (its metrics and checkpoints); without it a "
+                        "run dir that holds a run is refused unless --resume")
 
 
 

@@ -25,16 +25,17 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import comm as comm_mod
-from . import optim
+from . import optim, rundir
 from .backend import to_host
 from .config import TrainConfig
 from .data import Augment, Loader, class_names_of, open_data
 from .evaluate import evaluate
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, agreed, install_abort_hook, maybe_fail,
+from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, abort_job, agreed, install_abort_hook, maybe_fail,
                      require_same)
 from .layers import SoftmaxCrossEntropy
 from .reducer import GradReducer
+from .progress import Progress
 from .step import compute_gradients
 
 
@@ -65,6 +66,7 @@ class Trainer:
         self.config = cfg = replace(config or TrainConfig(), **overrides)
         self.world = comm if comm is not None else comm_mod.create(cfg.comm)
         install_abort_hook(self.world)
+        self.world.set_timeout(cfg.collective_timeout)  # every blocking collective gets the deadline
         self.log = log or RootLog(self.world)
         self.model, self.distiller = model, distiller
         model.rank = self.world.rank  # dropout masks are keyed by rank
@@ -73,6 +75,7 @@ class Trainer:
         self.metrics_path = Path(cfg.metrics) if cfg.metrics else self.run_dir / "metrics.jsonl"
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         self.global_batch, self.local_batch = agreed(self.world, self._batch_sizes)
+        agreed(self.world, self._prepare_run_dir)
         self.train_data, self.test_data = rank_data if rank_data is not None else open_data(cfg, self.world)
         self.class_names = class_names_of(self.train_data)
         self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
@@ -104,6 +107,11 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {size} ranks; "
                              f"use a multiple of {size} or --local-batch-size")
         return cfg.batch_size, cfg.batch_size // size
+
+    def _prepare_run_dir(self):
+        if self.world.is_root:
+            rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
+                           overwrite=self.config.overwrite)
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
@@ -210,10 +218,10 @@ class Trainer:
         self.write_metrics({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
 
     def write_metrics(self, record):
-        """Root: append one JSON line to the metrics file."""
+        """Root: append one JSON line to the metrics file, stamped with the time (Unix seconds)."""
         if self.world.is_root:
             with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
     def _truncate_metrics_after(self, step):
         """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
@@ -272,8 +280,7 @@ class Trainer:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
         except CollectiveTimeout as exc:  # a rank stalled or lost its link: the job cannot go on
-            print(f"error: [rank {self.world.rank}] {exc}", file=sys.stderr, flush=True)
-            self.world.abort(EXIT_FAILED)
+            abort_job(self.world, f"error: [rank {self.world.rank}] {exc}")
         finally:
             self.reducer.close()
             self.stop.uninstall()
@@ -301,7 +308,8 @@ class Trainer:
         cfg, xp = self.config, self.xp
         loss_sum, correct_sum, seen = xp.zeros((), np.float64), xp.zeros((), np.int64), 0
         self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
-        bar = self._progress_bar()
+        progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
+                            self.steps_per_epoch, self.step_in_epoch, self.world.size)
         # The epoch's sample order, to look the cached soft targets up by row.
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None
@@ -317,13 +325,13 @@ class Trainer:
             seen += y.shape[0]
             self.global_step += 1
             self.step_in_epoch += 1
-            self._after_step(bar, loss, seen, t0)
+            progress.update(loss, y.shape[0])
+            self._after_step(loss)
             if stop:  # agreed inside the gradient allreduce: every rank stops at this step
                 return self._preempted()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 break
-        if bar is not None:
-            bar.close()
+        progress.close()
         # A signal that came after the last step's flag went out: agreed here, once an epoch,
         # so that neither the evaluation nor the end-of-epoch checkpoint runs first.
         if self.world.allreduce_scalar(int(self.stop.requested), "max"):
@@ -338,17 +346,13 @@ class Trainer:
                  "continue with --resume latest")
         return EXIT_PREEMPTED
 
-    def _after_step(self, bar, loss, seen, t0):
+    def _after_step(self, loss):
         cfg, step = self.config, self.global_step
-        if bar is not None:
-            bar.update(1)
-            if self.step_in_epoch % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}",
-                                img_s=f"{seen * self.world.size / (time.perf_counter() - t0):.0f}")
         if cfg.log_every and step % cfg.log_every == 0:
             mean_loss = self.world.allreduce_scalar(float(loss), "sum") / self.world.size
             self.write_metrics({"kind": "step", "step": step, "epoch": self.epoch, "loss": mean_loss,
                                 "lr": self.schedule(step - 1)})
+            self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -383,16 +387,6 @@ class Trainer:
                    f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
         self.save_checkpoint()
 
-    def _progress_bar(self):
-        if not self.world.is_root:
-            return None
-        progress = self.config.progress
-        if not (progress == "on" or (progress == "auto" and sys.stderr.isatty())):
-            return None
-        from tqdm import tqdm
-        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
-                    unit="step", leave=False, dynamic_ncols=True)
-
 
 def _sha(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -140,7 +140,7 @@ def test_distillation_from_a_teacher_trains(data, teacher, tmp_path, capsys):
     assert f"distilling from {teacher} (lenet" in out and "computed once per image" in out
     # A run folder stands for its newest checkpoint.
     argv[argv.index(teacher)] = teacher.parent.parent
-    assert train_main([str(a) for a in argv + ["--hflip"]]) == 0
+    assert train_main([str(a) for a in argv + ["--hflip", "--overwrite"]]) == 0
     out = capsys.readouterr().out
     assert f"distilling from {teacher} (lenet" in out and "runs on every (augmented) batch" in out
 
@@ -213,3 +213,31 @@ def test_a_resume_says_when_the_teacher_changed(data, teacher, tmp_path, tmp_pat
     assert f"trained with teacher {teacher}; the run goes on with {other_dir}" in capsys.readouterr().out
     assert train_main([str(a) for a in common + ["--max-steps", 5, "--resume", "latest"]]) == 0
     assert "the run goes on with none" in capsys.readouterr().out
+
+
+def test_a_run_dir_holding_a_run_is_refused_unless_resume_or_overwrite(data, tmp_path, capsys):
+    from ddp_cnn.checkpoint import list_checkpoints
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
+              "--progress", "off", "--max-steps", 2]
+    assert train_main([str(a) for a in common]) == 0
+    first = list_checkpoints(tmp_path / "checkpoints")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code, err = run(common, capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0] == (f"error: --run-dir {tmp_path}: holds a run (metrics.jsonl, 1 checkpoint(s)); continue it "
+                      "with --resume latest, replace it with --overwrite, or choose another --run-dir")
+    assert (tmp_path / "metrics.jsonl").read_text() == before and list_checkpoints(tmp_path / "checkpoints") == first
+    assert train_main([str(a) for a in common + ["--max-steps", 1, "--overwrite"]]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-00000001.h5"]
+
+
+def test_a_run_dir_that_is_a_file_exits_2_before_any_work(data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", blocker / "run"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {blocker / 'run'}: cannot be a folder")
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path / "r",
+                     "--checkpoint-dir", blocker], capsys)
+    assert code == 2 and len(err) == 1 and err[0] == f"error: {blocker}: exists and is not a folder" or \
+        err[0].startswith(f"error: {blocker}: cannot be a folder")

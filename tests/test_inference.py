@@ -274,7 +274,8 @@ def _bad_checkpoints(tmp_path, trained):
     model, _ = inference.load_model_from_checkpoint(trained)
     bare = ckpt.save(tmp_path / "bare", 1, np.asarray(model.params), {}, {}, {"model": model.describe()})
     return {"missing.h5": "no such file", "garbage.h5": "unreadable", "truncated.h5": "unreadable",
-            "text.h5": "neither a checkpoint", "array.npy": "neither a checkpoint", "folder": "is a folder",
+            "text.h5": "neither a checkpoint", "array.npy": "neither a checkpoint",
+            "folder": "no checkpoint (ckpt-*.h5) in",  # a folder is taken as a run folder
             str(bare.relative_to(tmp_path)): "mean"}
 
 
@@ -542,3 +543,16 @@ def test_resuming_an_ema_run_without_ema_says_the_average_is_dropped(tmp_path, c
     capsys.readouterr()
     assert train_main(common + ["--max-steps", "5", "--resume", "latest"]) == 0
     assert "holds a moving average of the weights (--ema), which this run without --ema drops" in capsys.readouterr().out
+
+
+def test_predict_and_export_take_a_run_folder_for_its_newest_checkpoint(trained, tmp_path, capsys):
+    run_dir = trained.parent.parent
+    np.save(tmp_path / "ok.npy", band_images(1)[0])
+    assert predict.main(["--checkpoint", str(trained), str(tmp_path / "ok.npy"), "--json"]) == 0
+    by_file = capsys.readouterr().out
+    for folder in (run_dir, run_dir / "checkpoints"):
+        assert predict.main(["--checkpoint", str(folder), str(tmp_path / "ok.npy"), "--json"]) == 0
+        assert capsys.readouterr().out == by_file
+    assert export.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "m.npz")]) == 0
+    exported, _ = inference.load(tmp_path / "m.npz")
+    assert np.array_equal(exported.params, inference.load_model(trained)[0].params)

@@ -23,17 +23,12 @@ class CollectiveTimeout(RuntimeError):
 class Handle:
     """A pending ``allreduce_mean``.  ``wait(deadline)`` returns once the mean is in place."""
 
-    seconds = 0.0  # time the transport spent on it (for the comm/compute split in the metrics)
-
     def wait(self, deadline: float | None = None) -> None:
         """Block until done, or raise CollectiveTimeout past ``deadline`` (a time.monotonic() value; None: no limit)."""
 
 
 class DoneHandle(Handle):
     """A collective that completed inside the call (one rank, or an MPI without a progress thread)."""
-
-    def __init__(self, seconds: float = 0.0):
-        self.seconds = seconds
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -87,6 +82,10 @@ class Communicator:
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (MPI_Abort)."""
         os._exit(code)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """From now on, a blocking collective that takes longer than ``seconds`` ends the job with one
+        line naming it (None or 0: no limit).  One process has nothing to wait for."""
 
     def close(self) -> None:
         """Stop background threads; the communicator is not used for gradients afterwards."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -40,6 +41,43 @@ class ThreadHandle(Handle):
             cupy.cuda.get_current_stream().wait_event(self.gpu_done)
 
 
+class Watchdog:
+    """Ends the job when a blocking collective of the main thread outlives ``timeout`` seconds.
+
+    A blocking MPI call cannot be interrupted from Python, so a thread of
+    its own watches the one in progress and, past its deadline, prints one
+    line naming it and aborts every rank.  ``timeout`` None: no limit.
+    """
+
+    def __init__(self, comm):
+        self.comm, self.timeout = comm, None
+        self.current = None  # (what, deadline) of the collective in progress
+        self.thread = None
+
+    @contextmanager
+    def watch(self, what: str):
+        if not self.timeout:
+            yield
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="ddp_cnn-watchdog", daemon=True)
+            self.thread.start()
+        self.current = (what, time.monotonic() + self.timeout)
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def _run(self):
+        from ..faults import abort_job
+        while True:
+            time.sleep(0.25)
+            current = self.current
+            if current is not None and time.monotonic() > current[1]:
+                abort_job(self.comm, f"error: [rank {self.comm.rank}] {current[0]} not complete after "
+                                     f"{self.timeout:g} s: a rank stalled, died or lost its network link")
+
+
 class MPIComm(Communicator):
     name = "mpi"
 
@@ -58,6 +96,7 @@ class MPIComm(Communicator):
         self._jobs: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._staging: dict = {}  # (device pointer, size) -> pinned host buffer, CUDA events
+        self.watchdog = Watchdog(self)
 
     # ---- the gradient path ---------------------------------------------
     def allreduce_mean(self, view) -> Handle:
@@ -90,7 +129,6 @@ class MPIComm(Communicator):
             self._reduce(view, handle)
 
     def _reduce(self, view, handle):
-        t0 = time.perf_counter()
         try:
             if handle.on_gpu:
                 self._reduce_staged(view, handle)
@@ -99,7 +137,6 @@ class MPIComm(Communicator):
                 view *= view.dtype.type(1.0 / self.size)
         except BaseException as exc:  # handed to the waiting thread, which raises it
             handle.error = exc
-        handle.seconds = time.perf_counter() - t0
         handle.done.set()
 
     def _stage(self, view) -> dict:
@@ -134,28 +171,36 @@ class MPIComm(Communicator):
             self._worker.join(timeout=1.0)
             self._worker = None
 
-    # ---- small collectives, from the main thread -----------------------
+    # ---- small collectives, from the main thread, each under the watchdog ------
     def _op(self, op):
         check_op(op)
         return getattr(self.MPI, _OPS[op])
 
     def allreduce_scalar(self, value, op="sum"):
-        return self.comm.allreduce(value, op=self._op(op))
+        with self.watchdog.watch("an allreduce of a number"):
+            return self.comm.allreduce(value, op=self._op(op))
 
     def allreduce_host(self, array, op="sum"):
         src = np.ascontiguousarray(array)
         out = np.empty_like(src)
-        self.comm.Allreduce(src, out, op=self._op(op))
+        with self.watchdog.watch(f"an allreduce of {src.size} values"):
+            self.comm.Allreduce(src, out, op=self._op(op))
         return out
 
     def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+        with self.watchdog.watch(f"a broadcast from rank {root}"):
+            return self.comm.bcast(obj, root=root)
 
     def allgather_obj(self, obj):
-        return self.comm.allgather(obj)
+        with self.watchdog.watch("an allgather"):
+            return self.comm.allgather(obj)
 
     def barrier(self):
-        self.comm.Barrier()
+        with self.watchdog.watch("a barrier"):
+            self.comm.Barrier()
+
+    def set_timeout(self, seconds):
+        self.watchdog.timeout = seconds or None
 
     def abort(self, code=1):
         self.comm.Abort(code)

@@ -67,6 +67,9 @@ class NCCLComm(Communicator):
     def barrier(self):
         self.world.barrier()
 
+    def set_timeout(self, seconds):
+        self.world.set_timeout(seconds)
+
     def abort(self, code=1):
         self.world.abort(code)
 

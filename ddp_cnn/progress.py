@@ -1,0 +1,52 @@
+"""What rank 0 shows while an epoch runs: a tqdm bar on a terminal, else a line every few seconds.
+
+Under ``mpirun`` a rank's stderr is not a terminal, so a bar would never be
+drawn; the lines (epoch, step, loss, images/s, time left) go to stdout
+instead, where the launcher forwards them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+
+MODES = ("auto", "bar", "lines", "off", "on")  # on: the bar (an older spelling)
+
+
+class Progress:
+    """One epoch's progress on rank 0.  ``mode``: auto (bar on a terminal, else lines), bar, lines, off."""
+
+    def __init__(self, mode: str, epoch: int, epochs: int, steps: int, start_step: int, world_size: int,
+                 every_s: float = 5.0):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        mode = "bar" if mode == "on" else mode
+        self.mode, self.epoch, self.epochs, self.steps = mode, epoch, epochs, steps
+        self.step, self.first_step, self.world_size, self.every_s = start_step, start_step, world_size, every_s
+        self.t0 = self.last_line = time.perf_counter()
+        self.images = 0
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                            leave=True, dynamic_ncols=True)
+
+    def update(self, loss, batch: int) -> None:
+        """After a step of ``batch`` images per rank with (device) ``loss``."""
+        self.step += 1
+        self.images += batch * self.world_size
+        now = time.perf_counter()
+        rate = self.images / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.step % 20 == 0:
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.0f}")
+        elif self.mode == "lines" and now - self.last_line >= self.every_s and self.step < self.steps:
+            self.last_line = now
+            left = (self.steps - self.step) * (now - self.t0) / max(self.step - self.first_step, 1)
+            print(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.steps}: loss {float(loss):.4f}, "
+                  f"{rate:.0f} img/s, {timedelta(seconds=round(left))} left in the epoch", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

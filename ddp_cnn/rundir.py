@@ -1,0 +1,35 @@
+"""A run's folder: never another run's by accident, and writable before any work is done."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import list_checkpoints
+
+
+def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Rank 0: refuse a run dir that holds another run unless resuming or overwriting (ValueError,
+    one line) and folders that cannot be made or written; creates nothing.  With ``overwrite``,
+    drops the old checkpoints (the Trainer starts the metrics file anew)."""
+    old = list_checkpoints(checkpoint_dir)
+    holds = [metrics_path.name] if metrics_path.is_file() and metrics_path.stat().st_size else []
+    holds += [f"{len(old)} checkpoint(s)"] if old else []
+    if holds and not resume and not overwrite:
+        raise ValueError(f"--run-dir {run_dir}: holds a run ({', '.join(holds)}); continue it with "
+                         "--resume latest, replace it with --overwrite, or choose another --run-dir")
+    for folder in (metrics_path.parent, checkpoint_dir):
+        check_writable(folder)
+    if overwrite and not resume:
+        for path in old:
+            path.unlink()
+
+
+def check_writable(folder: Path) -> None:
+    """ValueError (one line) unless ``folder`` is, or can be made as, a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{folder}: cannot be a folder, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: cannot write in {existing} (permission denied)")
