@@ -241,3 +241,32 @@ def test_a_run_dir_that_is_a_file_exits_2_before_any_work(data, tmp_path, capsys
                      "--checkpoint-dir", blocker], capsys)
     assert code == 2 and len(err) == 1 and err[0] == f"error: {blocker}: exists and is not a folder" or \
         err[0].startswith(f"error: {blocker}: cannot be a folder")
+
+
+def test_help_shows_each_default_once_and_hides_test_flags():
+    out = subprocess.run([sys.executable, "-m", "ddp_cnn.train", "--help"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "(default 64) (default" not in flat and "default: the architecture's own" in flat
+    assert "--fail-at" not in out and "--inject-nan" not in out
+
+
+def test_an_abbreviated_flag_is_an_error_not_a_guess(capsys):
+    code, err = run(["--epoch", "3"], capsys)
+    assert code == 2 and "unrecognized arguments: --epoch 3" in err[-1]
+
+
+def test_metrics_hold_typed_values_and_a_time(data, tmp_path):
+    import json
+    argv = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 1, "--run-dir", tmp_path,
+            "--progress", "off", "--max-steps", 2, "--hflip", "--lr", 0.002]
+    assert train_main([str(a) for a in argv]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    config = records[0]["config"]
+    assert records[0]["kind"] == "start" and config["lr"] == 0.002 and config["hflip"] is True
+    assert config["max_steps"] == 2 and config["teacher"] is None and config["run_dir"] == str(tmp_path)
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and all(isinstance(t, float) for t in times)
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert 0 <= epoch["comm_exposed_seconds"] <= epoch["comm_seconds"]

@@ -227,3 +227,20 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path):
     assert errors == ["error: [rank 0] allreduce of 61707 gradient values not complete by its deadline: a rank "
                       "stalled, died or lost its network link"], (out[-2000:], err[-2000:])
     assert "Traceback" not in err
+
+
+def test_a_blocking_collective_past_its_deadline_ends_the_job_with_one_line(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(
+        "import time\n"
+        "from ddp_cnn import comm\n"
+        "world = comm.create()\n"
+        "world.set_timeout(2)\n"
+        "if world.rank == 1:\n"
+        "    time.sleep(120)  # a rank that stalls before the barrier\n"
+        "world.barrier()\n")
+    proc, elapsed = run([LAUNCH, "-n", "2", sys.executable, str(script)], timeout=60)
+    assert proc.returncode != 0 and elapsed < 30
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: [rank 0] a barrier not complete after 2 s: a rank stalled, died or lost its "
+                      "network link"], proc.stderr[-2000:]

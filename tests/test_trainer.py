@@ -56,6 +56,10 @@ def test_readme_example_runs_unchanged_under_mpirun(data, tmp_path):
     assert proc.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
     state = load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert state["meta"]["world_size"] == 2
+    import json
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs and all(0 <= e["comm_exposed_seconds"] <= e["comm_seconds"] for e in epochs)
 
 
 def test_library_trainer_equals_the_command_line(data, tmp_path):
@@ -155,3 +159,17 @@ def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
     saved = load(list_checkpoints(tmp_path / "checkpoints")[-1])["meta"]
     assert saved["global_step"] == trainer.steps_per_epoch
     assert "epoch" not in metric_kinds(tmp_path)  # neither the evaluation nor the epoch's record ran first
+
+
+def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypatch):
+    from ddp_cnn.progress import Progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # as under mpirun
+    progress = Progress("auto", epoch=1, epochs=3, steps=4, start_step=0, world_size=2, every_s=0.0)
+    assert progress.mode == "lines"
+    for _ in range(4):
+        progress.update(np.float32(0.5), batch=8)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # none after the epoch's last step: the epoch line follows
+    assert re.fullmatch(r"epoch 2/3 step 1/4: loss 0\.5000, \d+ img/s, 0:00:\d\d left in the epoch", lines[0])
+    assert Progress("off", 0, 1, 4, 0, 1).mode == "off"
