@@ -94,7 +94,7 @@ def fetch(name: str, cache: Path | None = None, mirror: str | None = None) -> di
 
 
 def _body(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.download", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.download", description=__doc__.split("\n")[0])
     parser.add_argument("name", help=f"one of {', '.join(sorted(KNOWN))}")
     parser.add_argument("--cache", type=Path, help="folder for the files (default ~/.cache/ddp_cnn/NAME)")
     parser.add_argument("--mirror", help="base URL to fetch from instead of the canonical mirrors")

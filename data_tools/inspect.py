@@ -90,7 +90,7 @@ def save_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[str
 
 
 def _body(argv: Sequence[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.inspect", description=__doc__.split("\n")[0])
     p.add_argument("file", type=Path, help="a .h5 file written by data_tools.shard")
     p.add_argument("--grid", type=Path, metavar="OUT.png", help="also save a picture of sample images with labels")
     p.add_argument("--count", type=int, default=32, help="images in the grid (default 32)")

@@ -42,7 +42,7 @@ class Source:
 # ---------------------------------------------------------------- arguments
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.shard", description=__doc__.split("\n")[0])
     p.add_argument("source", nargs="?", type=Path,
                    help=f"folder with the four MNIST-style IDX files, .gz or raw (default {datasets.DEBIAN_FASHION_MNIST})")
     for role in idx.ROLES:

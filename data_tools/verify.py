@@ -202,7 +202,7 @@ def verify(folder: Path, source: Path | None = None) -> tuple[list[str], str]:
 
 
 def _body(argv: Sequence[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.verify", description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="output folder of data_tools.shard")
     p.add_argument("--source", type=Path, help="folder of the IDX files: also compare hashes and every sample")
     args = p.parse_args(argv)

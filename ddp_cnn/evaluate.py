@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from .faults import EXIT_USAGE, SetupError, agreed
     from .inference import load_model
 
-    p = argparse.ArgumentParser(prog="python -m ddp_cnn.evaluate",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint (.h5) from ddp_cnn.train, .npz from ddp_cnn.export, or a run folder "

@@ -101,7 +101,7 @@ def export(checkpoint, out, force: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_cnn.export",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.export",
                                 description="Write a trained model (architecture, weights, class names, "
                                             "normalisation) to a portable .npz that needs only NumPy to load.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.h5) written by ddp_cnn.train")

@@ -181,7 +181,7 @@ def read_input(path: Path, hw: tuple, invert: str):
 # ---- the command ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ddp_cnn.predict",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.predict",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Classify your own images with a trained model.\n\n"
                                             + __doc__.split("\n", 2)[2].strip())

@@ -198,7 +198,7 @@ def summary_markdown(records, run_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_cnn.report",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.report",
                                 description="Plots (loss, accuracy, images/s, confusion matrix) and a Markdown "
                                             "summary of a ddp_cnn.train run.")
     p.add_argument("run_dir", type=Path, help="the --run-dir of a training run (holds metrics.jsonl)")

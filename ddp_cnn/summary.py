@@ -24,7 +24,7 @@ def format_summary(model) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_cnn.summary", description=__doc__.split(":", 1)[1].strip())
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.summary", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("--model", default="fmnist-cnn", choices=sorted(model_mod.ARCHITECTURES),
                    help="architecture (default: fmnist-cnn)")
     p.add_argument("--input-shape", default="28,28,1", help="H,W,C of one image (default: 28,28,1)")

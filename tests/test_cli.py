@@ -270,3 +270,17 @@ def test_metrics_hold_typed_values_and_a_time(data, tmp_path):
     assert times == sorted(times) and all(isinstance(t, float) for t in times)
     epoch = [r for r in records if r["kind"] == "epoch"][0]
     assert 0 <= epoch["comm_exposed_seconds"] <= epoch["comm_seconds"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["data_tools.shard", "--out", "x", "--shard", "2"],
+    ["ddp_cnn.evaluate", "--check", "x", "--data", "y"],
+    ["ddp_cnn.predict", "--check", "x", "a.npy"],
+    ["ddp_cnn.export", "--check", "x", "--out", "y.npz"],
+    ["ddp_cnn.summary", "--mod", "lenet"],
+])
+def test_no_program_guesses_an_abbreviated_flag(argv, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "error:" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
