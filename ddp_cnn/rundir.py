@@ -1,7 +1,9 @@
-"""A run's folder: never another run's by accident, and writable before any work is done."""
+"""A run's folder: never another run's by accident, writable before any work is done, and its metrics log."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
@@ -33,3 +35,30 @@ def check_writable(folder: Path) -> None:
         raise ValueError(f"{folder}: cannot be a folder, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{folder}: cannot write in {existing} (permission denied)")
+
+
+class MetricsLog:
+    """The run's ``metrics.jsonl``: rank 0 appends one JSON record per line, each stamped with the
+    time (Unix seconds); other ranks' calls do nothing."""
+
+    def __init__(self, path: Path, is_root: bool):
+        self.path, self.is_root = Path(path), is_root
+
+    def start(self) -> None:
+        """A new run: an empty file."""
+        if self.is_root:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.is_root:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
+        if not self.is_root or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))

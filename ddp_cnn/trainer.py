@@ -73,6 +73,7 @@ class Trainer:
         self.xp = model.xp
         self.run_dir = Path(cfg.run_dir or f"runs/{model.name}")
         self.metrics_path = Path(cfg.metrics) if cfg.metrics else self.run_dir / "metrics.jsonl"
+        self.metrics = rundir.MetricsLog(self.metrics_path, self.world.is_root)
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         self.global_batch, self.local_batch = agreed(self.world, self._batch_sizes)
         agreed(self.world, self._prepare_run_dir)
@@ -93,6 +94,7 @@ class Trainer:
         self.loss_fn = SoftmaxCrossEntropy(cfg.label_smoothing, distiller.weight if distiller else 0.0,
                                            distiller.temperature if distiller else 1.0)
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
+        self.sums, self.part_started = self._new_sums(), time.perf_counter()
         self._restore_or_broadcast()
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
@@ -176,9 +178,7 @@ class Trainer:
         state = self.world.bcast_obj(state)
         self.model.params[...] = self.xp.asarray(state["params"])
         if "optim" not in state:
-            if self.world.is_root:
-                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                self.metrics_path.write_text("")
+            self.metrics.start()
             return
         if "ema" in state["optim"] and not self.opt.ema:
             self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
@@ -188,12 +188,19 @@ class Trainer:
             buf[...] = self.xp.asarray(state["buffers"][name])
         meta = state["meta"]
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        so_far = meta.get("epoch_so_far") if self.step_in_epoch else None
+        if so_far:  # rank 0 carries the epoch's sums so far; the epoch's allreduce adds them in
+            mine = so_far if self.world.is_root else {"loss": 0.0, "correct": 0, "seen": 0}
+            self.sums = self._new_sums(mine["loss"], mine["correct"], mine["seen"], so_far["seconds"])
         if meta["world_size"] != self.world.size:
             self.log(f"warning: checkpoint was written by {meta['world_size']} ranks, resuming on "
                      f"{self.world.size}: the data order differs from the original run")
-        self.log(f"resumed from {state['path']} at epoch {self.epoch} "
-                 f"step {self.step_in_epoch} (global step {self.global_step})")
-        self._truncate_metrics_after(self.global_step)
+        self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
+                 f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
+        self.metrics.truncate_after(self.global_step)
+        self.metrics.write({"kind": "resume", "step": self.global_step, "epoch": self.epoch,
+                            "step_in_epoch": self.step_in_epoch, "from": state["path"],
+                            "world_size": self.world.size, "saved_by_world_size": meta["world_size"]})
 
     def sync_buffers(self):
         """Average BatchNorm statistics over ranks (each rank saw its own batches)."""
@@ -202,6 +209,7 @@ class Trainer:
 
     def save_checkpoint(self):
         self.sync_buffers()
+        totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
         if not self.world.is_root:
             return
         attrs = self.train_data.attrs
@@ -210,26 +218,14 @@ class Trainer:
                 "world_size": self.world.size, "global_batch": self.global_batch,
                 "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
                 "mean": float(attrs["mean"]), "std": float(attrs["std"]),
-                "teacher": self.distiller.record if self.distiller else None}
+                "teacher": self.distiller.record if self.distiller else None,
+                "epoch_so_far": {"loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
+                                 "seconds": seconds}}
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
                          buffers, meta, keep=self.config.keep)
-        self.write_metrics({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
-
-    def write_metrics(self, record):
-        """Root: append one JSON line to the metrics file, stamped with the time (Unix seconds)."""
-        if self.world.is_root:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-
-    def _truncate_metrics_after(self, step):
-        """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
-        if not self.world.is_root or not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
 
     def check_replicas(self):
         digest = ckpt.params_digest(to_host(self.model.params))
@@ -299,30 +295,29 @@ class Trainer:
         if self.global_step == 0:
             from .summary import format_summary
             self.log(format_summary(model))
-            self.write_metrics({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
+            self.metrics.write({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,
                                 "global_batch": self.global_batch, "class_names": self.class_names,
                                 "config": self.record()})
 
     def run_epoch(self):
-        cfg, xp = self.config, self.xp
-        loss_sum, correct_sum, seen = xp.zeros((), np.float64), xp.zeros((), np.int64), 0
+        cfg, sums = self.config, self.sums
         self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
         progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
                             self.steps_per_epoch, self.step_in_epoch, self.world.size)
         # The epoch's sample order, to look the cached soft targets up by row.
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None
-        t0 = time.perf_counter()
+        self.part_started = time.perf_counter()
         for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
             loss, correct, stop = self.train_step(x, y, soft)
-            loss_sum += loss.astype(np.float64) * y.shape[0]
-            correct_sum += correct
-            seen += y.shape[0]
+            sums["loss"] += loss.astype(np.float64) * y.shape[0]
+            sums["correct"] += correct
+            sums["seen"] += y.shape[0]
             self.global_step += 1
             self.step_in_epoch += 1
             progress.update(loss, y.shape[0])
@@ -336,7 +331,7 @@ class Trainer:
         # so that neither the evaluation nor the end-of-epoch checkpoint runs first.
         if self.world.allreduce_scalar(int(self.stop.requested), "max"):
             return self._preempted()
-        self._end_epoch(loss_sum, correct_sum, seen, time.perf_counter() - t0)
+        self._end_epoch()
         return None
 
     def _preempted(self) -> int:
@@ -350,7 +345,7 @@ class Trainer:
         cfg, step = self.config, self.global_step
         if cfg.log_every and step % cfg.log_every == 0:
             mean_loss = self.world.allreduce_scalar(float(loss), "sum") / self.world.size
-            self.write_metrics({"kind": "step", "step": step, "epoch": self.epoch, "loss": mean_loss,
+            self.metrics.write({"kind": "step", "step": step, "epoch": self.epoch, "loss": mean_loss,
                                 "lr": self.schedule(step - 1)})
             self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")
         if cfg.check_replicas and step % cfg.check_replicas == 0:
@@ -358,10 +353,22 @@ class Trainer:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
-    def _end_epoch(self, loss_sum, correct_sum, seen, elapsed):
+    def _new_sums(self, loss=0.0, correct=0, seen=0, seconds=0.0) -> dict:
+        """The epoch's running sums (this rank's part; rank 0 also holds what a resumed run saved)."""
+        return {"loss": self.xp.asarray(loss, dtype=np.float64), "correct": self.xp.asarray(correct, dtype=np.int64),
+                "seen": seen, "seconds": seconds}
+
+    def _epoch_totals(self):
+        """Collective: (loss sum, correct, images) of the epoch so far over every rank, and its seconds."""
+        sums = self.sums
+        totals = self.world.allreduce_host(np.array([float(to_host(sums["loss"])), float(to_host(sums["correct"])),
+                                                     sums["seen"]]))
+        return totals, sums["seconds"] + time.perf_counter() - self.part_started
+
+    def _end_epoch(self):
         cfg = self.config
         epoch_done = self.step_in_epoch >= self.steps_per_epoch
-        totals = self.world.allreduce_host(np.array([float(to_host(loss_sum)), float(to_host(correct_sum)), seen]))
+        totals, elapsed = self._epoch_totals()
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "complete": epoch_done,
                   "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
                   "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
@@ -378,7 +385,8 @@ class Trainer:
         if epoch_done:
             self.epoch += 1
             self.step_in_epoch = 0
-        self.write_metrics(record)
+            self.sums, self.part_started = self._new_sums(), time.perf_counter()
+        self.metrics.write(record)
         self.log(f"epoch {record['epoch'] + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc'] * 100:.2f}%"
                  + (f", test loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}%"

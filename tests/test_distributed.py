@@ -218,6 +218,16 @@ def check_resume_is_bitwise_exact(comm, tmp_path_factory):
         steps = [json.loads(l)["step"] for l in (base / "parts" / "metrics.jsonl").read_text().splitlines()
                  if json.loads(l)["kind"] == "step"]
         assert steps == list(range(1, 47))
+        # The resumed epoch reports all of its steps, as the uninterrupted run does, and says it resumed.
+        def epoch_records(run):  # by the step each was written at (the run ends inside epoch 0)
+            records = [json.loads(l) for l in (base / run / "metrics.jsonl").read_text().splitlines()]
+            return {r["step"]: r for r in records if r["kind"] == "epoch"}, records
+        (whole_epochs, _), (part_epochs, part_records) = epoch_records("whole"), epoch_records("parts")
+        assert sorted(whole_epochs) == [46] and sorted(part_epochs) == [23, 46]
+        for key in ("train_loss", "train_acc"):  # epoch 0 so far: all 46 steps, not the 23 after the resume
+            assert part_epochs[46][key] == pytest.approx(whole_epochs[46][key], rel=1e-12, abs=0), key
+        resumes = [r for r in part_records if r["kind"] == "resume"]
+        assert [r["step"] for r in resumes] == [23] and resumes[0]["world_size"] == comm.size
 
 
 def test_resume_is_bitwise_exact(tmp_path_factory):
