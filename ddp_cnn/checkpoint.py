@@ -26,6 +26,7 @@ import numpy as np
 from data_tools.atomic import fsync_dir, fsync_file, temp_path
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
+BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)
 
 
 class CheckpointError(ValueError):
@@ -159,3 +160,19 @@ def load_for_resume(spec: str, directory, model_description: dict, teacher: dict
         warn(f"warning: the checkpoint was trained with teacher {before.get('source', 'none')}; the run goes on "
              f"with {teacher['source'] if teacher else 'none'}")
     return state
+
+
+def keep_as_best(path) -> Path:
+    """Copy checkpoint ``path`` to best.h5 beside it, atomically; ``--keep`` never removes it."""
+    import shutil
+    best = Path(path).with_name(BEST_NAME)
+    tmp = temp_path(best)
+    try:
+        shutil.copyfile(path, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, best)
+        fsync_dir(best.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return best

@@ -10,6 +10,7 @@ class TrainConfig:
     # data
     data: str = "data/fashion-mnist"
     slice_data: bool = False
+    val_fraction: float = 0.0        # held out of the training rows for validation when there is no val.h5
     augment_shift: int = 0
     hflip: bool = False
     erase: float = 0.0

@@ -372,27 +372,3 @@ class Loader:
             # Ready before the consumer touches it, whatever stream the consumer uses.
             cuda.get_current_stream().synchronize()
         return x, y
-
-
-# ---------------------------------------------------------------- a training run's data
-
-def open_data(config, comm):
-    """Collective: this rank's (train, test or None) rows of the ``config.data`` folder (a TrainConfig).
-
-    Problems raise :class:`ddp_cnn.faults.SetupError` on every rank at once.
-    """
-    from ddp_cnn.faults import agreed
-
-    def local():
-        if not Path(config.data).is_dir():
-            raise ValueError(f"--data {config.data}: no such folder; make it with "
-                             f"`python -m data_tools.shard --out {config.data} --shards {comm.size}`")
-    agreed(comm, local)
-    train = agreed(comm, lambda: open_rank_data(config.data, "train", comm, slice_single=config.slice_data))
-    test = agreed(comm, lambda: open_rank_data(config.data, "test", comm)) if config.eval_every else None
-    return train, test
-
-
-def class_names_of(data) -> list[str]:
-    """The class names stored with the shards (digits 0-9 when there are none)."""
-    return list(data.attrs.get("class_names") or [str(i) for i in range(10)])

@@ -36,6 +36,13 @@ def evaluate(model, loader, comm, num_classes: int) -> dict:
             "count": count, "confusion": conf}
 
 
+def split_scores(split: str, model, loader, comm, num_classes: int) -> dict:
+    """Collective: :func:`evaluate` as metrics named after the split (``val_acc``, ``test_loss``, ...)."""
+    result = evaluate(model, loader, comm, num_classes)
+    return {f"{split}_loss": result["loss"], f"{split}_acc": result["accuracy"], f"{split}_count": result["count"],
+            f"{split}_confusion": result["confusion"].tolist()}
+
+
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
     totals = confusion.sum(axis=1)
     return np.divide(np.diag(confusion), totals, out=np.zeros(len(totals)), where=totals > 0)

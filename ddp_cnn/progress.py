@@ -1,4 +1,4 @@
-"""What rank 0 shows while an epoch runs: a tqdm bar on a terminal, else a line every few seconds.
+"""What rank 0 shows: its log lines, and while an epoch runs a tqdm bar on a terminal, else a line every few seconds.
 
 Under ``mpirun`` a rank's stderr is not a terminal, so a bar would never be
 drawn; the lines (epoch, step, loss, images/s, time left) go to stdout
@@ -50,3 +50,14 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RootLog:
+    """Rank 0 prints; everyone else stays quiet."""
+
+    def __init__(self, comm):
+        self.root = comm.is_root
+
+    def __call__(self, *parts):
+        if self.root:
+            print(*parts, flush=True)

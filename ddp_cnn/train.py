@@ -26,10 +26,10 @@ from . import model as model_mod
 from . import optim
 from .backend import get_backend
 from .config import TrainConfig
-from .data import class_names_of, open_data
+from .splits import class_names_of, open_data
 from .faults import EXIT_USAGE, SetupError, agreed, install_abort_hook, parse_fail_at
-from .progress import MODES
-from .trainer import RootLog, Trainer
+from .progress import MODES, RootLog
+from .trainer import Trainer
 
 D = TrainConfig()
 
@@ -106,6 +106,10 @@ def _data_flags(p):
     g.add_argument("--data", default=D.data, help="folder of HDF5 shards made by `python -m data_tools.shard`")
     g.add_argument("--slice-data", action="store_true",
                    help="with fewer train shards than ranks, slice shard files by rank instead of refusing")
+    g.add_argument("--val-fraction", type=fraction, default=D.val_fraction,
+                   help="hold this part of the training rows out for validation (each epoch is scored on them "
+                        "and the best checkpoint kept) when --data has no val.h5 (data_tools.shard "
+                        "--val-fraction makes one); 0: none")
     g.add_argument("--augment-shift", type=non_negative_int, default=D.augment_shift,
                    help="random translation by up to this many pixels (zero padding)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (clothes yes, digits no)")
@@ -203,7 +207,9 @@ def _output_flags(p):
     g.add_argument("--keep", type=non_negative_int, default=D.keep, help="checkpoints to keep (0: all)")
     g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest",
                    help="continue from a checkpoint file, or the newest valid one in the checkpoint folder")
-    g.add_argument("--eval-every", type=non_negative_int, default=D.eval_every, help="evaluate every N epochs (0: never)")
+    g.add_argument("--eval-every", type=non_negative_int, default=D.eval_every,
+                   help="score the validation split every N epochs; the test set is scored once, at the end "
+                        "(0: no evaluation at all)")
     g.add_argument("--eval-batch-size", type=positive_int, default=D.eval_batch_size, help="evaluation batch per rank")
     g.add_argument("--log-every", type=non_negative_int, default=D.log_every,
                    help="also write a metrics line every N steps (0: per epoch only)")

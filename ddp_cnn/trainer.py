@@ -28,26 +28,16 @@ from . import comm as comm_mod
 from . import optim, rundir
 from .backend import to_host
 from .config import TrainConfig
-from .data import Augment, Loader, class_names_of, open_data
-from .evaluate import evaluate
+from .data import Augment, Loader
+from .splits import class_names_of, open_data
+from .evaluate import split_scores
 from .comm import CollectiveTimeout
 from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, abort_job, agreed, install_abort_hook, maybe_fail,
                      require_same)
 from .layers import SoftmaxCrossEntropy
 from .reducer import GradReducer
-from .progress import Progress
+from .progress import Progress, RootLog
 from .step import compute_gradients
-
-
-class RootLog:
-    """Rank 0 prints; everyone else stays quiet."""
-
-    def __init__(self, comm):
-        self.root = comm.is_root
-
-    def __call__(self, *parts):
-        if self.root:
-            print(*parts, flush=True)
 
 
 class Trainer:
@@ -55,7 +45,7 @@ class Trainer:
 
     ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
     else: the data folder, batch size, optimizer, schedule, checkpoints,
-    evaluation.  ``rank_data``: (train, test) already opened with
+    evaluation.  ``rank_data``: (train, val, test) already opened with
     :func:`open_data` (else ``config.data`` is opened); ``distiller``: a
     :class:`~ddp_cnn.distill.Distiller`.
     Start-up problems raise :class:`SetupError` on every rank.
@@ -77,12 +67,13 @@ class Trainer:
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         self.global_batch, self.local_batch = agreed(self.world, self._batch_sizes)
         agreed(self.world, self._prepare_run_dir)
-        self.train_data, self.test_data = rank_data if rank_data is not None else open_data(cfg, self.world)
+        self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
+                                                          else open_data(cfg, self.world))
         self.class_names = class_names_of(self.train_data)
         self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
         self._check_same_everywhere()
         self.augment = agreed(self.world, lambda: Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase))
-        self.train_loader, self.test_loader = agreed(self.world, self._loaders)
+        self.train_loader, self.val_loader, self.test_loader = agreed(self.world, self._loaders)
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
         if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
             self.log(f"comm: {reason}")
@@ -95,6 +86,7 @@ class Trainer:
                                            distiller.temperature if distiller else 1.0)
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self.sums, self.part_started = self._new_sums(), time.perf_counter()
+        self.best_val = -1.0  # the best validation accuracy so far (-1: none yet)
         self._restore_or_broadcast()
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
@@ -132,12 +124,10 @@ class Trainer:
         opt = optim.create(cfg.optimizer, model.params, model.grads, lr, momentum=cfg.momentum, beta1=cfg.beta1,
                            beta2=cfg.beta2, eps=cfg.eps, rho=cfg.rho, l2=cfg.l2, weight_decay=cfg.weight_decay,
                            decay_ranges=model.decay_ranges, ema=cfg.ema)
-        return opt, self._load_resume() if cfg.resume and self.world.is_root else None
-
-    def _load_resume(self):
-        """Rank 0 reads the checkpoint to resume; everyone receives it in the broadcast."""
-        return ckpt.load_for_resume(self.config.resume, self.checkpoint_dir, self.model.describe(),
-                                    self.distiller.record if self.distiller else None, warn=self.log)
+        if not (cfg.resume and self.world.is_root):  # rank 0 reads it; everyone receives it in the broadcast
+            return opt, None
+        return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
+                                         self.distiller.record if self.distiller else None, warn=self.log)
 
     def _check_same_everywhere(self) -> None:
         """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
@@ -155,12 +145,12 @@ class Trainer:
         cfg, dtype = self.config, self.model.backend.dtype
         train = Loader(self.train_data, batch_size=self.local_batch, comm=self.world, seed=cfg.seed, xp=self.xp,
                        dtype=dtype, augment=self.augment)
-        test = None
-        if self.test_data is not None:
-            test = Loader(self.test_data, batch_size=cfg.eval_batch_size, comm=self.world, seed=cfg.seed,
-                          xp=self.xp, dtype=dtype, shuffle=False, drop_last=False,
-                          mean=self.train_data.attrs["mean"], std=self.train_data.attrs["std"])
-        return train, test
+
+        def scoring(data):  # every row once, normalised with the training statistics
+            return None if data is None else Loader(
+                data, batch_size=cfg.eval_batch_size, comm=self.world, seed=cfg.seed, xp=self.xp, dtype=dtype,
+                shuffle=False, drop_last=False, mean=self.train_data.attrs["mean"], std=self.train_data.attrs["std"])
+        return train, scoring(self.val_data), scoring(self.test_data)
 
     def record(self) -> dict:
         """The settings as metrics and checkpoints record them: the config, with the paths
@@ -188,6 +178,7 @@ class Trainer:
             buf[...] = self.xp.asarray(state["buffers"][name])
         meta = state["meta"]
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        self.best_val = meta.get("best_val_acc", -1.0)
         so_far = meta.get("epoch_so_far") if self.step_in_epoch else None
         if so_far:  # rank 0 carries the epoch's sums so far; the epoch's allreduce adds them in
             mine = so_far if self.world.is_root else {"loss": 0.0, "correct": 0, "seen": 0}
@@ -211,7 +202,7 @@ class Trainer:
         self.sync_buffers()
         totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
         if not self.world.is_root:
-            return
+            return None
         attrs = self.train_data.attrs
         meta = {"model": self.model.describe(), "config": self.record(), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seed": self.config.seed,
@@ -219,6 +210,7 @@ class Trainer:
                 "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
                 "mean": float(attrs["mean"]), "std": float(attrs["std"]),
                 "teacher": self.distiller.record if self.distiller else None,
+                "best_val_acc": self.best_val,
                 "epoch_so_far": {"loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
                                  "seconds": seconds}}
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
@@ -226,6 +218,7 @@ class Trainer:
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
                          buffers, meta, keep=self.config.keep)
         self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
+        return path
 
     def check_replicas(self):
         digest = ckpt.params_digest(to_host(self.model.params))
@@ -271,6 +264,7 @@ class Trainer:
                     return status
                 if self.config.max_steps and self.global_step >= self.config.max_steps:
                     break
+            self._final_test()
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -292,6 +286,9 @@ class Trainer:
                  f"{len(self.reducer.buckets)} gradient bucket(s)")
         if self.distiller is not None:
             self.log(self.distiller.describe())
+        if self.val_loader is None and self.test_loader is not None:
+            self.log("no validation split (shard with --val-fraction, or train with --val-fraction): epochs are not "
+                     "scored and no best checkpoint is kept; the test set is scored once, at the end")
         if self.global_step == 0:
             from .summary import format_summary
             self.log(format_summary(model))
@@ -375,13 +372,8 @@ class Trainer:
                   "comm_seconds": self.reducer.comm_seconds, "comm_exposed_seconds": self.reducer.exposed_seconds,
                   "compute_seconds": elapsed - self.reducer.exposed_seconds, "lr": self.schedule(self.global_step - 1),
                   "skipped_steps": self.skipped}
-        if cfg.eval_every and self.test_loader is not None and (
-                (self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
-            self.sync_buffers()
-            with self.opt.averaged_weights():  # --ema: the average is the model
-                result = evaluate(self.model, self.test_loader, self.world, len(self.class_names))
-            record.update(test_loss=result["loss"], test_acc=result["accuracy"], test_count=result["count"],
-                          confusion=result["confusion"].tolist())
+        if self.val_loader is not None and ((self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
+            record.update(self.score("val", self.val_loader))
         if epoch_done:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -389,11 +381,31 @@ class Trainer:
         self.metrics.write(record)
         self.log(f"epoch {record['epoch'] + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc'] * 100:.2f}%"
-                 + (f", test loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}%"
-                    if "test_acc" in record else "")
+                 + (f", val loss {record['val_loss']:.4f} acc {record['val_acc'] * 100:.2f}%"
+                    if "val_acc" in record else "")
                  + f", {record['images_per_s']:.0f} img/s, comm {record['comm_seconds']:.2f}s "
                    f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
-        self.save_checkpoint()
+        improved = record.get("val_acc", -1.0) > self.best_val
+        self.best_val = max(self.best_val, record.get("val_acc", -1.0))
+        path = self.save_checkpoint()
+        if improved and path is not None:  # root: the best so far by validation accuracy, kept apart
+            ckpt.keep_as_best(path)
+            self.log(f"best validation accuracy so far: {path.parent / ckpt.BEST_NAME}")
+
+    def score(self, split: str, loader) -> dict:
+        """Collective: the model (the --ema average, if kept) on one split, as ``{split}_*`` metrics."""
+        self.sync_buffers()
+        with self.opt.averaged_weights():
+            return split_scores(split, self.model, loader, self.world, len(self.class_names))
+
+    def _final_test(self):
+        """Collective: the test set, scored once, on the final model."""
+        if self.test_loader is None:
+            return
+        record = {"kind": "test", "step": self.global_step, "epoch": self.epoch, **self.score("test", self.test_loader)}
+        self.metrics.write(record)
+        self.log(f"test (final model, scored once): loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}% "
+                 f"({record['test_count']} images)")
 
 
 def _sha(value) -> str:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "mpirun.sh")
-SIZE = "from mpi4py import MPI; import os; print(MPI.COMM_WORLD.Get_size(), os.environ['OMP_NUM_THREADS'])"
+# One write per rank (atomic on a pipe), so the ranks' lines never interleave.
+SIZE = ("from mpi4py import MPI; import os; "
+        "os.write(1, f\"{MPI.COMM_WORLD.Get_size()} {os.environ['OMP_NUM_THREADS']}\\n\".encode())")
 
 
 def launch(*args):

@@ -121,7 +121,8 @@ def test_report_writes_plots_and_summary(tmp_path):
     data = make_synthetic_shards(tmp_path / "data", 1)
     run = tmp_path / "run"
     assert train_main(["--data", str(data), "--run-dir", str(run), "--comm", "single", "--device", "cpu",
-                       "--model", "mlp", "--epochs", "2", "--batch-size", "64", "--progress", "off"]) == 0
+                       "--model", "mlp", "--epochs", "2", "--batch-size", "64", "--progress", "off",
+                       "--val-fraction", "0.2"]) == 0
     assert report_main([str(run)]) == 0
     for name in ("loss.png", "accuracy.png", "throughput.png", "confusion.png"):
         blob = (run / name).read_bytes()
@@ -129,7 +130,8 @@ def test_report_writes_plots_and_summary(tmp_path):
     summary = (run / "summary.md").read_text()
     assert "model `mlp`, 1 rank(s) on cpu" in summary
     assert summary.count("\n| 1 |") == 1 and "\n| 2 |" in summary  # one row per epoch
-    assert "best test accuracy" in summary
+    # Epochs are scored on validation (the best one named); the test set once, at the end.
+    assert "best validation accuracy" in summary and "test set (test record): acc" in summary
     assert "wall time" in summary or "training time (sum of epochs)" in summary
 
 

@@ -42,7 +42,7 @@ def test_readme_example_trains_in_one_process(data, tmp_path):
     script.write_text(readme_example(data[1], tmp_path / "run"))
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "epoch 1/1" in proc.stdout and "test loss" in proc.stdout  # it prints its progress
+    assert "epoch 1/1" in proc.stdout and "test (final model, scored once): loss" in proc.stdout  # it prints its progress
     state = load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert state["meta"]["world_size"] == 1
 
@@ -173,3 +173,58 @@ def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypa
     assert len(lines) == 3  # none after the epoch's last step: the epoch line follows
     assert re.fullmatch(r"epoch 2/3 step 1/4: loss 0\.5000, \d+ img/s, 0:00:\d\d left in the epoch", lines[0])
     assert Progress("off", 0, 1, 4, 0, 1).mode == "off"
+
+
+def test_held_out_validation_rows_are_the_same_whatever_the_ranks_and_disjoint_from_training(data):
+    from ddp_cnn.data import open_rank_data
+    from ddp_cnn.splits import hold_out, holdout_mask
+    whole = open_rank_data(data[1], "train", SingleComm())
+    train, val = hold_out(whole, 0.25)
+    assert len(train) + len(val) == len(whole) and abs(len(val) / len(whole) - 0.25) < 0.05
+    assert not set(train.source_index) & set(val.source_index)
+    assert np.array_equal(holdout_mask(whole.source_index, 0.25)[np.argsort(whole.source_index)],
+                          holdout_mask(np.sort(whole.source_index), 0.25))  # a property of each row alone
+    # Two shards of another sharding of the same images hold out the same images.
+    halves = [hold_out(open_rank_data(data[2], "train", _FakeRank(r, 2)), 0.25)[1] for r in range(2)]
+    assert set(np.concatenate([h.source_index for h in halves])) == set(val.source_index)
+
+
+class _FakeRank(SingleComm):
+    """Rank r of n for reading shards (open_rank_data's agreement is answered locally)."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def allgather_obj(self, obj):
+        return [obj] * self.size
+
+
+def test_epochs_are_scored_on_validation_the_best_is_kept_and_the_test_set_once_at_the_end(data, tmp_path):
+    import json
+    from ddp_cnn.checkpoint import BEST_NAME
+    model = model_mod.build("lenet", seed=1)
+    trainer = Trainer(model, comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path), epochs=3, batch_size=64,
+                      progress="off", val_fraction=0.2, keep=1, lr=3e-3)
+    assert trainer.fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 3 and all("val_acc" in r and "test_acc" not in r for r in epochs)
+    assert {r["val_count"] for r in epochs} == {len(trainer.val_data)} and 200 < len(trainer.val_data) < 280
+    tests = [r for r in records if r["kind"] == "test"]
+    assert len(tests) == 1 and tests[0]["test_count"] == 300 and tests[0]["step"] == epochs[-1]["step"]
+    best_epoch = max(epochs, key=lambda r: r["val_acc"])  # the first of equals: a tie keeps the earlier one
+    best_epoch = [r for r in epochs if r["val_acc"] == best_epoch["val_acc"]][0]
+    best = load(tmp_path / "checkpoints" / BEST_NAME)
+    assert best["meta"]["global_step"] == best_epoch["step"] and best["meta"]["best_val_acc"] == best_epoch["val_acc"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"ckpt-{epochs[-1]['step']:08d}.h5"]
+
+
+def test_without_a_validation_split_epochs_are_not_scored(data, tmp_path, capsys):
+    import json
+    trainer = Trainer(model_mod.build("lenet"), comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path),
+                      epochs=1, max_steps=3, batch_size=64, progress="off")
+    assert trainer.fit() == 0
+    assert "no validation split" in capsys.readouterr().out
+    kinds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_acc" in r or "test_acc" in r for r in kinds if r["kind"] == "epoch")
+    assert [r["kind"] for r in kinds].count("test") == 1

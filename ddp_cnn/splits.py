@@ -1,0 +1,70 @@
+"""A training run's three splits: the rows each rank trains on, validates on (model selection,
+every epoch) and tests on (once, at the end).
+
+Validation comes from the data folder's ``val.h5`` (``data_tools.shard
+--val-fraction``) or, when there is none, from ``--val-fraction`` of the
+training rows held out at load time.  The held-out rows are chosen by a
+fixed hash of each row's index in its source file, so they are the same
+images whatever the number of ranks, the sharding or the seed.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, ShardData, open_rank_data
+
+
+def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the rows held out for validation: splitmix64(index) / 2**64 < fraction."""
+    z = np.asarray(source_index, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def hold_out(data: ShardData, fraction: float) -> tuple[ShardData, ShardData]:
+    """(train, val): ``data`` without and with its held-out rows (:func:`holdout_mask`)."""
+    if data.source_index is None:
+        raise DataError(f"{data.paths[0]}: no source_index to hold validation rows out by; re-shard")
+    val = holdout_mask(data.source_index, fraction)
+
+    def rows(mask):
+        return replace(data, images=data.images[mask], labels=data.labels[mask], source_index=data.source_index[mask])
+    return rows(~val), rows(val)
+
+
+def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | None]:
+    """Collective: this rank's (train, val, test) rows of the ``config.data`` folder (a TrainConfig);
+    val and test are None without evaluation (``eval_every`` 0), val also without a validation split.
+
+    Problems raise :class:`ddp_cnn.faults.SetupError` on every rank at once.
+    """
+    from .faults import agreed
+    folder = Path(config.data)
+
+    def check():
+        if not folder.is_dir():
+            raise ValueError(f"--data {config.data}: no such folder; make it with "
+                             f"`python -m data_tools.shard --out {config.data} --shards {comm.size}`")
+        if config.val_fraction and (folder / "val.h5").exists():
+            raise ValueError(f"--val-fraction: {folder} has a validation split already (val.h5); drop the flag")
+    agreed(comm, check)
+    train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data))
+    if not config.eval_every:
+        return train, None, None
+    val = None
+    if (folder / "val.h5").exists():
+        val = agreed(comm, lambda: open_rank_data(folder, "val", comm))
+    elif config.val_fraction:
+        train, val = agreed(comm, lambda: hold_out(train, config.val_fraction))
+    test = agreed(comm, lambda: open_rank_data(folder, "test", comm))
+    return train, val, test
+
+
+def class_names_of(data) -> list[str]:
+    """The class names stored with the shards (digits 0-9 when there are none)."""
+    return list(data.attrs.get("class_names") or [str(i) for i in range(10)])
