@@ -19,6 +19,14 @@ import numpy as np
 from .backend import array_module, on_gpu
 
 
+def pair(value, what: str) -> tuple:
+    """(height, width) of a per-axis setting given as an int (both axes) or a pair."""
+    hw = (value, value) if np.isscalar(value) else tuple(value)
+    if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in hw):
+        raise ValueError(f"{what}: expected an int or a pair of ints, got {value!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def conv_out_size(size: int, k: int, stride: int, pad_before: int, pad_after: int) -> int:
     return (size + pad_before + pad_after - k) // stride + 1
 
@@ -27,19 +35,25 @@ def resolve_padding(padding, size_hw, k_hw, stride):
     """Padding spec -> ((top, bottom), (left, right)).
 
     ``valid``: none; ``same``: output = ceil(input / stride) (extra pixel at the
-    bottom/right, as TensorFlow does); an int p: p on every side.
+    bottom/right, as TensorFlow does); an int p: p on every side; a pair
+    (ph, pw): ph above and below, pw left and right.  `stride`: an int or a
+    (height, width) pair.
     """
     if padding == "valid":
         return (0, 0), (0, 0)
     if padding == "same":
         pads = []
-        for size, k in zip(size_hw, k_hw):
-            total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
+        for size, k, s in zip(size_hw, k_hw, pair(stride, "stride")):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads.append((total // 2, total - total // 2))
         return tuple(pads)
-    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool) and padding >= 0:
-        return (int(padding), int(padding)), (int(padding), int(padding))
-    raise ValueError(f"padding: expected 'valid', 'same' or an int >= 0, got {padding!r}")
+    try:
+        ph, pw = pair(padding, "padding")
+    except (ValueError, TypeError):
+        ph = pw = -1
+    if ph >= 0 and pw >= 0:
+        return (ph, ph), (pw, pw)
+    raise ValueError(f"padding: expected 'valid', 'same', an int >= 0 or a pair of them, got {padding!r}")
 
 
 def pad_nhwc(x, pads, value=0.0, out=None):
@@ -56,13 +70,14 @@ def pad_nhwc(x, pads, value=0.0, out=None):
 
 
 def window_view(xp_padded, kh, kw, stride, oh, ow):
-    """A no-copy (N, OH, OW, KH, KW, C) view of every pooling/conv window."""
+    """A no-copy (N, OH, OW, KH, KW, C) view of every pooling/conv window (`stride`: int or pair)."""
     xp = array_module(xp_padded)
+    sh, sw = pair(stride, "stride")
     s0, s1, s2, s3 = xp_padded.strides
     n, c = xp_padded.shape[0], xp_padded.shape[3]
     return xp.lib.stride_tricks.as_strided(
         xp_padded, shape=(n, oh, ow, kh, kw, c),
-        strides=(s0, s1 * stride, s2 * stride, s1, s2, s3))
+        strides=(s0, s1 * sh, s2 * sw, s1, s2, s3))
 
 
 def im2col(x_padded, kh, kw, stride, oh, ow):
@@ -73,14 +88,15 @@ def im2col(x_padded, kh, kw, stride, oh, ow):
 
 
 def col2im(cols, padded_shape, kh, kw, stride, oh, ow):
-    """Adjoint of :func:`im2col`: scatter-add rows back into a padded image."""
+    """Adjoint of :func:`im2col`: scatter-add rows back into a padded image (`stride`: int or pair)."""
     xp = array_module(cols)
+    sh, sw = pair(stride, "stride")
     n, hp, wp, c = padded_shape
     out = xp.zeros(padded_shape, dtype=cols.dtype)
     c6 = cols.reshape(n, oh, ow, kh, kw, c)
     for i in range(kh):
         for j in range(kw):
-            out[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :] += c6[:, :, :, i, j, :]
+            out[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] += c6[:, :, :, i, j, :]
     return out
 
 

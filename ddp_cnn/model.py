@@ -129,8 +129,8 @@ class Sequential:
     # ---- description --------------------------------------------------
     def describe(self) -> dict:
         """Everything needed to rebuild this architecture (not the weights)."""
-        return {"name": self.name, "input_shape": list(self.input_shape), "arch_kwargs": self.arch_kwargs,
-                "layers": [{"type": type(l).__name__, **l.config} for l in self.layers]}
+        return _json_values({"name": self.name, "input_shape": list(self.input_shape), "arch_kwargs": self.arch_kwargs,
+                             "layers": [{"type": type(l).__name__, **l.config} for l in self.layers]})
 
     def summary_rows(self):
         """(name, type, output shape, params, forward MFLOP per image) per layer."""
@@ -153,6 +153,16 @@ def _unique_names(layers) -> None:
             seen[base] = 0
 
 
+def _json_values(value):
+    """Tuples as lists, all the way down: a description equals itself read back from JSON
+    (a checkpoint's), so a resume can compare the two."""
+    if isinstance(value, dict):
+        return {k: _json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    return value
+
+
 def _merge_ranges(ranges):
     merged = []
     for a, b in sorted(ranges):
@@ -164,6 +174,8 @@ def _merge_ranges(ranges):
 
 
 # ---- named architectures ----------------------------------------------
+# Dropout defaults to on in all four: what ``python -m ddp_cnn.train`` has always
+# trained (it has ``--no-dropout``), so the CLI and ``build(name)`` give the same network.
 
 def _act(kind: str, alpha: float):
     return {"relu": lambda: L.ReLU(), "leaky_relu": lambda: L.LeakyReLU(alpha), "prelu": lambda: L.PReLU(),
@@ -207,7 +219,7 @@ def fmnist_vgg(num_classes=10, dropout=True, activation="relu", alpha=0.1, width
     return layers
 
 
-def lenet(num_classes=10, dropout=False, activation="relu", alpha=0.1):
+def lenet(num_classes=10, dropout=True, activation="relu", alpha=0.1):
     """A small, fast CNN for CI: conv5x5-6, pool, conv5x5-16, pool, dense 120-84-10."""
     return [L.Conv2D(6, 5, padding="same"), _act(activation, alpha), L.MaxPool2D(2),
             L.Conv2D(16, 5), _act(activation, alpha), L.MaxPool2D(2),
@@ -215,7 +227,7 @@ def lenet(num_classes=10, dropout=False, activation="relu", alpha=0.1):
             L.Dense(84), _act(activation, alpha), L.Dense(num_classes, init="glorot_uniform")]
 
 
-def mlp(num_classes=10, dropout=False, batchnorm=False, activation="relu", alpha=0.1, hidden=(128, 64)):
+def mlp(num_classes=10, dropout=True, batchnorm=False, activation="relu", alpha=0.1, hidden=(128, 64)):
     """784 -> 128 -> 64 -> 10 (the seeds' MLP), optionally with batch norm after each hidden layer."""
     layers = [L.Flatten()]
     for h in hidden:

@@ -222,17 +222,24 @@ class RMSprop(Optimizer):
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
 
 
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01}  # AdamW's customary default; 0 for the others
+
+
 def create(name: str, params, grads, lr: float, *, momentum=0.9, beta1=0.9, beta2=0.999, eps=None,
-           rho=0.9, l2=0.0, weight_decay=0.0, decay_ranges=None, ema=0.0) -> Optimizer:
-    """The optimizer called `name` (one of OPTIMIZERS) over the flat buffers."""
+           rho=0.9, l2=0.0, weight_decay=None, decay_ranges=None, ema=0.0) -> Optimizer:
+    """The optimizer called `name` (one of OPTIMIZERS) over the flat buffers.
+
+    ``weight_decay``: None for the optimizer's default (DEFAULT_WEIGHT_DECAY:
+    0.01 for adamw, 0 otherwise); any number, 0 included, is taken as given.
+    """
+    if weight_decay is None:
+        weight_decay = DEFAULT_WEIGHT_DECAY.get(name, 0.0)
     kw = dict(l2=l2, weight_decay=weight_decay, decay_ranges=decay_ranges, ema=ema)
     if name == "sgd":
         return SGD(params, grads, lr, **kw)
     if name in ("momentum", "nesterov"):
         return Momentum(params, grads, lr, momentum=momentum, nesterov=name == "nesterov", **kw)
     if name in ("adam", "adamw"):
-        if name == "adamw" and weight_decay == 0.0:
-            kw["weight_decay"] = 0.01  # AdamW's customary default
         return Adam(params, grads, lr, beta1=beta1, beta2=beta2, eps=1e-8 if eps is None else eps, **kw)
     if name == "adagrad":
         return AdaGrad(params, grads, lr, eps=1e-10 if eps is None else eps, **kw)
@@ -275,4 +282,5 @@ class Schedule:
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-__all__ = ["SGD", "Momentum", "Adam", "AdaGrad", "RMSprop", "Schedule", "create", "OPTIMIZERS"]
+__all__ = ["SGD", "Momentum", "Adam", "AdaGrad", "RMSprop", "Schedule", "create", "OPTIMIZERS",
+           "DEFAULT_WEIGHT_DECAY"]

@@ -49,9 +49,10 @@ def test_im2col_into_and_col2im_taps_match_the_generic_pair(device, dtype, kh, k
 
 
 def generic_pool(x, k, mode):
-    """The window-view path: argmax/argmin over (N, OH, OW, K*K, C) and a one-hot backward."""
+    """The window-view path: argmax/argmin over (N, OH, OW, KH*KW, C) and a one-hot backward (k: int or pair)."""
+    kh, kw = (k, k) if np.isscalar(k) else k
     n, h, w, c = x.shape
-    win = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, k * k, c)
+    win = x.reshape(n, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // kh, w // kw, kh * kw, c)
     arg = win.argmax(axis=3) if mode == "max" else win.argmin(axis=3)
     y = np.take_along_axis(win, arg[:, :, :, None, :], axis=3)[:, :, :, 0, :]
     return y, arg
@@ -60,23 +61,52 @@ def generic_pool(x, k, mode):
 @pytest.mark.parametrize("device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["max", "min"])
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, (2, 3), (3, 1)])
 def test_tiled_pooling_matches_argmax_including_ties(device, dtype, mode, k):
     xp = xp_of(device)
+    kh, kw = (k, k) if np.isscalar(k) else k
     rng = np.random.default_rng(1)
     # Small integers: many windows hold ties, which must go to the first position.
-    x = rng.integers(-2, 3, (5, 6 * k, 4 * k, 3)).astype(dtype)
+    x = rng.integers(-2, 3, (5, 6 * kh, 4 * kw, 3)).astype(dtype)
     y_want, arg_want = generic_pool(x, k, mode)
-    y, arg = kernels.pool_tiles_forward(xp.asarray(x), k, k, mode)
+    y, arg = kernels.pool_tiles_forward(xp.asarray(x), kh, kw, mode)
     assert np.array_equal(to_host(y), y_want)
     assert np.array_equal(to_host(arg), arg_want)
 
     dy = rng.standard_normal(y_want.shape).astype(dtype)
-    onehot = (arg_want[:, :, :, None, :] == np.arange(k * k)[None, None, None, :, None]) * dy[:, :, :, None, :]
+    onehot = (arg_want[:, :, :, None, :] == np.arange(kh * kw)[None, None, None, :, None]) * dy[:, :, :, None, :]
     n, oh, ow, _, c = onehot.shape
-    dx_want = onehot.reshape(n, oh, ow, k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)
-    dx = kernels.pool_tiles_backward(xp.asarray(dy), arg, k, k)
+    dx_want = onehot.reshape(n, oh, ow, kh, kw, c).transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)
+    dx = kernels.pool_tiles_backward(xp.asarray(dy), arg, kh, kw)
     assert np.array_equal(to_host(dx), dx_want)
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("stride", [(2, 1), (1, 3), (2, 3)])
+def test_window_view_and_its_adjoint_take_a_stride_per_axis(device, stride):
+    """<col2im(d), x> = <d, window_view(x)>, and each window starts at (oh*sh, ow*sw)."""
+    xp = xp_of(device)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 8, 3))
+    kh, kw, (sh, sw) = 2, 3, stride
+    oh, ow = (7 - kh) // sh + 1, (8 - kw) // sw + 1
+    win = to_host(kernels.window_view(xp.asarray(x), kh, kw, stride, oh, ow))
+    for i, j in [(0, 0), (oh - 1, ow - 1), (1, ow // 2)]:
+        assert np.array_equal(win[:, i, j], x[:, i * sh:i * sh + kh, j * sw:j * sw + kw, :])
+    d = rng.standard_normal(win.shape)
+    back = to_host(kernels.scatter_windows(xp.asarray(d), x.shape, kh, kw, stride, oh, ow))
+    assert np.isclose((back * x).sum(), (d * win).sum(), rtol=1e-12)
+
+
+def test_padding_and_stride_pairs_resolve_per_axis():
+    assert kernels.resolve_padding((1, 2), (5, 5), (3, 5), 1) == ((1, 1), (2, 2))
+    assert kernels.resolve_padding(1, (5, 5), (3, 3), (1, 2)) == ((1, 1), (1, 1))
+    # 'same' with strides (1, 2): outputs 5 and ceil(5/2) = 3.
+    assert kernels.resolve_padding("same", (5, 5), (3, 3), (1, 2)) == ((1, 1), (1, 1))
+    assert kernels.resolve_padding("same", (6, 6), (2, 2), (1, 2)) == ((0, 1), (0, 0))
+    for bad in (-1, (1, -1), (1, 2, 3), 1.5, "full"):
+        with pytest.raises(ValueError, match="padding"):
+            kernels.resolve_padding(bad, (5, 5), (3, 3), 1)
 
 
 def test_tiled_pooling_is_the_same_whatever_the_chunk(monkeypatch):

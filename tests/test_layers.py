@@ -38,6 +38,9 @@ POOL_CASES = [  # (window, stride, padding, H, W, C)
     (3, 2, 1, 5, 5, 2),      # overlapping windows with padding
     (3, 1, 0, 4, 4, 1),
     (2, 1, 1, 3, 3, 2),
+    ((2, 3), None, 0, 6, 9, 2),         # non-square window, default stride (2, 3): tiles
+    ((3, 2), (1, 2), (1, 1), 5, 6, 2),  # per-axis stride and padding: the window-view path
+    ((2, 3), 2, (1, 0), 5, 7, 1),
 ]
 
 
@@ -196,21 +199,23 @@ def conv_reference(x, w, b, stride, pads):
 
 
 def pool_reference(x, k, stride, pads, mode):
+    """k and stride: an int or a (height, width) pair."""
+    (kh, kw), (sh, sw) = [(v, v) if np.isscalar(v) else v for v in (k, stride)]
     (t, bt), (l, r) = pads
     n, h, w, c = x.shape
     fill = {"max": -np.inf, "min": np.inf, "avg": 0.0}[mode]
     xp = np.full((n, h + t + bt, w + l + r, c), fill)
     xp[:, t:t + h, l:l + w] = x
-    oh = (h + t + bt - k) // stride + 1
-    ow = (w + l + r - k) // stride + 1
+    oh = (h + t + bt - kh) // sh + 1
+    ow = (w + l + r - kw) // sw + 1
     out = np.zeros((n, oh, ow, c))
     reduce = {"max": max, "min": min, "avg": lambda v: sum(v) / len(v)}[mode]
     for i in range(n):
         for y in range(oh):
             for xx in range(ow):
                 for ch in range(c):
-                    out[i, y, xx, ch] = reduce([xp[i, y * stride + a, xx * stride + bb, ch]
-                                                for a in range(k) for bb in range(k)])
+                    out[i, y, xx, ch] = reduce([xp[i, y * sh + a, xx * sw + bb, ch]
+                                                for a in range(kh) for bb in range(kw)])
     return out
 
 
@@ -230,7 +235,8 @@ def test_conv2d_forward_matches_nested_loops(device, k, stride, padding):
 
 @pytest.mark.parametrize("device", BACKENDS)
 @pytest.mark.parametrize("mode", ["max", "avg", "min"])
-@pytest.mark.parametrize("k,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 0), (2, 1, 1)])
+@pytest.mark.parametrize("k,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 0), (2, 1, 1), ((2, 3), (2, 3), 0),
+                                              ((3, 2), (1, 2), (1, 1)), ((2, 3), 2, (1, 0))])
 def test_pool_forward_matches_nested_loops(device, mode, k, stride, padding):
     bk = backend64(device)
     layer = L.Pool2D(k, stride, padding, mode)
@@ -240,6 +246,61 @@ def test_pool_forward_matches_nested_loops(device, mode, k, stride, padding):
     want = pool_reference(x, k, stride, layer.pads, mode)
     assert got.shape == want.shape
     assert rel_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "avg", "min"])
+def test_non_square_window_strides_by_the_window_on_each_axis(device, mode):
+    """PyTorch's and Keras's default stride: Pool2D((2, 3)) on 6x9 gives 3x3 (not 3x4)."""
+    bk = backend64(device)
+    layer = L.Pool2D((2, 3), mode=mode)
+    assert Sequential([layer], (6, 9, 2), bk).output_shape == (3, 3, 2)
+    assert layer.tiles  # windows (2, 3) at stride (2, 3) tile 6x9: the fast path
+    x = np.random.default_rng(4).standard_normal((2, 6, 9, 2))
+    got = to_host(layer.forward(bk.xp.asarray(x)))
+    want = x.reshape(2, 3, 2, 3, 3, 2)  # (n, oh, kh, ow, kw, c)
+    want = {"max": want.max(axis=(2, 4)), "min": want.min(axis=(2, 4)), "avg": want.mean(axis=(2, 4))}[mode]
+    assert rel_error(got, want) < 1e-14
+    explicit = L.Pool2D((2, 3), (2, 3), mode=mode)
+    Sequential([explicit], (6, 9, 2), bk)
+    assert np.array_equal(to_host(explicit.forward(bk.xp.asarray(x))), got)
+
+
+@pytest.mark.parametrize("k,padding", [(2, 2), (3, 2), ((3, 2), (1, 2)), ((2, 4), (2, 1))])
+def test_pool_padding_over_half_the_window_is_refused(k, padding):
+    """PyTorch's rule, pad <= kernel/2 per axis: more lets a window hold only padding (+-inf, then a NaN loss)."""
+    with pytest.raises(ValueError, match=r"layer 'edge_pool': padding .* more than half the"):
+        Sequential([L.Pool2D(k, 1, padding, name="edge_pool")], (4, 4, 1), get_backend("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["max", "avg", "min"])
+@pytest.mark.parametrize("k,padding", [(2, 1), (3, 1), ((3, 2), (1, 1)), ((2, 4), (1, 2)), (3, "same")])
+def test_pool_padding_up_to_half_the_window_gives_finite_outputs(mode, k, padding):
+    layer = L.Pool2D(k, 1, padding, mode)
+    Sequential([layer], (4, 5, 2), get_backend("cpu", "float64"))
+    y = layer.forward(np.random.default_rng(0).standard_normal((2, 4, 5, 2)))
+    assert np.isfinite(y).all()
+
+
+def test_pool_strides_and_paddings_as_pairs_survive_the_model_description():
+    import json
+    from ddp_cnn import model as model_mod
+    bk = backend64()
+    model = Sequential([L.Conv2D(3, 3, padding=(1, 0)), L.Pool2D((3, 2), stride=(1, 2), padding=(1, 1)),
+                        L.AvgPool2D((2, 3)), L.Flatten(), L.Dense(4)], (9, 10, 2), bk, seed=5)
+    desc = json.loads(json.dumps(model.describe()))  # what a checkpoint stores
+    assert desc == model.describe()
+    again = model_mod.from_description(desc, bk, seed=5)
+    assert again.describe() == desc and again.output_shape == model.output_shape
+    assert [l.output_shape for l in again.layers] == [(9, 8, 3), (9, 5, 3), (4, 1, 3), (12,), (4,)]
+    x = np.random.default_rng(1).standard_normal((2, 9, 10, 2))
+    assert np.array_equal(again.forward(x), model.forward(x))
+
+
+@pytest.mark.parametrize("bad", [(2, 3, 1), 1.5, (2, "3"), True])
+def test_pool_refuses_strides_that_are_not_an_int_or_a_pair(bad):
+    with pytest.raises(ValueError, match="stride"):
+        L.Pool2D(2, bad)
 
 
 def test_same_padding_keeps_size_and_stride_halves_it():
@@ -314,6 +375,22 @@ def test_mlp_with_batchnorm_and_one_dropout_rate_round_trips_its_description():
     assert again.describe() == m.describe()
 
 
+@pytest.mark.parametrize("name", ["fmnist-cnn", "fmnist-vgg", "lenet", "mlp"])
+def test_the_cli_and_model_build_give_the_same_network(name):
+    """The command line has always trained with dropout (--no-dropout removes it); build(name) now does too."""
+    from ddp_cnn import model as model_mod
+    from ddp_cnn.config import TrainConfig
+    from ddp_cnn.train import arch_kwargs
+    bk = get_backend("cpu")
+    cli = model_mod.build(name, bk, seed=1, **arch_kwargs(TrainConfig(model=name)))
+    lib = model_mod.build(name, bk, seed=1)
+    assert cli.describe()["layers"] == lib.describe()["layers"]
+    assert np.array_equal(cli.params, lib.params)
+    rates = {"fmnist-cnn": [0.25, 0.25, 0.5], "fmnist-vgg": [0.1, 0.2], "lenet": [0.25], "mlp": [0.2, 0.2]}[name]
+    assert [layer.rate for layer in lib.layers if isinstance(layer, L.Dropout)] == rates
+    assert not any(isinstance(layer, L.Dropout) for layer in model_mod.build(name, bk, dropout=False).layers)
+
+
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_fmnist_cnn_pooling_before_the_activation_equals_seed_002_order(batchnorm):
     """fmnist-cnn max-pools before the activation; seed 002 activates first.  Same logits, same gradients."""
@@ -379,6 +456,41 @@ def test_batchnorm_on_transposed_and_empty_batches(train):
     y = layer.forward(x[:0], train)
     assert y.shape == (0, 4, 4, 3) and layer.backward(y).shape == (0, 4, 4, 3)
     assert all(np.array_equal(before[k], v) for k, v in layer.buffers.items())  # empty: nothing to learn from
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+@pytest.mark.parametrize("shape", [(3,), (1, 1, 3)])
+def test_batchnorm_refuses_one_value_per_channel_in_training(device, shape):
+    """As PyTorch: x - mean(x) would be 0, the output beta whatever the input (mlp --batchnorm --local-batch-size 1)."""
+    bk = backend64(device)
+    layer = L.BatchNorm(name="bn_a")
+    Sequential([layer], shape, bk)
+    before = {k: to_host(v).copy() for k, v in layer.buffers.items()}
+    x = bk.xp.asarray(np.random.default_rng(0).standard_normal((1,) + shape))
+    with pytest.raises(ValueError, match=r"layer 'bn_a': expected more than 1 value per channel in training"):
+        layer.forward(x, train=True)
+    assert all(np.array_equal(before[k], to_host(v)) for k, v in layer.buffers.items())
+    # Eval mode normalises with the running statistics: one image is fine.
+    layer.buffers["running_mean"][...] = 0.5
+    want = (to_host(x) - 0.5) / np.sqrt(1 + 1e-5)
+    assert rel_error(layer.forward(x, train=False), want) < 1e-14
+    # Two values per channel (a batch of 2, or one image of 2 pixels) train as before.
+    layer.forward(bk.xp.concatenate([x, x + 1]), train=True)
+    if len(shape) == 3:
+        wide = L.BatchNorm()
+        Sequential([wide], (1, 2, 3), bk)
+        x2 = np.random.default_rng(1).standard_normal((1, 1, 2, 3))
+        want = (x2 - x2.mean(axis=(0, 1, 2))) / np.sqrt(x2.var(axis=(0, 1, 2)) + 1e-5)
+        assert rel_error(wide.forward(bk.xp.asarray(x2), train=True), want) < 1e-14
+
+
+def test_mlp_with_batchnorm_refuses_a_local_batch_of_one():
+    from ddp_cnn import model as model_mod
+    model = model_mod.build("mlp", get_backend("cpu"), batchnorm=True)
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.forward(x, train=True)
+    assert model.forward(x, train=False).shape == (1, 10)
 
 
 def _train(steps=3, batch=7, **arch):

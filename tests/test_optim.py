@@ -84,6 +84,17 @@ def test_adamw_decays_weights_apart_from_the_gradient(device):
 
 
 @pytest.mark.parametrize("device", BACKENDS)
+def test_weight_decay_zero_means_none_and_only_none_means_the_default(device):
+    """`--optimizer adamw --weight-decay 0` is Adam; AdamW's 0.01 applies only when no decay is given."""
+    assert np.array_equal(run("adamw", device, weight_decay=0.0), run("adam", device))
+    assert np.allclose(run("adamw", device), np.array(adam_by_hand(wd=0.01)), rtol=0, atol=1e-12)
+    assert np.allclose(run("adamw", device, weight_decay=None), np.array(adam_by_hand(wd=0.01)), rtol=0, atol=1e-12)
+    for name in ("sgd", "adam"):  # no decay by default for the others
+        assert np.array_equal(run(name, device, weight_decay=None), run(name, device, weight_decay=0.0))
+    assert optim.DEFAULT_WEIGHT_DECAY == {"adamw": 0.01}
+
+
+@pytest.mark.parametrize("device", BACKENDS)
 def test_adagrad(device):
     # s += g^2 ; p -= 0.1 g / (sqrt(s) + 1e-10)
     # s1 = [0.25, 1]       p1 = [1 - 0.1, -2 + 0.1] = [0.9, -1.9]

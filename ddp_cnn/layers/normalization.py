@@ -13,6 +13,8 @@ class BatchNorm(Layer):
     Train mode normalises with the local batch statistics (no SyncBN: under
     data parallelism each rank uses its own batch, like PyTorch DDP) and
     updates running statistics; eval mode uses the running statistics.
+    Training on one value per channel (a local batch of 1 on a dense layer,
+    or of one 1x1 image) raises ValueError, as PyTorch does.
 
     Both implementations take per-channel sums as GEMVs (ones @ rows) and
     write xhat and y (forward) or dx (backward) in one pass over (pixels,
@@ -39,6 +41,9 @@ class BatchNorm(Layer):
 
     def forward(self, x, train=False):
         self.check_input(x)
+        if train and x.size == self.c:  # one value per channel: x - mean = 0, the output would be beta
+            raise ValueError(f"layer {self.name!r}: expected more than 1 value per channel in training, got input "
+                             f"of shape {tuple(x.shape)} (a batch of 1 without pixels to average over)")
         return self._forward(x, train)
 
     def backward(self, dy, need_dx=True):

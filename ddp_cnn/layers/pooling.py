@@ -8,16 +8,24 @@ from .base import Layer, image_input
 
 
 class Pool2D(Layer):
-    """Max, average or min pooling over KxK windows (stride, padding).
+    """Max, average or min pooling over KHxKW windows (stride, padding).
+
+    ``pool_size``, ``stride`` and an int ``padding`` each take an int (both
+    axes) or a (height, width) pair; the stride defaults to the window, per
+    axis, as in PyTorch and Keras.  Padding may be at most half the window
+    on each axis (PyTorch's rule): more would let a window hold only
+    padding, whose max is -inf.
 
     Padded cells never win a max/min (they hold -inf/+inf); average pooling
     divides by the full window size (padding counts as zeros, as PyTorch's
     default ``count_include_pad=True``).
 
-    One of three implementations, chosen at build: max pooling on a GPU is
-    one CUDA kernel each way (cuda_kernels); max/min over windows that tile
-    the input exactly is a running max over strided slices (kernels.pool_tiles_*);
-    anything else goes through a (N, OH, OW, KH*KW, C) window view.
+    One of three implementations, chosen at build: max pooling on a GPU with
+    one stride for both axes is one CUDA kernel each way (cuda_kernels takes
+    a single stride; other strides take the generic path on the GPU too);
+    max/min over windows that tile the input exactly is a running max over
+    strided slices (kernels.pool_tiles_*); anything else goes through a
+    (N, OH, OW, KH*KW, C) window view.
     """
 
     MODES = ("max", "avg", "min")
@@ -28,24 +36,27 @@ class Pool2D(Layer):
         if mode not in self.MODES:
             raise ValueError(f"Pool2D: mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
-        self.kh, self.kw = (pool_size, pool_size) if np.isscalar(pool_size) else tuple(pool_size)
-        self.stride = int(stride) if stride is not None else self.kh
-        if self.kh < 1 or self.kw < 1 or self.stride < 1:
+        self.kh, self.kw = kernels.pair(pool_size, "Pool2D pool_size")
+        self.sh, self.sw = (self.kh, self.kw) if stride is None else kernels.pair(stride, "Pool2D stride")
+        if min(self.kh, self.kw, self.sh, self.sw) < 1:
             raise ValueError(f"Pool2D: pool_size and stride must be >= 1, got {pool_size}, {stride}")
         self.padding = padding
 
     def _build(self, input_shape):
         h, w, c = image_input(self, input_shape)
-        self.pads = kernels.resolve_padding(self.padding, (h, w), (self.kh, self.kw), self.stride)
+        self.pads = kernels.resolve_padding(self.padding, (h, w), (self.kh, self.kw), (self.sh, self.sw))
         (t, b), (l, r) = self.pads
-        self.oh = kernels.conv_out_size(h, self.kh, self.stride, t, b)
-        self.ow = kernels.conv_out_size(w, self.kw, self.stride, l, r)
+        if 2 * max(t, b) > self.kh or 2 * max(l, r) > self.kw:
+            raise ValueError(f"layer {self.name!r}: padding {self.padding!r} is more than half the "
+                             f"{self.kh}x{self.kw} window; some windows would hold only padding")
+        self.oh = kernels.conv_out_size(h, self.kh, self.sh, t, b)
+        self.ow = kernels.conv_out_size(w, self.kw, self.sw, l, r)
         if self.oh < 1 or self.ow < 1:
             raise ValueError(f"layer {self.name!r}: a {self.kh}x{self.kw} window does not fit input {input_shape}")
         # Non-overlapping windows that tile the input exactly: a reshape, no window copy.
-        self.tiles = (self.stride == self.kh == self.kw and self.pads == ((0, 0), (0, 0))
+        self.tiles = ((self.sh, self.sw) == (self.kh, self.kw) and self.pads == ((0, 0), (0, 0))
                       and h % self.kh == 0 and w % self.kw == 0)
-        if self.gpu and self.mode == "max":
+        if self.gpu and self.mode == "max" and self.sh == self.sw:
             self._forward, self._backward = self._forward_gpu, self._backward_gpu
         elif self.tiles and self.mode != "avg":
             self._forward, self._backward = self._forward_tiles, self._backward_tiles
@@ -63,13 +74,13 @@ class Pool2D(Layer):
     def _forward_gpu(self, x, train):
         """One kernel, the winner's slot kept (cuda_kernels)."""
         from .. import cuda_kernels
-        y, self.arg = cuda_kernels.maxpool_forward(x, self.kh, self.kw, self.stride, self.pads, self.oh, self.ow)
+        y, self.arg = cuda_kernels.maxpool_forward(x, self.kh, self.kw, self.sh, self.pads, self.oh, self.ow)
         return y
 
     def _backward_gpu(self, dy):
         from .. import cuda_kernels
         dx = cuda_kernels.maxpool_backward(dy, self.arg, (dy.shape[0],) + self.input_shape, self.kh, self.kw,
-                                           self.stride, self.pads, self.oh, self.ow)
+                                           self.sh, self.pads, self.oh, self.ow)
         self.arg = None
         return dx
 
@@ -115,7 +126,7 @@ class Pool2D(Layer):
         fill = {"max": -np.inf, "min": np.inf, "avg": 0.0}[self.mode]
         xpad = kernels.pad_nhwc(x, self.pads, fill)
         self.padded_shape = xpad.shape
-        v = kernels.window_view(xpad, self.kh, self.kw, self.stride, self.oh, self.ow)
+        v = kernels.window_view(xpad, self.kh, self.kw, (self.sh, self.sw), self.oh, self.ow)
         return v.reshape(n, self.oh, self.ow, self.kh * self.kw, c)
 
     def _scatter(self, dwin):
@@ -125,7 +136,8 @@ class Pool2D(Layer):
             d = dwin.reshape(n, self.oh, self.ow, self.kh, self.kw, c).transpose(0, 1, 3, 2, 4, 5)
             return d.reshape((n,) + self.input_shape)
         d6 = dwin.reshape(n, self.oh, self.ow, self.kh, self.kw, c)
-        dpad = kernels.scatter_windows(d6, self.padded_shape, self.kh, self.kw, self.stride, self.oh, self.ow)
+        dpad = kernels.scatter_windows(d6, self.padded_shape, self.kh, self.kw, (self.sh, self.sw),
+                                        self.oh, self.ow)
         return kernels.unpad_nhwc(dpad, self.pads)
 
     def flops(self):
