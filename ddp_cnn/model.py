@@ -174,6 +174,8 @@ def _merge_ranges(ranges):
 
 
 # ---- named architectures ----------------------------------------------
+# Every one ends in Dense(num_classes, init="classifier"): logits near zero at
+# the start, so the first loss is about ln(num_classes) (init.classifier says why).
 # Dropout defaults to on in all four: what ``python -m ddp_cnn.train`` has always
 # trained (it has ``--no-dropout``), so the CLI and ``build(name)`` give the same network.
 
@@ -202,7 +204,7 @@ def fmnist_cnn(num_classes=10, dropout=True, batchnorm=False, activation="leaky_
     drop = (lambda r: [L.Dropout(r)]) if dropout else (lambda r: [])
     return (block(32) + block(64, pool=True) + drop(0.25) + block(128, pool=True) + drop(0.25)
             + [L.Flatten(), L.Dense(512)] + ([L.BatchNorm()] if batchnorm else []) + [_act(activation, alpha)]
-            + drop(0.5) + [L.Dense(num_classes, init="glorot_uniform")])
+            + drop(0.5) + [L.Dense(num_classes, init="classifier")])
 
 
 def fmnist_vgg(num_classes=10, dropout=True, activation="relu", alpha=0.1, width=64):
@@ -215,7 +217,7 @@ def fmnist_vgg(num_classes=10, dropout=True, activation="relu", alpha=0.1, width
             layers.append(L.MaxPool2D(2))
             if dropout:
                 layers.append(L.Dropout(0.1 * (stage + 1)))
-    layers += [L.GlobalAvgPool2D(), L.Dense(num_classes, init="glorot_uniform")]
+    layers += [L.GlobalAvgPool2D(), L.Dense(num_classes, init="classifier")]
     return layers
 
 
@@ -224,7 +226,7 @@ def lenet(num_classes=10, dropout=True, activation="relu", alpha=0.1):
     return [L.Conv2D(6, 5, padding="same"), _act(activation, alpha), L.MaxPool2D(2),
             L.Conv2D(16, 5), _act(activation, alpha), L.MaxPool2D(2),
             L.Flatten(), L.Dense(120), _act(activation, alpha)] + ([L.Dropout(0.25)] if dropout else []) + [
-            L.Dense(84), _act(activation, alpha), L.Dense(num_classes, init="glorot_uniform")]
+            L.Dense(84), _act(activation, alpha), L.Dense(num_classes, init="classifier")]
 
 
 def mlp(num_classes=10, dropout=True, batchnorm=False, activation="relu", alpha=0.1, hidden=(128, 64)):
@@ -233,7 +235,7 @@ def mlp(num_classes=10, dropout=True, batchnorm=False, activation="relu", alpha=
     for h in hidden:
         layers += [L.Dense(h, bias=not batchnorm)] + ([L.BatchNorm()] if batchnorm else [])
         layers += [_act(activation, alpha)] + ([L.Dropout(0.2)] if dropout else [])
-    return layers + [L.Dense(num_classes, init="glorot_uniform")]
+    return layers + [L.Dense(num_classes, init="classifier")]
 
 
 ARCHITECTURES = {"fmnist-cnn": fmnist_cnn, "fmnist-vgg": fmnist_vgg, "lenet": lenet, "mlp": mlp}
