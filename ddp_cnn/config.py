@@ -40,7 +40,7 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float | None = None
     rho: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the optimizer's default (0.01 for adamw, 0 otherwise)
     l2: float = 0.0
     ema: float = 0.0
     schedule: str = "constant"

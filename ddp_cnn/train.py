@@ -162,7 +162,8 @@ def _optimisation_flags(p):
     g.add_argument("--eps", type=positive_float, default=D.eps, help="Adam/RMSprop/AdaGrad epsilon (default: per optimizer)")
     g.add_argument("--rho", type=fraction, default=D.rho, help="RMSprop decay")
     g.add_argument("--weight-decay", type=non_negative_float, default=D.weight_decay,
-                   help="decoupled weight decay on weights (adamw default: 0.01)")
+                   help="decoupled weight decay on weights (default: 0.01 for adamw, none for the others; "
+                        "0 turns it off)")
     g.add_argument("--l2", type=non_negative_float, default=D.l2, help="L2 penalty added to the weight gradients")
     g.add_argument("--ema", type=fraction, default=D.ema,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "

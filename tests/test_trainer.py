@@ -228,3 +228,13 @@ def test_without_a_validation_split_epochs_are_not_scored(data, tmp_path, capsys
     kinds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert not any("val_acc" in r or "test_acc" in r for r in kinds if r["kind"] == "epoch")
     assert [r["kind"] for r in kinds].count("test") == 1
+
+
+def test_adamw_weight_decay_zero_means_none_from_the_command_line_and_the_library(data, tmp_path):
+    from ddp_cnn.train import parse_args
+    assert parse_args(["--optimizer", "adamw"]).weight_decay is None  # the optimizer's default: 0.01
+    assert parse_args(["--optimizer", "adamw", "--weight-decay", "0"]).weight_decay == 0.0
+    common = dict(comm=SingleComm(), data=str(data[1]), optimizer="adamw", eval_every=0, progress="off")
+    assert Trainer(model_mod.build("lenet"), run_dir=str(tmp_path / "a"), **common).opt.weight_decay == 0.01
+    assert Trainer(model_mod.build("lenet"), run_dir=str(tmp_path / "b"), weight_decay=0.0,
+                   **common).opt.weight_decay == 0.0
