@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import comm as comm_mod
+from .comm import launcher_rank
 from . import model as model_mod
 from . import optim
 from .backend import get_backend
@@ -88,8 +89,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors printed once: by rank 0 only when an MPI launcher started every rank."""
+
+    def error(self, message):
+        if launcher_rank() not in (None, 0):
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ddp_cnn.train",
         description="Train a CNN data-parallel over MPI ranks (mpirun -n N python -m ddp_cnn.train ...), "
                     "or in one process without mpirun.",

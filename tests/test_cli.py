@@ -284,3 +284,10 @@ def test_no_program_guesses_an_abbreviated_flag(argv, tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "error:" in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_bad_flag_under_4_ranks_prints_its_usage_once():
+    proc = subprocess.run([str(REPO / "launch" / "mpirun.sh"), "-n", "4", sys.executable, "-m", "ddp_cnn.train",
+                           "--epochs", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("--epochs: must be an integer >= 1") == 1 and proc.stderr.count("usage:") == 1

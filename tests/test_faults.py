@@ -98,6 +98,8 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches_uninterrupted
     resumed, _ = run(train_cmd(2, data[2], tmp_path / "parts", *flags, "--resume", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "at epoch" in resumed.stdout and f"(global step {stopped_at})" in resumed.stdout
+    import re  # epochs counted from 1, as in the epoch lines: "at epoch 1/20, step 12/75 (global step 12)"
+    assert re.search(rf"at epoch \d+/20, step \d+/75 \(global step {stopped_at}\)", resumed.stdout)
     a, b = final(tmp_path / "whole"), final(tmp_path / "parts")
     assert a["meta"]["global_step"] == b["meta"]["global_step"] == 600
     assert np.array_equal(a["params"], b["params"]), "resumed parameters differ from the uninterrupted run"

@@ -30,6 +30,14 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _MPI_ENV_VARS)
 
 
+def launcher_rank() -> int | None:
+    """This process's rank as the MPI launcher set it in the environment (before MPI starts), or None."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def create(kind: str = "auto") -> Communicator:
     """The world communicator of this process: ``single`` (no MPI) or MPI.
 
@@ -100,5 +108,5 @@ def __getattr__(name):  # MPIComm and NCCLComm import mpi4py / CuPy only when as
     raise AttributeError(name)
 
 
-__all__ = ["Communicator", "Handle", "DoneHandle", "CollectiveTimeout", "SingleComm", "MPIComm", "NCCLComm",
+__all__ = ["launcher_rank", "Communicator", "Handle", "DoneHandle", "CollectiveTimeout", "SingleComm", "MPIComm", "NCCLComm",
            "create", "for_device", "hostname", "launched_by_mpi", "KINDS"]
