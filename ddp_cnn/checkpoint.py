@@ -134,6 +134,13 @@ def load_latest(directory, warn=print):
     return None
 
 
+def _architecture(description: dict) -> dict:
+    """What a resume must match: the layers and their arguments, not how they were initialised
+    (the named models' last layer changed its init on 2026-11-30; older checkpoints still resume)."""
+    return {**description, "layers": [{k: v for k, v in layer.items() if k != "init"}
+                                      for layer in description.get("layers", [])]}
+
+
 def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, warn=print):
     """The checkpoint a run resumes from (``spec``: a file, or "latest" in ``directory``), or None.
 
@@ -149,7 +156,7 @@ def load_for_resume(spec: str, directory, model_description: dict, teacher: dict
     else:
         state = load(spec)
     saved = state["meta"]["model"]
-    if saved != model_description:
+    if _architecture(saved) != _architecture(model_description):
         name = model_description["name"]
         hint = ("; fmnist-cnn checkpoints from before its max-pools moved ahead of the activations "
                 "evaluate, predict and export, but do not resume" if name == "fmnist-cnn" else "")

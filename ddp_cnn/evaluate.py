@@ -7,7 +7,6 @@ allreduce.  The result is the same whatever the number of ranks.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -67,10 +66,10 @@ def print_report(split: str, result: dict, names) -> None:
 def main(argv=None) -> int:
     from . import comm as comm_mod
     from .data import Loader, open_rank_data
-    from .faults import EXIT_USAGE, SetupError, agreed
+    from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
     from .inference import load_model
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",
+    p = RankZeroParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint (.h5) from ddp_cnn.train, .npz from ddp_cnn.export, or a run folder "
@@ -82,16 +81,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     comm = comm_mod.create("auto")
 
-    def setup():
-        model, meta = load_model(args.checkpoint, device=args.device)
-        data = open_rank_data(args.data, args.split, comm)
-        loader = Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp,
-                        dtype=model.backend.dtype, shuffle=False, drop_last=False,
-                        mean=meta.get("mean"), std=meta.get("std"))
-        return model, meta, loader
+    def make_loader(model, meta, data):
+        return Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp, dtype=model.backend.dtype,
+                      shuffle=False, drop_last=False, mean=meta.get("mean"), std=meta.get("std"))
 
-    try:
-        model, meta, loader = agreed(comm, setup)  # a bad input stops every rank, and is said once
+    try:  # a bad input stops every rank, and is said once; each step's collectives stay in step
+        model, meta = agreed(comm, lambda: load_model(args.checkpoint, device=args.device))
+        data = agreed(comm, lambda: open_rank_data(args.data, args.split, comm))
+        loader = agreed(comm, lambda: make_loader(model, meta, data))
     except SetupError as exc:
         if comm.is_root:
             print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ writes a checkpoint and the job exits with :data:`EXIT_PREEMPTED`.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -136,3 +137,13 @@ def require_same(comm, ident: dict, what: dict) -> None:
         if len(set(map(str, values))) > 1:
             raise SetupError(f"ranks disagree on the {what[key]}: "
                              + ", ".join(f"rank {r}: {str(v)[:12]}" for r, v in enumerate(values)))
+
+
+class RankZeroParser(argparse.ArgumentParser):
+    """Usage errors printed once: by rank 0 only when an MPI launcher started every rank (exit 2 everywhere)."""
+
+    def error(self, message):
+        from .comm import launcher_rank
+        if launcher_rank() not in (None, 0):
+            self.exit(2)
+        super().error(message)

@@ -6,24 +6,28 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import list_checkpoints
+from .checkpoint import BEST_NAME, list_checkpoints
 
 
 def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Rank 0: refuse a run dir that holds another run unless resuming or overwriting (ValueError,
-    one line) and folders that cannot be made or written; creates nothing.  With ``overwrite``,
-    drops the old checkpoints (the Trainer starts the metrics file anew)."""
+    one line) and folders that cannot be made or written; creates and removes nothing (see
+    :func:`clear`)."""
     old = list_checkpoints(checkpoint_dir)
     holds = [metrics_path.name] if metrics_path.is_file() and metrics_path.stat().st_size else []
     holds += [f"{len(old)} checkpoint(s)"] if old else []
+    holds += [BEST_NAME] if (checkpoint_dir / BEST_NAME).exists() else []
     if holds and not resume and not overwrite:
         raise ValueError(f"--run-dir {run_dir}: holds a run ({', '.join(holds)}); continue it with "
                          "--resume latest, replace it with --overwrite, or choose another --run-dir")
     for folder in (metrics_path.parent, checkpoint_dir):
         check_writable(folder)
-    if overwrite and not resume:
-        for path in old:
-            path.unlink()
+
+
+def clear(checkpoint_dir: Path) -> None:
+    """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go."""
+    for path in list_checkpoints(checkpoint_dir) + [checkpoint_dir / BEST_NAME]:
+        path.unlink(missing_ok=True)
 
 
 def check_writable(folder: Path) -> None:
@@ -59,6 +63,6 @@ class MetricsLog:
         """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
         if not self.is_root or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text().splitlines()  # a test record ends a run: re-scored
+                if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line)["kind"] != "test"]
         self.path.write_text("".join(line + "\n" for line in kept))

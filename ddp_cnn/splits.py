@@ -43,25 +43,32 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
 
     Problems raise :class:`ddp_cnn.faults.SetupError` on every rank at once.
     """
-    from .faults import agreed
+    from .faults import SetupError, agreed
     folder = Path(config.data)
+    # Rank 0 looks, every rank follows: node-local copies of the data must not send ranks down different paths.
+    has_val = comm.bcast_obj((folder / "val.h5").exists() if comm.is_root else None)
 
     def check():
         if not folder.is_dir():
             raise ValueError(f"--data {config.data}: no such folder; make it with "
                              f"`python -m data_tools.shard --out {config.data} --shards {comm.size}`")
-        if config.val_fraction and (folder / "val.h5").exists():
+        if config.val_fraction and has_val:
             raise ValueError(f"--val-fraction: {folder} has a validation split already (val.h5); drop the flag")
     agreed(comm, check)
     train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data))
+    val = None
+    if config.val_fraction:  # held out whether or not it is scored: the training rows never depend on it
+        train, val = agreed(comm, lambda: hold_out(train, config.val_fraction))
     if not config.eval_every:
         return train, None, None
-    val = None
-    if (folder / "val.h5").exists():
+    if has_val:
         val = agreed(comm, lambda: open_rank_data(folder, "val", comm))
-    elif config.val_fraction:
-        train, val = agreed(comm, lambda: hold_out(train, config.val_fraction))
     test = agreed(comm, lambda: open_rank_data(folder, "test", comm))
+    for name, split in (("validation", val), ("test", test)):
+        if split is not None and not comm.allreduce_scalar(len(split), "sum"):
+            raise SetupError(f"--data {config.data}: the {name} split has no rows"
+                             + (f" (--val-fraction {config.val_fraction} is too small)" if name == "validation"
+                                and config.val_fraction else ""))
     return train, val, test
 
 

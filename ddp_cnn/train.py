@@ -22,13 +22,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import comm as comm_mod
-from .comm import launcher_rank
 from . import model as model_mod
 from . import optim
 from .backend import get_backend
 from .config import TrainConfig
 from .splits import class_names_of, open_data
-from .faults import EXIT_USAGE, SetupError, agreed, install_abort_hook, parse_fail_at
+from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from .progress import MODES, RootLog
 from .trainer import Trainer
 
@@ -89,17 +88,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class Parser(argparse.ArgumentParser):
-    """Usage errors printed once: by rank 0 only when an MPI launcher started every rank."""
-
-    def error(self, message):
-        if launcher_rank() not in (None, 0):
-            self.exit(2)
-        super().error(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
+    p = RankZeroParser(
         prog="python -m ddp_cnn.train",
         description="Train a CNN data-parallel over MPI ranks (mpirun -n N python -m ddp_cnn.train ...), "
                     "or in one process without mpirun.",
@@ -195,9 +185,9 @@ def _system_flags(p):
     g.add_argument("--comm", default=D.comm, choices=["auto", "mpi", "nccl", "single"],
                    help="gradient transport; auto: NCCL when every rank owns a distinct GPU, else MPI")
     g.add_argument("--collective-timeout", type=non_negative_float, default=D.collective_timeout,
-                   help="seconds a rank waits for the gradient allreduce of one step before it ends the job "
-                        "(a stalled or unreachable rank); 0: no limit. MPI transport only: with NCCL the host "
-                        "does not wait for the allreduce")
+                   help="seconds a rank waits on the others (each step's gradient allreduce, and every other "
+                        "MPI collective) before it ends the job with one line (a stalled or unreachable rank); "
+                        "0: no limit. With NCCL the gradient allreduce itself is not waited on by the host")
     g.add_argument("--bucket-mb", type=non_negative_float, default=D.bucket_mb,
                    help="allreduce bucket size in MB; 0: one allreduce of the whole buffer after backward")
     g.add_argument("--check-replicas", type=non_negative_int, default=D.check_replicas,

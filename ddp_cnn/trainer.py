@@ -109,14 +109,7 @@ class Trainer:
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
-        shape = tuple(int(v) for v in self.train_data.images.shape[1:])
-        shape = shape + (1,) if len(shape) == 2 else shape  # grayscale shards hold (N, H, W)
-        if tuple(model.input_shape) != shape:
-            raise ValueError(f"model {model.name!r} takes inputs of shape {tuple(model.input_shape)}, "
-                             f"{cfg.data} holds images of shape {shape}")
-        if model.output_shape[-1] != len(self.class_names):
-            raise ValueError(f"model {model.name!r} predicts {model.output_shape[-1]} classes, "
-                             f"{cfg.data} has {len(self.class_names)}")
+        model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), self.local_batch, cfg.data)
         if cfg.ema and model.named_buffers():
             raise ValueError(f"--ema: not for a model with batch norm ({model.name}): its running statistics "
                              "belong to the raw weights, not to their average")
@@ -168,6 +161,8 @@ class Trainer:
         state = self.world.bcast_obj(state)
         self.model.params[...] = self.xp.asarray(state["params"])
         if "optim" not in state:
+            if self.config.overwrite and self.world.is_root:
+                rundir.clear(self.checkpoint_dir)
             self.metrics.start()
             return
         if "ema" in state["optim"] and not self.opt.ema:
@@ -182,7 +177,8 @@ class Trainer:
         so_far = meta.get("epoch_so_far") if self.step_in_epoch else None
         if so_far:  # rank 0 carries the epoch's sums so far; the epoch's allreduce adds them in
             mine = so_far if self.world.is_root else {"loss": 0.0, "correct": 0, "seen": 0}
-            self.sums = self._new_sums(mine["loss"], mine["correct"], mine["seen"], so_far["seconds"])
+            self.sums = self._new_sums(mine["loss"], mine["correct"], mine["seen"], so_far["seconds"],
+                                       so_far.get("comm", 0.0), so_far.get("exposed", 0.0))
         if meta["world_size"] != self.world.size:
             self.log(f"warning: checkpoint was written by {meta['world_size']} ranks, resuming on "
                      f"{self.world.size}: the data order differs from the original run")
@@ -212,7 +208,8 @@ class Trainer:
                 "teacher": self.distiller.record if self.distiller else None,
                 "best_val_acc": self.best_val,
                 "epoch_so_far": {"loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
-                                 "seconds": seconds}}
+                                 "seconds": seconds, "comm": self.reducer.comm_seconds,
+                                 "exposed": self.reducer.exposed_seconds}}
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
@@ -241,7 +238,7 @@ class Trainer:
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"non-finite gradient at global step {self.global_step} "
-                                         f"(epoch {self.epoch}); lower --lr or use --skip-nonfinite")
+                                         f"(epoch {self.epoch + 1}); lower --lr or use --skip-nonfinite")
             self.skipped += 1
             self.log(f"warning: skipped the update of step {self.global_step}: non-finite gradient")
         else:
@@ -275,6 +272,7 @@ class Trainer:
             self.reducer.close()
             self.stop.uninstall()
         self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
+        self.world.set_timeout(None)  # the caller's communicator, as it was given
         self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
         return 0
 
@@ -299,7 +297,7 @@ class Trainer:
 
     def run_epoch(self):
         cfg, sums = self.config, self.sums
-        self.reducer.comm_seconds = self.reducer.exposed_seconds = 0.0
+        self.reducer.comm_seconds, self.reducer.exposed_seconds = sums["comm"], sums["exposed"]
         progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
                             self.steps_per_epoch, self.step_in_epoch, self.world.size)
         # The epoch's sample order, to look the cached soft targets up by row.
@@ -350,10 +348,10 @@ class Trainer:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
-    def _new_sums(self, loss=0.0, correct=0, seen=0, seconds=0.0) -> dict:
+    def _new_sums(self, loss=0.0, correct=0, seen=0, seconds=0.0, comm=0.0, exposed=0.0) -> dict:
         """The epoch's running sums (this rank's part; rank 0 also holds what a resumed run saved)."""
         return {"loss": self.xp.asarray(loss, dtype=np.float64), "correct": self.xp.asarray(correct, dtype=np.int64),
-                "seen": seen, "seconds": seconds}
+                "seen": seen, "seconds": seconds, "comm": comm, "exposed": exposed}
 
     def _epoch_totals(self):
         """Collective: (loss sum, correct, images) of the epoch so far over every rank, and its seconds."""

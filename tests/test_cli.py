@@ -228,7 +228,12 @@ def test_a_run_dir_holding_a_run_is_refused_unless_resume_or_overwrite(data, tmp
     assert err[0] == (f"error: --run-dir {tmp_path}: holds a run (metrics.jsonl, 1 checkpoint(s)); continue it "
                       "with --resume latest, replace it with --overwrite, or choose another --run-dir")
     assert (tmp_path / "metrics.jsonl").read_text() == before and list_checkpoints(tmp_path / "checkpoints") == first
+    code, err = run(common + ["--overwrite", "--batch-size", 100000], capsys)  # refused later in the start-up
+    assert code == 2 and "larger than the smallest rank's data" in err[0]
+    assert (tmp_path / "metrics.jsonl").read_text() == before and list_checkpoints(tmp_path / "checkpoints") == first
+    (tmp_path / "checkpoints" / "best.h5").write_bytes(b"an old run's best")
     assert train_main([str(a) for a in common + ["--max-steps", 1, "--overwrite"]]) == 0
+    assert not (tmp_path / "checkpoints" / "best.h5").exists()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-00000001.h5"]
 
 
@@ -239,8 +244,8 @@ def test_a_run_dir_that_is_a_file_exits_2_before_any_work(data, tmp_path, capsys
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {blocker / 'run'}: cannot be a folder")
     code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path / "r",
                      "--checkpoint-dir", blocker], capsys)
-    assert code == 2 and len(err) == 1 and err[0] == f"error: {blocker}: exists and is not a folder" or \
-        err[0].startswith(f"error: {blocker}: cannot be a folder")
+    assert code == 2 and len(err) == 1 and (err[0] == f"error: {blocker}: exists and is not a folder"
+                                            or err[0].startswith(f"error: {blocker}: cannot be a folder"))
 
 
 def test_help_shows_each_default_once_and_hides_test_flags():
@@ -291,3 +296,29 @@ def test_a_bad_flag_under_4_ranks_prints_its_usage_once():
                            "--epochs", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("--epochs: must be an integer >= 1") == 1 and proc.stderr.count("usage:") == 1
+
+
+def test_a_checkpoint_from_before_the_classifier_init_still_resumes(data, tmp_path, capsys):
+    import json
+    import h5py
+    from ddp_cnn.checkpoint import list_checkpoints
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
+              "--progress", "off", "--model", "lenet"]
+    assert train_main([str(a) for a in common + ["--max-steps", 2]]) == 0
+    path = list_checkpoints(tmp_path / "checkpoints")[-1]
+    with h5py.File(path, "r+") as f:  # as written before 2026-11-30: the last layer's init was Glorot's
+        model = json.loads(f.attrs["model"])
+        assert model["layers"][-1]["init"] == "classifier"
+        model["layers"][-1]["init"] = "glorot_uniform"
+        f.attrs["model"] = json.dumps(model)
+    capsys.readouterr()
+    assert train_main([str(a) for a in common + ["--max-steps", 3, "--resume", "latest"]]) == 0
+    assert f"resumed from {path}" in capsys.readouterr().out
+
+
+def test_batchnorm_on_one_value_per_channel_is_refused_at_start(data, tmp_path, capsys):
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--model", "mlp",
+                     "--batchnorm", "--local-batch-size", 1], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0] == ("error: --local-batch-size 1: layer 'batchnorm' would train on one value per channel; "
+                      "use 2 or more images per rank")

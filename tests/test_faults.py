@@ -150,7 +150,7 @@ def test_non_finite_gradient_on_one_rank_is_seen_by_all(data, tmp_path, skip):
     else:
         assert proc.returncode == 1
         lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-        assert lines == ["error: non-finite gradient at global step 5 (epoch 0); "
+        assert lines == ["error: non-finite gradient at global step 5 (epoch 1); "
                          "lower --lr or use --skip-nonfinite"]
         assert "Traceback" not in proc.stderr  # a decision taken by every rank, not a crash
 

@@ -45,6 +45,8 @@ def commands(code):
     for line in code.replace("\\\n", " ").splitlines():  # a continued line is one command
         line = line.split("   #")[0].strip() if not line.lstrip().startswith("#") else ""
         for command in filter(None, (part.strip() for part in line.split("&&"))):
+            if "data_tools.shard" in command and not FMNIST.is_dir():
+                continue  # the sandbox holds a synthetic set instead (see the fixture)
             if not any(pattern in command for pattern in SKIPPED_LINES):
                 yield command
 

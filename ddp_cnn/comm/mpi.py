@@ -62,7 +62,8 @@ class Watchdog:
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="ddp_cnn-watchdog", daemon=True)
             self.thread.start()
-        self.current = (what, time.monotonic() + self.timeout)
+        watched = (what, time.monotonic() + self.timeout)  # a new tuple each time: identity names this call
+        self.current = watched
         try:
             yield
         finally:
@@ -73,7 +74,9 @@ class Watchdog:
         while True:
             time.sleep(0.25)
             current = self.current
-            if current is not None and time.monotonic() > current[1]:
+            # Still the same call, and past its deadline, when looked at once more: a collective
+            # that completed meanwhile (or the next one) is never blamed.
+            if current is not None and time.monotonic() > current[1] and self.current is current:
                 abort_job(self.comm, f"error: [rank {self.comm.rank}] {current[0]} not complete after "
                                      f"{self.timeout:g} s: a rank stalled, died or lost its network link")
 
@@ -106,8 +109,9 @@ class MPIComm(Communicator):
             import cupy
             stage = self._stage(view)
             stage["ready"].record(cupy.cuda.get_current_stream())
-        if not self.threaded:
-            self._reduce(view, handle)
+        if not self.threaded:  # no progress thread: the allreduce blocks here, under the watchdog
+            with self.watchdog.watch(f"an allreduce of {view.size} gradient values"):
+                self._reduce(view, handle)
             return handle
         if self._worker is None:
             self._jobs = queue.Queue()
