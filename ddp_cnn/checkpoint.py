@@ -141,12 +141,20 @@ def _architecture(description: dict) -> dict:
                                       for layer in description.get("layers", [])]}
 
 
-def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, warn=print):
+# What a resume must keep, with the flag that sets it: the position in the epoch counts batches of the
+# global batch over these shards, and the optimizer's state is its own.
+RESUME_MUST_MATCH = {"global_batch": "--batch-size (global)", "optimizer": "--optimizer",
+                     "sharding_id": "shards (sharding_id of --data)", "val_fraction": "--val-fraction"}
+
+
+def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, run: dict,
+                    warn=print):
     """The checkpoint a run resumes from (``spec``: a file, or "latest" in ``directory``), or None.
 
-    Refuses (CheckpointError) a checkpoint of another architecture; warns
-    when it was trained with another teacher (``teacher``: the run's
-    distillation record, or None) than the run goes on with.
+    Refuses (CheckpointError, one line) a checkpoint of another architecture
+    or one whose RESUME_MUST_MATCH settings differ from ``run``'s; warns when
+    it was trained with another teacher (``teacher``: the run's distillation
+    record, or None) than the run goes on with.
     """
     if spec == "latest":
         state = load_latest(directory, warn=warn)
@@ -162,7 +170,14 @@ def load_for_resume(spec: str, directory, model_description: dict, teacher: dict
                 "evaluate, predict and export, but do not resume" if name == "fmnist-cnn" else "")
         raise CheckpointError(f"checkpoint {state['path']}: holds a {saved['name']} model that differs from "
                               f"--model {name} with these flags{hint}")
-    before = state["meta"].get("teacher") or {}
+    meta = state["meta"]
+    saved_run = {"global_batch": meta.get("global_batch"), "sharding_id": meta.get("sharding_id"),
+                 **{k: (meta.get("config") or {}).get(k) for k in ("optimizer", "val_fraction")}}
+    for key, what in RESUME_MUST_MATCH.items():
+        if saved_run[key] is not None and str(saved_run[key]) != str(run[key]):
+            raise CheckpointError(f"checkpoint {state['path']}: trained with {what} {saved_run[key]}, this run has "
+                                  f"{run[key]}; resume with the same, or start a new run (--overwrite)")
+    before = meta.get("teacher") or {}
     if before.get("sha256") != (teacher or {}).get("sha256"):
         warn(f"warning: the checkpoint was trained with teacher {before.get('source', 'none')}; the run goes on "
              f"with {teacher['source'] if teacher else 'none'}")

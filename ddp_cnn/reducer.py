@@ -80,13 +80,17 @@ class GradReducer:
         """The agreed flag (a 0-d view of the buffer): NaN = non-finite, > 0 = stop requested."""
         return self.buffer[self.n]
 
-    def begin(self, stop=False) -> None:
+    def begin(self, stop=False, loss=None) -> None:
         """Start a step.  ``stop``: this rank's stop request, or a callable asked for it when the
-        last bucket starts (as late as possible)."""
+        last bucket starts (as late as possible); ``loss``: this rank's loss (device scalar), whose
+        non-finite value counts as a non-finite gradient."""
         self.handles = [None] * len(self.buckets)
         self.first_start = None
         self.stop = stop
         self.buffer[self.n] = 0.0
+        if loss is not None:
+            with np.errstate(invalid="ignore"):
+                self.buffer[self.n:] += loss * 0
 
     def layer_done(self, layer_index: int) -> None:
         k = self.by_trigger.get(layer_index)

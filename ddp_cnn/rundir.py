@@ -66,3 +66,56 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines()  # a test record ends a run: re-scored
                 if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line)["kind"] != "test"]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class RunLock:
+    """One job per run dir: a POSIX lock on ``RUN_DIR/.lock`` (lockf, which NFS honours across hosts),
+    released by the kernel when the holder dies, so a killed job never leaves a stale lock.
+    The file names the holder (host, pid) for the message a second job gets."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """ValueError (one line) naming the holder when another job holds the run dir."""
+        import fcntl
+        import socket
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another job"
+            os.close(fd)
+            raise ValueError(f"--run-dir {self.path.parent}: in use by {holder} (lock {self.path}); wait for that "
+                             "job to end, or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock; the file stays, naming nobody who holds it
+            self.fd = None
+
+
+def remove_dead_temps(checkpoint_dir: Path) -> list[Path]:
+    """Temporary checkpoint files (``*.tmp-PID``) of writers that died (no such process on this host)."""
+    removed = []
+    for path in Path(checkpoint_dir).glob("*.tmp-*") if Path(checkpoint_dir).is_dir() else []:
+        pid = path.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

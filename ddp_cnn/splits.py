@@ -56,6 +56,7 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
             raise ValueError(f"--val-fraction: {folder} has a validation split already (val.h5); drop the flag")
     agreed(comm, check)
     train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data))
+    agree_on_attributes(train, comm)
     val = None
     if config.val_fraction:  # held out whether or not it is scored: the training rows never depend on it
         train, val = agreed(comm, lambda: hold_out(train, config.val_fraction))
@@ -70,6 +71,29 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
                              + (f" (--val-fraction {config.val_fraction} is too small)" if name == "validation"
                                 and config.val_fraction else ""))
     return train, val, test
+
+
+def agree_on_attributes(train: ShardData, comm) -> None:
+    """Collective: SetupError on every rank unless every rank's shards carry the same, usable pixel
+    mean/std and class names (a rank that normalised differently would train another problem)."""
+    from .faults import SetupError, agreed, require_same
+    first = train.paths[0] if train.paths else "the training shards"
+    attrs = train.attrs
+
+    def usable():
+        std = float(attrs.get("std", 0.0))
+        if not std > 0 or not np.isfinite(std) or not np.isfinite(float(attrs.get("mean", np.nan))):
+            raise DataError(f"{first}: pixel std must be a number > 0 and the mean finite, got mean "
+                            f"{attrs.get('mean')} std {attrs.get('std')} (re-shard)")
+    agreed(comm, usable)
+    try:
+        require_same(comm, {"mean": float(attrs["mean"]), "std": float(attrs["std"]),
+                            "classes": list(attrs.get("class_names") or [])},
+                     {"mean": "training pixel mean of their shards (files of different sharding runs?)",
+                      "std": "training pixel std of their shards (files of different sharding runs?)",
+                      "classes": "class names of their shards"})
+    except SetupError as exc:
+        raise SetupError(f"{first}: {exc}") from None
 
 
 def class_names_of(data) -> list[str]:

@@ -23,7 +23,7 @@ def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, po
     dlogits = loss_fn.backward()
     if poison:  # --inject-nan: this rank's gradient turns NaN, as after an overflow
         dlogits[...] = float("nan")
-    reducer.begin(stop)
+    reducer.begin(stop, loss)
     model.backward(dlogits, reducer.layer_done)
     reducer.finish(deadline)
     return loss, correct

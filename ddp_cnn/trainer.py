@@ -26,21 +26,21 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import comm as comm_mod
 from . import optim, rundir
-from .backend import to_host
 from .config import TrainConfig
 from .data import Augment, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, StopFlag, abort_job, agreed, install_abort_hook, maybe_fail,
-                     require_same)
+from .faults import (EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
+                     maybe_fail, require_same)
 from .layers import SoftmaxCrossEntropy
 from .reducer import GradReducer
 from .progress import Progress, RootLog
+from .runstate import RunState
 from .step import compute_gradients
 
 
-class Trainer:
+class Trainer(RunState):
     """Trains ``model`` data-parallel over the ranks of ``comm`` (default: MPI under mpirun, else one process).
 
     ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
@@ -87,7 +87,13 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self.sums, self.part_started = self._new_sums(), time.perf_counter()
         self.best_val = -1.0  # the best validation accuracy so far (-1: none yet)
-        self._restore_or_broadcast()
+        self.lock = rundir.RunLock(self.run_dir)  # from here on this job writes in the run dir
+        agreed(self.world, self._lock_run_dir)
+        try:
+            self._restore_or_broadcast()
+        except SetupError:
+            self.lock.release()
+            raise
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
         self.stop = StopFlag()
@@ -107,6 +113,12 @@ class Trainer:
             rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
                            overwrite=self.config.overwrite)
 
+    def _lock_run_dir(self):
+        if self.world.is_root:
+            self.lock.acquire()
+            for path in rundir.remove_dead_temps(self.checkpoint_dir):
+                self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
+
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
         model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), self.local_batch, cfg.data)
@@ -119,8 +131,10 @@ class Trainer:
                            decay_ranges=model.decay_ranges, ema=cfg.ema)
         if not (cfg.resume and self.world.is_root):  # rank 0 reads it; everyone receives it in the broadcast
             return opt, None
+        run = {"global_batch": self.global_batch, "optimizer": cfg.optimizer, "val_fraction": cfg.val_fraction,
+               "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
-                                         self.distiller.record if self.distiller else None, warn=self.log)
+                                         self.distiller.record if self.distiller else None, run, warn=self.log)
 
     def _check_same_everywhere(self) -> None:
         """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
@@ -145,85 +159,6 @@ class Trainer:
                 shuffle=False, drop_last=False, mean=self.train_data.attrs["mean"], std=self.train_data.attrs["std"])
         return train, scoring(self.val_data), scoring(self.test_data)
 
-    def record(self) -> dict:
-        """The settings as metrics and checkpoints record them: the config, with the paths
-        resolved and the name of the model trained (a built model brings its own)."""
-        return {**self.config.record(), "model": self.model.name, "run_dir": str(self.run_dir),
-                "metrics": str(self.metrics_path), "checkpoint_dir": str(self.checkpoint_dir)}
-
-    # ---- state -----------------------------------------------------------
-    def _restore_or_broadcast(self):
-        """Rank 0's parameters (fresh or from the checkpoint) and optimizer state, on every rank."""
-        state = None
-        if self.world.is_root:
-            state = ({k: self.resume[k] for k in ("params", "optim", "buffers", "meta", "path")}
-                     if self.resume is not None else {"params": to_host(self.model.params)})
-        state = self.world.bcast_obj(state)
-        self.model.params[...] = self.xp.asarray(state["params"])
-        if "optim" not in state:
-            if self.config.overwrite and self.world.is_root:
-                rundir.clear(self.checkpoint_dir)
-            self.metrics.start()
-            return
-        if "ema" in state["optim"] and not self.opt.ema:
-            self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
-                     "run without --ema drops: later checkpoints, evaluate and export use the raw weights")
-        self.opt.load_state_dict(state["optim"])
-        for name, buf in self.model.named_buffers().items():
-            buf[...] = self.xp.asarray(state["buffers"][name])
-        meta = state["meta"]
-        self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
-        self.best_val = meta.get("best_val_acc", -1.0)
-        so_far = meta.get("epoch_so_far") if self.step_in_epoch else None
-        if so_far:  # rank 0 carries the epoch's sums so far; the epoch's allreduce adds them in
-            mine = so_far if self.world.is_root else {"loss": 0.0, "correct": 0, "seen": 0}
-            self.sums = self._new_sums(mine["loss"], mine["correct"], mine["seen"], so_far["seconds"],
-                                       so_far.get("comm", 0.0), so_far.get("exposed", 0.0))
-        if meta["world_size"] != self.world.size:
-            self.log(f"warning: checkpoint was written by {meta['world_size']} ranks, resuming on "
-                     f"{self.world.size}: the data order differs from the original run")
-        self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
-                 f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
-        self.metrics.truncate_after(self.global_step)
-        self.metrics.write({"kind": "resume", "step": self.global_step, "epoch": self.epoch,
-                            "step_in_epoch": self.step_in_epoch, "from": state["path"],
-                            "world_size": self.world.size, "saved_by_world_size": meta["world_size"]})
-
-    def sync_buffers(self):
-        """Average BatchNorm statistics over ranks (each rank saw its own batches)."""
-        for buf in self.model.named_buffers().values():
-            buf[...] = self.xp.asarray(self.world.allreduce_host(to_host(buf)) / self.world.size)
-
-    def save_checkpoint(self):
-        self.sync_buffers()
-        totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
-        if not self.world.is_root:
-            return None
-        attrs = self.train_data.attrs
-        meta = {"model": self.model.describe(), "config": self.record(), "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seed": self.config.seed,
-                "world_size": self.world.size, "global_batch": self.global_batch,
-                "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
-                "mean": float(attrs["mean"]), "std": float(attrs["std"]),
-                "teacher": self.distiller.record if self.distiller else None,
-                "best_val_acc": self.best_val,
-                "epoch_so_far": {"loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
-                                 "seconds": seconds, "comm": self.reducer.comm_seconds,
-                                 "exposed": self.reducer.exposed_seconds}}
-        optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
-        buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
-        path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
-                         buffers, meta, keep=self.config.keep)
-        self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
-        return path
-
-    def check_replicas(self):
-        digest = ckpt.params_digest(to_host(self.model.params))
-        everyone = self.world.allgather_obj(digest)
-        if len(set(everyone)) != 1:
-            raise RuntimeError(f"replicas diverged at step {self.global_step}: parameter digests "
-                               + ", ".join(d[:12] for d in everyone))
-
     # ---- the loop ----------------------------------------------------------
     def train_step(self, x, y, soft=None):
         """Gradient, allreduce, update (or a skip agreed by every rank).  Returns (loss, correct, stop)."""
@@ -237,10 +172,10 @@ class Trainer:
         flag = float(self.reducer.flag)
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
-                raise FloatingPointError(f"non-finite gradient at global step {self.global_step} "
+                raise FloatingPointError(f"non-finite loss or gradient at global step {self.global_step} "
                                          f"(epoch {self.epoch + 1}); lower --lr or use --skip-nonfinite")
             self.skipped += 1
-            self.log(f"warning: skipped the update of step {self.global_step}: non-finite gradient")
+            self.log(f"warning: skipped the update of step {self.global_step}: non-finite loss or gradient")
         else:
             self.opt.step(self.schedule(self.global_step))
         return loss, correct, flag > 0
@@ -271,6 +206,7 @@ class Trainer:
         finally:
             self.reducer.close()
             self.stop.uninstall()
+            self.lock.release()
         self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
         self.world.set_timeout(None)  # the caller's communicator, as it was given
         self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
@@ -347,18 +283,6 @@ class Trainer:
             self.check_replicas()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
-
-    def _new_sums(self, loss=0.0, correct=0, seen=0, seconds=0.0, comm=0.0, exposed=0.0) -> dict:
-        """The epoch's running sums (this rank's part; rank 0 also holds what a resumed run saved)."""
-        return {"loss": self.xp.asarray(loss, dtype=np.float64), "correct": self.xp.asarray(correct, dtype=np.int64),
-                "seen": seen, "seconds": seconds, "comm": comm, "exposed": exposed}
-
-    def _epoch_totals(self):
-        """Collective: (loss sum, correct, images) of the epoch so far over every rank, and its seconds."""
-        sums = self.sums
-        totals = self.world.allreduce_host(np.array([float(to_host(sums["loss"])), float(to_host(sums["correct"])),
-                                                     sums["seen"]]))
-        return totals, sums["seconds"] + time.perf_counter() - self.part_started
 
     def _end_epoch(self):
         cfg = self.config

@@ -322,3 +322,49 @@ def test_batchnorm_on_one_value_per_channel_is_refused_at_start(data, tmp_path, 
     assert code == 2 and len(err) == 1
     assert err[0] == ("error: --local-batch-size 1: layer 'batchnorm' would train on one value per channel; "
                       "use 2 or more images per rank")
+
+
+def test_a_resume_that_changes_the_batch_optimizer_or_shards_is_refused_with_one_line(data, tmp_path, capsys,
+                                                                                      tmp_path_factory):
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
+              "--progress", "off", "--batch-size", 32]
+    assert train_main([str(a) for a in common + ["--max-steps", 3]]) == 0
+    capsys.readouterr()
+    other = make_synthetic_shards(tmp_path_factory.mktemp("reshard") / "data", 1, seed=3)
+    for change, needle in ((["--batch-size", 64], "trained with --batch-size (global) 32, this run has 64"),
+                           (["--optimizer", "nesterov"], "trained with --optimizer adam, this run has nesterov"),
+                           (["--data", other], "trained with shards (sharding_id of --data)")):
+        code, err = run(common + ["--max-steps", 5, "--resume", "latest"] + change, capsys)
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert train_main([str(a) for a in common + ["--max-steps", 5, "--resume", "latest"]]) == 0
+
+
+def test_a_diverging_run_ends_with_one_line_and_exit_1(data, tmp_path, capsys):
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--progress",
+                     "off", "--eval-every", 0, "--optimizer", "sgd", "--lr", "1e6", "--epochs", 3], capsys)
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1
+    assert errors[0].startswith("error: non-finite loss or gradient at global step")
+
+
+def test_a_run_dir_in_use_by_another_job_is_refused_naming_it(data, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddp_cnn.rundir import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        common = ["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--progress", "off",
+                  "--eval-every", 0, "--max-steps", 1]
+        code, err = run(common, capsys)
+        assert code == 2 and len(err) == 1
+        assert err[0].startswith(f"error: --run-dir {tmp_path}: in use by process {holder.pid} on ")
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died (as a killed job does): its lock went with it; a dead writer's temporary file goes too.
+    (tmp_path / "checkpoints").mkdir()
+    dead = tmp_path / "checkpoints" / "ckpt-00000009.h5.tmp-999999999"
+    dead.write_bytes(b"half a checkpoint")
+    assert train_main([str(a) for a in common]) == 0
+    assert not dead.exists() and f"removed {dead}" in capsys.readouterr().out

@@ -4,6 +4,7 @@ gradients, mismatched ranks, and a soak run.  Each test launches real MPI jobs
 fails the test instead of stalling the suite."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_non_finite_gradient_on_one_rank_is_seen_by_all(data, tmp_path, skip):
     else:
         assert proc.returncode == 1
         lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-        assert lines == ["error: non-finite gradient at global step 5 (epoch 1); "
+        assert lines == ["error: non-finite loss or gradient at global step 5 (epoch 1); "
                          "lower --lr or use --skip-nonfinite"]
         assert "Traceback" not in proc.stderr  # a decision taken by every rank, not a crash
 
@@ -210,7 +211,8 @@ def rank_pid(job_marker: str, rank: int) -> int | None:
     return None
 
 
-def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path):
+@pytest.mark.parametrize("sigterm", [False, True])  # True: the job is also told to stop during the stall
+def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path, sigterm):
     job = start(train_cmd(2, data[2], tmp_path, "--epochs", 200, "--eval-every", 0, "--log-every", 1,
                           "--collective-timeout", 3))
     wait_for(lambda: last_step(tmp_path) >= 20, job)
@@ -218,6 +220,9 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path):
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
     t0 = time.perf_counter()
+    if sigterm:
+        time.sleep(0.5)
+        os.killpg(job.pid, signal.SIGTERM)
     try:
         out, err = job.communicate(timeout=60)
     finally:
@@ -225,6 +230,10 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert job.returncode != 0
     assert time.perf_counter() - t0 < 30
+    gone = time.perf_counter() + 10
+    while Path(f"/proc/{pid}").exists() and time.perf_counter() < gone:  # no rank outlives the job
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == ["error: [rank 0] allreduce of 61707 gradient values not complete by its deadline: a rank "
                       "stalled, died or lost its network link"], (out[-2000:], err[-2000:])
@@ -246,3 +255,20 @@ def test_a_blocking_collective_past_its_deadline_ends_the_job_with_one_line(tmp_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: [rank 0] a barrier not complete after 2 s: a rank stalled, died or lost its "
                       "network link"], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("attr,value,needle", [
+    ("std", 0.0, "pixel std must be a number > 0"),
+    ("mean", 5.0, "ranks disagree on the training pixel mean of their shards"),
+])
+def test_a_bad_shard_attribute_on_one_rank_is_one_line_not_a_hang(data, tmp_path, attr, value, needle):
+    import h5py
+    broken = tmp_path / "data"
+    shutil.copytree(data[2], broken)
+    with h5py.File(broken / "train-00001-of-00002.h5", "r+") as f:  # rank 1's shard only
+        f.attrs[attr] = value
+    proc, elapsed = run(train_cmd(2, broken, tmp_path / "run", "--epochs", 1), timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

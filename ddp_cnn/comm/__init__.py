@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from .base import CollectiveTimeout, Communicator, DoneHandle, Handle
 from .single import SingleComm
@@ -28,6 +29,23 @@ def hostname() -> str:
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (even if mpi4py is missing)."""
     return any(v in os.environ for v in _MPI_ENV_VARS)
+
+
+def die_with_launcher() -> None:
+    """Linux: this process gets SIGKILL when its parent (the launcher's proxy) ends.
+
+    After an abort the launcher sends SIGTERM, which a stopped (SIGSTOP) or
+    wedged rank never acts on; without this it would outlive the job as an
+    orphan.  SIGKILL is delivered even to a stopped process.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not fatal: the launcher's own clean-up still applies
 
 
 def launcher_rank() -> int | None:
@@ -59,6 +77,8 @@ def create(kind: str = "auto") -> Communicator:
                                "install it with `pip install mpi4py mpich` or use --comm single") from exc
         return SingleComm()
     from .mpi import MPIComm
+    if launched_by_mpi():
+        die_with_launcher()
     _world = MPIComm()
     return _world
 
