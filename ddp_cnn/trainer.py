@@ -202,7 +202,7 @@ class Trainer(RunState):
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
         except CollectiveTimeout as exc:  # a rank stalled or lost its link: the job cannot go on
-            abort_job(self.world, f"error: [rank {self.world.rank}] {exc}")
+            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
         finally:
             self.reducer.close()
             self.stop.uninstall()

@@ -49,4 +49,27 @@ if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-rte"; then
     if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi
 fi
 
-exec "$mpirun" "${extra[@]}" -n "$ranks" "$@"
+# The launcher runs in a session of its own and gets the first SIGTERM/SIGINT sent to this
+# script's process group (SLURM preemption, Ctrl-C), once: a second one would make it tear the
+# job down while the ranks write their preemption checkpoint, and exit 15 instead of the ranks' 75.
+# It dies with this script (pdeathsig), so a kill -9 of the group still ends the job.
+if ! command -v setsid >/dev/null || ! setpriv --help 2>/dev/null | grep -q pdeathsig; then
+    exec "$mpirun" "${extra[@]}" -n "$ranks" "$@"  # no util-linux: the launcher takes signals as they come
+fi
+setsid setpriv --pdeathsig KILL "$mpirun" "${extra[@]}" -n "$ranks" "$@" &
+pid=$!
+forwarded=""
+forward() {
+    if [ -z "$forwarded" ]; then
+        forwarded=1
+        kill "-$1" "$pid" 2>/dev/null || true
+    fi
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while :; do
+    status=0
+    wait "$pid" || status=$?
+    kill -0 "$pid" 2>/dev/null || break  # returned because it ended, not because a signal came
+done
+exit "$status"
