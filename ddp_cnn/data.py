@@ -125,12 +125,16 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False) ->
     data_dir = Path(data_dir)
     try:
         data, error = read_planned(plan_reads(data_dir, split, comm.rank, comm.size, slice_single)), None
+        if split == "train" and not len(data):
+            raise DataError(f"{', '.join(map(str, data.paths))}: no training rows for rank {comm.rank} "
+                            "(an empty shard, or more ranks than rows with --slice-data); re-shard")
     except DataError as exc:
         data, error = None, str(exc)
-    outcomes = comm.allgather_obj((error, data.attrs["sharding_id"] if data else None))
+    outcomes = comm.allgather_obj((error, data.attrs["sharding_id"] if data is not None else None))
     failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e]
-    if failed:
-        raise DataError(error if error else f"rank {failed[0][0]}: {failed[0][1]}")
+    if failed:  # the same line on every rank: the first failing rank's
+        rank, message = failed[0]
+        raise DataError(message if comm.size == 1 else f"{message} (rank {rank})")
     if len({sid for _, sid in outcomes}) > 1:
         raise DataError(f"{data_dir}: ranks read files of different sharding runs (sharding_id differs); re-shard")
     return data

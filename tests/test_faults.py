@@ -287,3 +287,60 @@ def test_two_signals_in_a_row_still_checkpoint_and_exit_75(data, tmp_path, sig):
     assert job.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by a signal" in out and "assert" not in err  # no launcher assertion lines either
     assert final(tmp_path)["meta"]["global_step"] >= 10
+
+
+def emptied(data_dir, tmp_path, name):
+    """A copy of data_dir whose file `name` keeps its attributes and no rows."""
+    import h5py
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)
+    with h5py.File(data_dir / name, "r") as src, h5py.File(out / name, "w") as dst:
+        dst.attrs.update(dict(src.attrs))
+        for key in src:
+            dst.create_dataset(key, data=src[key][:0])
+    return out
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("test.h5", "the test split has no rows"),
+    ("train-00001-of-00002.h5", "train-00001-of-00002.h5: no training rows for rank 1"),
+])
+def test_an_empty_split_or_shard_is_refused_naming_the_cause(data, tmp_path, name, needle):
+    proc, _ = run(train_cmd(2, emptied(data[2], tmp_path, name), tmp_path / "run", "--epochs", 1), timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_jobs_on_one_run_dir_the_second_is_refused_naming_the_first(data, tmp_path):
+    first = start(train_cmd(2, data[2], tmp_path, "--epochs", 200, "--eval-every", 0, "--log-every", 1))
+    try:
+        wait_for(lambda: last_step(tmp_path) >= 5, first)
+        second, _ = run(train_cmd(2, data[2], tmp_path, "--epochs", 1, "--resume", "latest"), timeout=60)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1 and f"--run-dir {tmp_path}: in use by process" in errors[0]
+        assert first.poll() is None  # the first job goes on, untouched
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == EXIT_PREEMPTED
+
+
+@pytest.mark.parametrize("flags,code,needle", [
+    (["--run-dir", "/dev/null/run"], 2, "/dev/null/run: cannot be a folder, /dev/null is a file"),
+    (["--optimizer", "sgd", "--lr", "1e6", "--eval-every", 0], 1, "non-finite loss or gradient at global step"),
+])
+def test_bad_settings_end_a_2_rank_job_with_one_line(data, tmp_path, flags, code, needle):
+    proc, _ = run(train_cmd(2, data[2], tmp_path / "run", "--epochs", 2, *flags), timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == code and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+
+
+def test_a_2_rank_resume_with_another_batch_size_is_refused(data, tmp_path):
+    first, _ = run(train_cmd(2, data[2], tmp_path, "--max-steps", 3, "--eval-every", 0))
+    assert first.returncode == 0, first.stderr[-2000:]
+    proc, _ = run(train_cmd(2, data[2], tmp_path, "--max-steps", 5, "--eval-every", 0, "--resume", "latest",
+                            "--local-batch-size", 4))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1
+    assert "trained with --batch-size (global) 16, this run has 8" in errors[0]
