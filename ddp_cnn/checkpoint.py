@@ -173,8 +173,10 @@ def load_for_resume(spec: str, directory, model_description: dict, teacher: dict
     meta = state["meta"]
     saved_run = {"global_batch": meta.get("global_batch"), "sharding_id": meta.get("sharding_id"),
                  **{k: (meta.get("config") or {}).get(k) for k in ("optimizer", "val_fraction")}}
+    def same(a, b):  # numbers by value (0 and 0.0 are one setting), names by text
+        return float(a) == float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else str(a) == str(b)
     for key, what in RESUME_MUST_MATCH.items():
-        if saved_run[key] is not None and str(saved_run[key]) != str(run[key]):
+        if saved_run[key] is not None and not same(saved_run[key], run[key]):
             raise CheckpointError(f"checkpoint {state['path']}: trained with {what} {saved_run[key]}, this run has "
                                   f"{run[key]}; resume with the same, or start a new run (--overwrite)")
     before = meta.get("teacher") or {}

@@ -77,26 +77,35 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
 
-    def acquire(self) -> None:
-        """ValueError (one line) naming the holder when another job holds the run dir."""
+    def acquire(self, warn=print) -> None:
+        """ValueError (one line) naming the holder when another job holds the run dir.  On a file
+        system without POSIX locks (``warn``-ed) the run goes on unguarded rather than never."""
+        import errno
         import fcntl
         import socket
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
+                os.close(fd)
+                warn(f"warning: {self.path}: no lock on this file system ({exc.strerror}); a second job on this "
+                     "run dir is not prevented")
+                return
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another job"
             os.close(fd)
             raise ValueError(f"--run-dir {self.path.parent}: in use by {holder} (lock {self.path}); wait for that "
-                             "job to end, or choose another --run-dir") from None
+                             "job to end, or choose another --run-dir (on NFS a node that crashed holds it until "
+                             "the server's lease ends)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock; the file stays, naming nobody who holds it
+            os.ftruncate(self.fd, 0)  # the file stays, naming nobody
+            os.close(self.fd)  # closing drops the lock
             self.fd = None
 
 

@@ -115,7 +115,7 @@ class Trainer(RunState):
 
     def _lock_run_dir(self):
         if self.world.is_root:
-            self.lock.acquire()
+            self.lock.acquire(warn=self.log)
             for path in rundir.remove_dead_temps(self.checkpoint_dir):
                 self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
 

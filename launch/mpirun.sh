@@ -52,24 +52,28 @@ fi
 # The launcher runs in a session of its own and gets the first SIGTERM/SIGINT sent to this
 # script's process group (SLURM preemption, Ctrl-C), once: a second one would make it tear the
 # job down while the ranks write their preemption checkpoint, and exit 15 instead of the ranks' 75.
-# It dies with this script (pdeathsig), so a kill -9 of the group still ends the job.
+# A third signal kills it (a job that cannot reach a step boundary). It dies with this script
+# (pdeathsig), so a kill -9 of the group still ends the job.
 if ! command -v setsid >/dev/null || ! setpriv --help 2>/dev/null | grep -q pdeathsig; then
     exec "$mpirun" "${extra[@]}" -n "$ranks" "$@"  # no util-linux: the launcher takes signals as they come
 fi
-setsid setpriv --pdeathsig KILL "$mpirun" "${extra[@]}" -n "$ranks" "$@" &
-pid=$!
-forwarded=""
+pid=""
+signals=0
+pending=""
 forward() {
-    if [ -z "$forwarded" ]; then
-        forwarded=1
-        kill "-$1" "$pid" 2>/dev/null || true
-    fi
+    signals=$((signals + 1))
+    if [ -z "$pid" ]; then pending=$1; return; fi
+    if [ "$signals" -eq 1 ]; then kill "-$1" "$pid" 2>/dev/null || true; fi
+    if [ "$signals" -ge 3 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-while :; do
-    status=0
-    wait "$pid" || status=$?
-    kill -0 "$pid" 2>/dev/null || break  # returned because it ended, not because a signal came
+setsid setpriv --pdeathsig KILL "$mpirun" "${extra[@]}" -n "$ranks" "$@" <&0 &
+pid=$!
+if [ -n "$pending" ]; then kill "-$pending" "$pid" 2>/dev/null || true; fi
+while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true  # returns early when a signal comes: go on waiting
 done
+status=0
+wait "$pid" || status=$?  # the launcher's own exit status (bash keeps it for a reaped job)
 exit "$status"

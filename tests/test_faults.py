@@ -347,3 +347,22 @@ def test_a_2_rank_resume_with_another_batch_size_is_refused(data, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1
     assert "trained with --batch-size (global) 16, this run has 8" in errors[0]
+
+
+def test_a_rank_whose_launcher_proxy_dies_is_killed_even_when_stopped(data, tmp_path):
+    job = start(train_cmd(2, data[2], tmp_path, "--epochs", 200, "--eval-every", 0, "--log-every", 1))
+    try:
+        wait_for(lambda: last_step(tmp_path) >= 5, job)
+        pid = rank_pid(str(tmp_path), 1)
+        proxy = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+        os.kill(pid, signal.SIGSTOP)  # deaf to SIGTERM: only SIGKILL (PR_SET_PDEATHSIG) can end it
+        os.kill(proxy, signal.SIGKILL)
+        gone = time.perf_counter() + 10
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" \
+                and time.perf_counter() < gone:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate(timeout=60)
+    assert not alive, "the stopped rank outlived its launcher proxy"

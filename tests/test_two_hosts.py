@@ -47,7 +47,8 @@ def _unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))
+UNAVAILABLE = _unavailable()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 def sh(*cmd):
@@ -58,9 +59,9 @@ def sh(*cmd):
 def hosts(tmp_path_factory):
     """Two namespaces joined by a veth pair; yields the stand-in for ssh."""
     (a_addr, a), (b_addr, b) = HOSTS.items()
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
     try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
         sh("ip", "link", "add", f"{TAG}x", "type", "veth", "peer", "name", f"{TAG}y")
         sh("ip", "link", "set", f"{TAG}x", "netns", a)
         sh("ip", "link", "set", f"{TAG}y", "netns", b)

@@ -43,9 +43,12 @@ def die_with_launcher() -> None:
     import ctypes
     import signal
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return  # not fatal: the launcher's own clean-up still applies
     except (OSError, AttributeError):
-        pass  # not fatal: the launcher's own clean-up still applies
+        return
+    if os.getppid() == 1:  # the launcher's proxy died before we asked: nobody will send the signal
+        os._exit(1)
 
 
 def launcher_rank() -> int | None:
