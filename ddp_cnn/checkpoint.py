@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import fsync_dir, fsync_file, temp_path
+from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)
@@ -190,13 +190,6 @@ def keep_as_best(path) -> Path:
     """Copy checkpoint ``path`` to best.h5 beside it, atomically; ``--keep`` never removes it."""
     import shutil
     best = Path(path).with_name(BEST_NAME)
-    tmp = temp_path(best)
-    try:
-        shutil.copyfile(path, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, best)
-        fsync_dir(best.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicOutput(best.parent) as out:  # temp file, fsync, rename, fsync the folder
+        shutil.copyfile(path, out.temp(BEST_NAME))
     return best

@@ -63,9 +63,10 @@ class MetricsLog:
         """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
         if not self.is_root or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()  # a test record ends a run: re-scored
-                if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line)["kind"] != "test"]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records  # a test record ends a run: the resumed run scores its own
+                if r.get("step", 0) <= step and r.get("kind") != "test"]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLock:
