@@ -259,15 +259,48 @@ ARCHITECTURES = {"fmnist-cnn": fmnist_cnn, "fmnist-vgg": fmnist_vgg, "lenet": le
 
 def build(name: str, backend: Backend | None = None, seed: int = 0, input_shape=(28, 28, 1), num_classes=10,
           **arch_kwargs) -> Sequential:
-    """A named architecture (see ARCHITECTURES), initialised from `seed`."""
+    """A named architecture (see ARCHITECTURES) for images of `input_shape`, initialised from `seed`.
+
+    Every one takes any (H, W, C) its convolutions and pools fit (its Flatten
+    and Dense size themselves at build); a smaller image is a one-line
+    ValueError naming the model, the shape and the smallest side it takes.
+    """
     if name not in ARCHITECTURES:
         raise ValueError(f"--model: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    try:
+        return Sequential(_arch_layers(name, num_classes, arch_kwargs), input_shape, backend, seed, name=name,
+                          arch_kwargs=arch_kwargs)
+    except ValueError as exc:
+        shape = tuple(int(v) for v in input_shape)
+        side = _smallest_side(name, shape, num_classes, arch_kwargs)
+        hint = f" (too small: each side must be at least {side})" if side and min(shape[:2]) < side else ""
+        raise ValueError(f"model {name!r} does not fit images of shape {shape}{hint}: {exc}") from None
+
+
+def _arch_layers(name: str, num_classes: int, arch_kwargs: dict) -> list:
     arch = {k: v for k, v in arch_kwargs.items() if k != "dropout_rate"}
     layers = ARCHITECTURES[name](num_classes=num_classes, **arch)
     if arch_kwargs.get("dropout_rate") is not None:  # one rate for every dropout layer
         layers = [L.Dropout(arch_kwargs["dropout_rate"]) if isinstance(layer, L.Dropout) else layer
                   for layer in layers]
-    return Sequential(layers, input_shape, backend, seed, name=name, arch_kwargs=arch_kwargs)
+    return layers
+
+
+def _smallest_side(name: str, shape: tuple, num_classes: int, arch_kwargs: dict) -> int | None:
+    """The smallest square image, of `shape`'s channels, that architecture `name` takes (None: none
+    up to 1024, or `shape` is no image).  Shapes only: nothing is allocated but BatchNorm's statistics."""
+    if len(shape) != 3:
+        return None
+    backend = get_backend("cpu")
+    for side in range(1, 1025):
+        try:
+            out = (side, side, shape[2])
+            for layer in _arch_layers(name, num_classes, arch_kwargs):
+                out = layer.build(out, backend)
+            return side
+        except ValueError:
+            continue
+    return None
 
 
 LAYER_TYPES = {cls.__name__: cls for cls in (

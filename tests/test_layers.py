@@ -564,3 +564,47 @@ def test_the_gradient_buffer_has_one_spare_element_after_the_gradients():
     before = model.params.copy()
     optim.create("sgd", model.params, model.grads, 0.1).step()  # an optimizer over model.grads still works
     assert np.allclose(model.params, before - 0.1 * model.grads, rtol=0, atol=1e-15)
+
+
+# Pinned before the named architectures learnt other input shapes (issue 22): at 28x28x1 their
+# parameters (seed 0, float32) and descriptions must stay bitwise what existing checkpoints hold.
+NAMED_AT_28x28x1 = {
+    "fmnist-cnn": (1736714, "2c02d55e2eb683324d226b77f0afcdae170258c57a59a562e58dd3e315e96d17",
+                   "f8dbb642d06772229b69720e5c5385840a1683400ba02336527935b548d1314b"),
+    "fmnist-vgg": (1147722, "172c2b9710faf0f58940e28bb43a86d63630f7f3df582e2581c9126451409c34",
+                   "cd704e35c8948bd08f90550a4d5a76fe965f3f3002ac0a08740494c5c43499ce"),
+    "lenet": (61706, "47f24c6b55c77e35ddd18c68ec285ca01568185e6d4293a858a6a79dcc9241ce",
+              "b505eea2c3362085b7d2436b0ecdf1258e137d5d63cd3e3baca6c6a12c19f8b1"),
+    "mlp": (109386, "bb007a84467c24ba7aba3114408ad5cab5a5463c49fe973845f7b74b1fb56126",
+            "4c3704db9c77129bc65ad055a5861af055a7462cc22bcb738aa3cafa6504d755"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_AT_28x28x1))
+def test_named_architectures_are_unchanged_at_28x28x1(name):
+    import hashlib
+    import json
+    from ddp_cnn import model as model_mod
+    m = model_mod.build(name, get_backend("cpu"), seed=0)
+    digest = hashlib.sha256(np.asarray(m.params).tobytes()).hexdigest()
+    desc = hashlib.sha256(json.dumps(m.describe(), sort_keys=True).encode()).hexdigest()
+    assert (m.num_params, digest, desc) == NAMED_AT_28x28x1[name]
+
+
+@pytest.mark.parametrize("name,shape,side", [("fmnist-cnn", (8, 8, 1), 12), ("lenet", (11, 40, 3), 12),
+                                             ("fmnist-vgg", (3, 3, 1), 4)])
+def test_a_named_architecture_refuses_too_small_images_naming_itself_and_the_shape(name, shape, side):
+    from ddp_cnn import model as model_mod
+    with pytest.raises(ValueError) as info:
+        model_mod.build(name, get_backend("cpu"), input_shape=shape)
+    message = str(info.value)
+    assert message.startswith(f"model {name!r} does not fit images of shape {shape} (too small: each side must "
+                              f"be at least {side}): layer ") and "\n" not in message
+    model_mod.build(name, get_backend("cpu"), input_shape=(side, side, shape[2]))  # the smallest it takes
+
+
+def test_conv_kernel_size_is_an_int_or_a_pair_of_ints():
+    assert (L.Conv2D(2, (3, 5)).kh, L.Conv2D(2, (3, 5)).kw) == (3, 5)
+    for bad in ("3", (3, 3, 3), 2.5):
+        with pytest.raises(ValueError, match="Conv2D: kernel_size: expected an int or a pair of ints"):
+            L.Conv2D(2, bad)

@@ -22,7 +22,7 @@ class Conv2D(Layer):
         if int(filters) < 1:
             raise ValueError(f"Conv2D: filters must be >= 1, got {filters}")
         self.filters = int(filters)
-        self.kh, self.kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else tuple(kernel_size)
+        self.kh, self.kw = kernels.pair(kernel_size, "Conv2D: kernel_size")
         if self.kh < 1 or self.kw < 1 or int(stride) < 1:
             raise ValueError(f"Conv2D: kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
         self.stride = int(stride)

@@ -36,8 +36,8 @@ class Pool2D(Layer):
         if mode not in self.MODES:
             raise ValueError(f"Pool2D: mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
-        self.kh, self.kw = kernels.pair(pool_size, "Pool2D pool_size")
-        self.sh, self.sw = (self.kh, self.kw) if stride is None else kernels.pair(stride, "Pool2D stride")
+        self.kh, self.kw = kernels.pair(pool_size, "Pool2D: pool_size")
+        self.sh, self.sw = (self.kh, self.kw) if stride is None else kernels.pair(stride, "Pool2D: stride")
         if min(self.kh, self.kw, self.sh, self.sw) < 1:
             raise ValueError(f"Pool2D: pool_size and stride must be >= 1, got {pool_size}, {stride}")
         self.padding = padding
