@@ -106,3 +106,73 @@ def test_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "ddp_cnn.summary", "--model", "lenet"], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "61,706" in proc.stdout, proc.stderr
+
+
+def test_fmnist_cnn_on_32x32x3_counts_by_hand(capsys):
+    code, lines = run(capsys, "--model", "fmnist-cnn", "--input-shape", "32,32,3")
+    by_hand = (conv(3, 3, 32)             # 32x32x3  -> 30x30x32
+               + conv(3, 32, 64)          # -> 28x28x64
+               + conv(3, 64, 128)         # pool -> 14x14x64 -> 12x12x128
+               + dense(6 * 6 * 128, 512)  # pool -> 6x6x128 = 4608 -> 512
+               + dense(512, 10))
+    assert code == 0 and totals(lines)[0] == by_hand == 2_458_186
+
+
+def test_a_named_model_on_too_small_images_exits_2_naming_it_and_the_shape(capsys):
+    assert summary.main(["--model", "fmnist-cnn", "--input-shape", "10,10,1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error: model 'fmnist-cnn' does not fit images of shape (10, 10, 1) (too small: each side "
+                          "must be at least 12): ")
+
+
+NET = """
+[[layers]]
+type = "Conv2D"
+filters = 4
+kernel_size = 3
+
+[[layers]]
+type = "ReLU"
+
+[[layers]]
+type = "MaxPool2D"
+
+[[layers]]
+type = "Flatten"
+
+[[layers]]
+type = "Dense"
+units = 3
+"""
+
+
+def test_a_model_file_counts_by_hand(tmp_path, capsys):
+    path = tmp_path / "net.toml"
+    path.write_text(NET)
+    code, lines = run(capsys, "--model", str(path), "--input-shape", "10,10,2")
+    # 10x10x2 -> 8x8x4 -> pool 4x4x4 = 64 -> 3
+    assert code == 0 and totals(lines)[0] == conv(3, 2, 4) + dense(4 * 4 * 4, 3) == 271
+    assert [l.split()[:2] for l in lines[2:7]] == [["conv2d", "Conv2D"], ["relu", "ReLU"], ["maxpool2d", "Pool2D"],
+                                                  ["flatten", "Flatten"], ["dense", "Dense"]]
+    assert lines[-1].startswith("input (10, 10, 2);")
+    assert run(capsys, "--model", str(path), "--input-shape", "10,10,2", "--classes", "3")[0] == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--classes", "10"], "error: {path}: the last layer, layer 5 (Dense), gives 3 outputs, the data has 10 classes"),
+    (["--input-shape", "3,3,1"], "error: {path}: layer 3 (MaxPool2D): a 2x2 window does not fit input (1, 1, 4) "
+                                 "(for inputs of shape (3, 3, 1))"),
+])
+def test_a_model_file_that_does_not_fit_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    path = tmp_path / "net.toml"
+    path.write_text(NET)
+    assert summary.main(["--model", str(path), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [message.format(path=path)]
+
+
+def test_the_example_model_files_print(capsys):
+    for path in sorted((REPO / "models").glob("*.toml")):
+        code, lines = run(capsys, "--model", str(path), "--input-shape", "32,32,3")
+        assert code == 0 and totals(lines)[0] > 0, path
