@@ -144,3 +144,77 @@ def test_report_on_a_missing_or_broken_metrics_file_exits_2(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "start"}\n[1, 2]\n')
     assert report_main([str(tmp_path)]) == 2
     assert "metrics.jsonl:2: not a JSON object" in capsys.readouterr().err
+
+
+# ---- --trace: one step's timeline ------------------------------------------------------------------
+
+def write_trace(path, steps=4, slow_step=3):
+    """Two ranks; each step 10 ms (step `slow_step`: 20 ms): forward 0-3 ms, backward 4-8 (layer b 4-6, then
+    layer a 6-8), bucket 0 issued at 6 (queued 1 ms) done at 9, bucket 1 issued at 8 done at 9.5, the wait
+    8-9.5, the optimizer 9.5-10.  Backward hides 2 of the 3.5 ms the allreduce is in flight."""
+    from ddp_cnn.trace import chrome_trace
+    ranks = []
+    for rank in (0, 1):
+        events = []
+        for s in range(steps):
+            t, ms = 0.1 * s, 1e-3
+            length = 20 if s == slow_step else 10
+            events += [("step", "step", "main", t, t + length * ms, {"step": s}),
+                       ("forward", "forward", "main", t, t + 3 * ms, None),
+                       ("backward", "backward", "main", t + 4 * ms, t + 8 * ms, None),
+                       ("backward b", "backward", "main", t + 4 * ms, t + 6 * ms, {"layer": 1}),
+                       ("backward a", "backward", "main", t + 6 * ms, t + 8 * ms, {"layer": 0}),
+                       ("allreduce bucket 0", "allreduce", "allreduce 0", t + 6 * ms, t + 9 * ms,
+                        {"bucket": 0, "bytes": 2**20, "queued_ms": 1.0}),
+                       ("allreduce bucket 1", "allreduce", "allreduce 1", t + 8 * ms, t + 9.5 * ms,
+                        {"bucket": 1, "bytes": 2**19}),
+                       ("allreduce wait", "allreduce", "main", t + 8 * ms, t + 9.5 * ms, None),
+                       ("optimizer", "optimizer", "main", t + 9.5 * ms, t + 10 * ms, None)]
+        ranks.append({"rank": rank, "t0": 0.0, "wall0": 1000.0, "events": events, "dropped": 0})
+    path.write_text(json.dumps(chrome_trace(ranks, {})))
+    return path
+
+
+def test_the_timeline_shows_a_typical_step_with_the_allreduce_hidden_behind_backward(tmp_path, plt):
+    from ddp_cnn.report import read_trace, timeline_figure
+    trace = read_trace(write_trace(tmp_path / "trace.json"))
+    ax = timeline_figure(trace, plt).axes[0]  # later half: steps 2 and 3; step 3 is slow
+    assert ax.get_title().startswith("Step 2, 2 rank(s): backward and the gradient allreduce")
+    assert "allreduce in flight 3.5 ms, 2.0 ms of it behind backward (57%); waited for it 1.5 ms" in ax.get_title()
+    assert ax.get_xlabel() == "time since step 2 began on the earliest rank (ms)"
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "rank 0: compute", "rank 0: bucket 0 (1.00 MB)", "rank 0: bucket 1 (0.50 MB)",
+        "rank 1: compute", "rank 1: bucket 0 (1.00 MB)", "rank 1: bucket 1 (0.50 MB)"]
+    legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
+    assert legend == ["forward", "backward, layer by layer", "waiting for the allreduce", "optimizer",
+                      "bucket issued, queued", "bucket reducing"]
+    assert {t.get_text() for t in ax.texts} == {"a", "b"}  # the layers' names on their backward bars
+    assert timeline_figure(trace, plt, step=3).axes[0].get_title().startswith("Step 3,")
+
+
+def test_report_draws_the_timeline_beside_the_run_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_metrics(run / "metrics.jsonl", tomorrows_run())
+    assert report_main([str(run), "--trace", str(write_trace(tmp_path / "trace.json"))]) == 0
+    assert (run / "timeline.png").read_bytes().startswith(b"\x89PNG")
+    assert "(timeline.png)" in (run / "summary.md").read_text()
+    assert report_main(["--trace", str(tmp_path / "trace.json"), "--out", str(tmp_path / "pictures")]) == 0
+    assert [p.name for p in (tmp_path / "pictures").iterdir()] == ["timeline.png"]  # a trace alone: no summary
+
+
+def test_a_bad_trace_or_step_exits_2_with_one_line(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.json")
+    assert report_main(["--trace", str(trace), "--step", "7", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --step 7: not in the trace, which holds steps 0 to 3"
+    assert not (tmp_path / "out").exists()  # nothing written
+    (tmp_path / "bad.json").write_text("{not json")
+    assert report_main(["--trace", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not JSON" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text('{"traceEvents": []}')
+    assert report_main(["--trace", str(tmp_path / "empty.json")]) == 2
+    assert "empty.json: no training step that every rank traced" in capsys.readouterr().err
+    for argv in ([], ["--step", "1", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            report_main(argv)
+        assert exc.value.code == 2
