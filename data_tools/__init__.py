@@ -1,8 +1,9 @@
-"""data_tools: turn IDX image/label files into per-rank HDF5 shards, and check them.
+"""data_tools: turn IDX image/label files, folders of images or .npz arrays into per-rank HDF5 shards, and check them.
 
 Command-line tools, each a module with a ``main(argv)``:
 
-* ``python -m data_tools.shard``    IDX (MNIST-style) -> ``train-0000r-of-0000N.h5`` + ``test.h5``
+* ``python -m data_tools.shard``    IDX (MNIST-style), a folder of class subfolders of images, or an
+  .npz -> ``train-0000r-of-0000N.h5`` + ``test.h5`` (``images.py`` reads the images)
 * ``python -m data_tools.verify``   counts, disjointness, coverage, hashes, attributes
 * ``python -m data_tools.inspect``  summary of one file, optionally a picture grid
 

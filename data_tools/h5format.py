@@ -2,14 +2,18 @@
 
 Every file (train shard, ``test.h5``, ``val.h5``) holds:
 
-* ``images`` uint8 (n, H, W), chunked and gzip-compressed;
+* ``images`` uint8 (n, H, W, C), chunked and gzip-compressed (C = 1 for
+  grayscale; format version 1 stored (n, H, W), read as C = 1);
 * ``labels`` uint8 (n,);
 * ``source_index`` int64 (n,): each sample's row in its source IDX file, so
   disjointness and coverage can be checked without the source;
-* the attributes in :data:`REQUIRED_ATTRS` (lists and dicts as JSON strings).
+* the attributes in :data:`REQUIRED_ATTRS` (lists and dicts as JSON strings);
+  ``mean`` and ``std`` hold one value per channel (version 1: one float).
 
 Reading goes through :func:`open_checked`, which turns h5py's OSError for a
-corrupt or truncated file into a :class:`DataError` naming the file.
+corrupt or truncated file into a :class:`DataError` naming the file.  Files
+are read as version 2 whatever their version: images (n, H, W, C),
+``image_shape`` (H, W, C), ``mean``/``std`` tuples of C floats.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import numpy as np
 
 from data_tools.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images (n, H, W, C) and per-channel mean/std; 1: (n, H, W) and scalars
+READABLE_VERSIONS = (1, 2)
 SHARD_GLOB = "train-*-of-*.h5"
 SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.h5$")
 TEST_NAME, VAL_NAME, MANIFEST_NAME = "test.h5", "val.h5", "manifest.json"
@@ -34,9 +39,9 @@ REQUIRED_ATTRS = (
     "mean", "std", "seed", "stratified", "sharding_id", "image_shape",
 )
 _JSON_ATTRS = ("class_names", "source_sha256")
-DATASETS = {"images": 3, "labels": 1, "source_index": 1}  # name -> ndim
+DATASETS = {"images": 4, "labels": 1, "source_index": 1}  # name -> ndim (version 1 images: 3)
 _DTYPES = {"images": np.uint8, "labels": np.uint8, "source_index": np.int64}
-CHUNK_ROWS = 512  # ~400 KB of 28x28 images: small enough that a rank's hyperslab reads little extra
+CHUNK_BYTES = 512 * 28 * 28  # ~400 KB of images a chunk: small enough that a rank's hyperslab reads little extra
 
 
 def shard_name(index: int, count: int) -> str:
@@ -49,9 +54,10 @@ def split_name(split: str) -> str:
 
 def write_split(path: Path, images: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
                 attrs: dict) -> None:
-    """Write one file of the format; ``attrs`` values may be lists/dicts (stored as JSON)."""
+    """Write one file of the format: ``images`` (n, H, W, C) uint8; ``attrs`` values may be lists/dicts
+    (class_names and source_sha256 stored as JSON, mean/std as float arrays)."""
     n = len(images)
-    rows = max(1, min(n, CHUNK_ROWS))
+    rows = max(1, min(n, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:])))))
     # gzip level 1: uint8 images compress within 2% of level 4 at twice the speed.
     opts = dict(compression="gzip", compression_opts=1)
     with h5py.File(path, "w") as f:
@@ -63,13 +69,16 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray, source_index
 
 
 def decode_attrs(raw) -> dict:
-    """Attributes as plain Python values: JSON decoded, numpy scalars unwrapped, image_shape a tuple."""
+    """Attributes as plain Python values: JSON decoded, numpy scalars unwrapped, image_shape a tuple,
+    mean and std tuples of floats (one per channel; a version-1 scalar gives one)."""
     out = {}
     for key, value in raw.items():
         if key in _JSON_ATTRS:
             value = json.loads(value)
         elif key == "image_shape":
             value = tuple(int(v) for v in np.asarray(value).ravel())
+        elif key in ("mean", "std"):
+            value = tuple(float(v) for v in np.asarray(value, dtype=np.float64).ravel())
         elif isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, np.generic):
@@ -99,10 +108,16 @@ def check_structure(path: Path, f: h5py.File) -> dict:
 
 
 def _check_structure(path: Path, f: h5py.File) -> dict:
+    version = f.attrs.get("format_version")  # None: reported below with the other missing attributes
+    if version is not None and version not in READABLE_VERSIONS:
+        raise DataError(f"{path}: format_version {version}, this code reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
     for name, ndim in DATASETS.items():
         if name not in f or not isinstance(f[name], h5py.Dataset):
             raise DataError(f"{path}: missing dataset '{name}'")
         ds = f[name]
+        if name == "images" and (version == 1 or (version is None and ds.ndim == 3)):
+            ndim = 3
         if ds.dtype != _DTYPES[name] or ds.ndim != ndim:
             raise DataError(f"{path}: dataset '{name}' is {ds.dtype} with {ds.ndim} dims, "
                             f"expected {np.dtype(_DTYPES[name])} with {ndim}")
@@ -117,12 +132,16 @@ def _check_structure(path: Path, f: h5py.File) -> dict:
         attrs = decode_attrs(f.attrs)
     except (ValueError, TypeError) as exc:
         raise DataError(f"{path}: unreadable attributes ({exc})") from None
-    if attrs["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {attrs['format_version']}, this code reads {FORMAT_VERSION}")
     if tuple(f["images"].shape[1:]) != attrs["image_shape"]:
         raise DataError(f"{path}: images are {f['images'].shape[1:]} but image_shape says {attrs['image_shape']}")
     if attrs["split"] not in SPLITS:
         raise DataError(f"{path}: split '{attrs['split']}', expected one of {', '.join(SPLITS)}")
+    channels = attrs["image_shape"][2] if len(attrs["image_shape"]) == 3 else 1
+    if len(attrs["mean"]) != channels or len(attrs["std"]) != channels:
+        raise DataError(f"{path}: mean/std hold {len(attrs['mean'])}/{len(attrs['std'])} values for "
+                        f"{channels} channels")
+    if len(attrs["image_shape"]) == 2:  # version 1: grayscale without a channel axis
+        attrs["image_shape"] += (1,)
     return attrs
 
 
@@ -137,6 +156,8 @@ def read_rows(path: Path, start: int | None = None, stop: int | None = None):
         rows = slice(start, stop)
         try:
             images = f["images"][rows]
+            if images.ndim == 3:  # version 1
+                images = images[..., None]
             labels = f["labels"][rows]
             source_index = f["source_index"][rows]
         except OSError as exc:

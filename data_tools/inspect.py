@@ -43,12 +43,15 @@ def summarize(path: Path, images: np.ndarray, labels: np.ndarray, attrs: dict) -
     counts = np.bincount(labels, minlength=len(names))
     pixels = images.astype(np.float64) / 255.0 if len(images) else np.zeros(1)
     where = f"shard index {attrs['shard_index']} of {attrs['shard_count']}" if attrs["split"] == "train" else attrs["split"]
+    h, w, c = attrs["image_shape"]
+    channels = {1: "grayscale", 3: "RGB"}.get(c, f"{c} channels")
+    stored_mean, stored_std = ",".join(f"{v:.4f}" for v in attrs["mean"]), ",".join(f"{v:.4f}" for v in attrs["std"])
     lines = [
-        f"{path}: {attrs['dataset']} {where}, {len(labels)} samples of {attrs['image_shape'][0]}x{attrs['image_shape'][1]}",
+        f"{path}: {attrs['dataset']} {where}, {len(labels)} samples of {h}x{w} {channels}",
         f"totals: {attrs['num_train_total']} train, {attrs['num_val_total']} val, {attrs['num_test_total']} test; "
         f"seed {attrs['seed']}, stratified {attrs['stratified']}, sharding_id {attrs['sharding_id'][:12]}",
-        f"mean/std: stored (training set) {attrs['mean']:.4f}/{attrs['std']:.4f}, "
-        f"this file {pixels.mean():.4f}/{pixels.std():.4f}",
+        f"mean/std: stored (training set, per channel) {stored_mean}/{stored_std}, "
+        f"this file (all channels) {pixels.mean():.4f}/{pixels.std():.4f}",
         "classes (samples per class):",
     ]
     width = max(len(n) for n in names)
@@ -77,7 +80,11 @@ def save_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[str
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), pick):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        image = images[i]
+        if image.ndim == 3 and image.shape[2] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image)
         ax.set_title(f"{labels[i]}: {names[labels[i]]}", fontsize=7)
     fig.tight_layout()
     tmp = temp_path(out)

@@ -1,13 +1,22 @@
-"""``python -m data_tools.shard``: IDX image/label files -> N HDF5 training shards + test (+ val) file.
+"""``python -m data_tools.shard``: IDX files, a folder of images or an .npz -> N HDF5 training shards + test (+ val) file.
 
     python -m data_tools.shard --out data/fmnist --shards 4 --stratify
     python -m data_tools.shard path/to/mnist-folder --out data/mnist --shards 8 --val-fraction 0.1
     python -m data_tools.shard --download mnist --out data/mnist --shards 2
+    python -m data_tools.shard --from-folder photos --size 32x32 --out data/photos --shards 2 --stratify
+    python -m data_tools.shard --from-npz mine.npz --out data/mine --shards 2 --test-fraction 0.1
 
 The training set is permuted once with ``--seed``, a validation set is carved
 off the front of the permutation, and the rest is split into ``--shards``
 parts (with ``--stratify``, each class is dealt round-robin so every shard
 holds the same class balance).  All files appear together or not at all.
+
+IDX files bring their own test set.  A folder (one subfolder per class, the
+classes in sorted order, named after the subfolders) and an .npz (``images``
+uint8 (N, H, W[, C]), ``labels``, optionally ``class_names``) are one set:
+``--test-fraction`` of it (default 0.2) becomes test.h5 first, taken per
+class from the front of the same permutation, so it is stratified and fixed
+by ``--seed``; validation and shards come from the rest.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_tools import datasets, download, h5format, idx
+from data_tools import datasets, download, h5format, idx, images
 from data_tools.atomic import AtomicOutput, check_output_folder
 from data_tools.errors import DataError, run_cli
 
@@ -37,12 +46,15 @@ class Source:
     test_images: np.ndarray
     test_labels: np.ndarray
     sha256: dict[str, str]  # file name -> sha256 of the file as given
+    pooled: bool = False  # one set (a folder, an .npz): test.h5 is carved from it, test_* are train_*
 
 
 # ---------------------------------------------------------------- arguments
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.shard", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_tools.shard",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n", 2)[2].strip())
     p.add_argument("source", nargs="?", type=Path,
                    help=f"folder with the four MNIST-style IDX files, .gz or raw (default {datasets.DEBIAN_FASHION_MNIST})")
     for role in idx.ROLES:
@@ -51,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", metavar="NAME", help=f"fetch a known data set ({', '.join(sorted(datasets.KNOWN))})")
     p.add_argument("--mirror", metavar="URL", help="with --download: base URL instead of the canonical mirrors")
     p.add_argument("--cache", type=Path, metavar="DIR", help="with --download: where the files are kept")
+    p.add_argument("--from-folder", type=Path, metavar="DIR",
+                   help="your own images: DIR/CLASS/*.png|jpg (one subfolder per class, any depth below it)")
+    p.add_argument("--from-npz", type=Path, metavar="FILE",
+                   help="your own arrays: 'images' uint8 (N, H, W) or (N, H, W, C), 'labels' 0..K-1, "
+                        "optionally 'class_names'")
+    p.add_argument("--size", metavar="HxW", help="with --from-folder/--from-npz: fit every image into HxW "
+                   "(aspect ratio kept, centred on black); without it all images must be of one size")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--grayscale", action="store_true", help="with --from-folder/--from-npz: store one channel")
+    mode.add_argument("--rgb", action="store_true", help="with --from-folder/--from-npz: store three channels "
+                      "(default: RGB unless every image is grayscale; an .npz: as stored)")
+    p.add_argument("--test-fraction", type=float, metavar="F",
+                   help="with --from-folder/--from-npz: part of the images kept as test.h5, per class, "
+                        "chosen by --seed (default 0.2)")
     p.add_argument("--dataset", help="name stored in the files (default: recognised from content, else the folder name)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--shards", type=int, required=True, help="number of training shards (>= 1)")
@@ -68,6 +94,35 @@ def check_numbers(args) -> None:
         raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.seed < 0:
         raise DataError(f"--seed must be >= 0, got {args.seed}")
+    pooled = args.from_folder is not None or args.from_npz is not None
+    if args.test_fraction is not None and not 0.0 < args.test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    for flag, given in (("--size", args.size), ("--grayscale", args.grayscale), ("--rgb", args.rgb),
+                        ("--test-fraction", args.test_fraction is not None)):
+        if given and not pooled:
+            raise DataError(f"{flag}: only with --from-folder or --from-npz (IDX files bring their size and test set)")
+    if pooled and args.val_fraction + (0.2 if args.test_fraction is None else args.test_fraction) >= 1.0:
+        raise DataError("--val-fraction and --test-fraction together leave no training images")
+
+
+def load_own(args) -> Source:
+    """A folder of class subfolders or an .npz (``data_tools.images``) as a pooled Source."""
+    if args.from_folder is not None and args.from_npz is not None:
+        raise DataError("--from-folder and --from-npz: give one of them")
+    given = [f for f, v in (("a source folder", args.source), ("--download", args.download),
+                            *((f"--{r.replace('_', '-')}", getattr(args, r)) for r in idx.ROLES)) if v]
+    if given or args.mirror or args.cache:
+        raise DataError(f"--from-{'folder' if args.from_folder else 'npz'}: give it alone, without "
+                        f"{given[0] if given else '--mirror/--cache'}")
+    size = images.parse_size(args.size) if args.size else None
+    channels = 1 if args.grayscale else 3 if args.rgb else None
+    if args.from_folder is not None:
+        x, y, names, sha = images.read_folder(args.from_folder, size, channels)
+        name = args.dataset or Path(args.from_folder).resolve().name
+    else:
+        x, y, names, sha = images.read_npz(args.from_npz, size, channels)
+        name = args.dataset or Path(args.from_npz).stem
+    return Source(name, names, x, y, x, y, sha, pooled=True)
 
 
 def resolve_paths(args) -> dict[str, Path]:
@@ -150,42 +205,52 @@ def deal(indices: np.ndarray, labels: np.ndarray, shards: int, stratify: bool) -
     return [indices[owner == s] for s in range(shards)]
 
 
-def split_indices(labels: np.ndarray, shards: int, seed: int, stratify: bool, val_fraction: float):
-    """(list of shard index arrays, val index array) into the training set."""
+def split_indices(labels: np.ndarray, shards: int, seed: int, stratify: bool, val_fraction: float,
+                  test_fraction: float = 0.0):
+    """(list of shard index arrays, val index array, test index array) into ``labels``.
+
+    Test (only with ``test_fraction``: a pooled source) is carved first, always
+    stratified, then val, both from the front of one permutation; without a
+    test fraction the permutation, val and shards are what they were before
+    test fractions existed."""
     perm = np.random.default_rng(seed).permutation(len(labels))
-    train, val = carve_val(perm, labels, val_fraction, stratify)
+    rest, test = carve_val(perm, labels, test_fraction, stratify=True)
+    if test_fraction > 0 and len(test) == 0:
+        raise DataError(f"--test-fraction {test_fraction} of {len(labels)} samples selects no sample")
+    train, val = carve_val(rest, labels, val_fraction, stratify)
     if val_fraction > 0 and len(val) == 0:
-        raise DataError(f"--val-fraction {val_fraction} of {len(labels)} samples selects no sample")
+        raise DataError(f"--val-fraction {val_fraction} of {len(rest)} samples selects no sample")
     if shards > len(train):
         raise DataError(f"--shards {shards} is more than the {len(train)} training samples to share")
-    return deal(train, labels, shards, stratify), val
+    return deal(train, labels, shards, stratify), val, test
 
 
-def pixel_stats(images: np.ndarray, exclude: np.ndarray) -> tuple[float, float]:
-    """Mean and std of pixels/255 over all images but ``exclude``; exact sums in integers, so any order agrees."""
-    flat = images.reshape(len(images), -1)
+def pixel_stats(images: np.ndarray, rows: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels/255 of images (N, H, W, C) (rows ``rows``, default all).
 
-    def sums(rows) -> tuple[int, int]:
-        s = ss = 0
-        for i in range(0, len(rows), 4096):  # bounded temporaries: 4096 images as uint32
-            block = rows[i:i + 4096].astype(np.uint32)
-            s += int(block.sum(dtype=np.uint64))
-            ss += int((block * block).sum(dtype=np.uint64))
-        return s, ss
-
-    s, ss = sums(flat)
-    vs, vss = sums(flat[np.sort(exclude)])
-    s, ss, n = s - vs, ss - vss, (len(images) - len(exclude)) * flat.shape[1]
-    mean = s / n / 255.0
-    var = (ss * n - s * s) / (n * n * 255.0 * 255.0)
-    return mean, float(np.sqrt(max(var, 0.0)))
+    Exact sums in Python integers, so any order of the rows agrees to the bit."""
+    rows = np.arange(len(images)) if rows is None else np.sort(rows)
+    c = images.shape[-1] if images.ndim == 4 else 1
+    s, ss = [0] * c, [0] * c
+    for i in range(0, len(rows), 4096):  # bounded temporaries: 4096 images as uint64
+        block = images[rows[i:i + 4096]].reshape(-1, c).astype(np.uint64)
+        s = [a + int(b) for a, b in zip(s, block.sum(axis=0))]
+        ss = [a + int(b) for a, b in zip(ss, (block * block).sum(axis=0))]
+    n = len(rows) * (images[0].size // c if len(images) else 0)
+    mean = [si / n / 255.0 for si in s]
+    std = [float(np.sqrt(max((ssi * n - si * si) / (n * n * 255.0 * 255.0), 0.0))) for si, ssi in zip(s, ss)]
+    return mean, std
 
 
-def sharding_id(sha256: dict[str, str], seed: int, shards: int, stratify: bool, val_fraction: float) -> str:
-    """One hex id for (sources, seed, shards, stratify, val fraction): equal in every file of one run."""
-    key = json.dumps({"sources": sorted(sha256.values()), "seed": seed, "shards": shards,
-                      "stratify": stratify, "val_fraction": val_fraction}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()
+def sharding_id(sha256: dict[str, str], seed: int, shards: int, stratify: bool, val_fraction: float,
+                test_fraction: float | None = None, image_shape=None) -> str:
+    """One hex id for (sources, seed, shards, stratify, val fraction [, test fraction and image shape of a
+    pooled source, whose pixels depend on --size and the colour mode]): equal in every file of one run."""
+    key = {"sources": sorted(sha256.values()), "seed": seed, "shards": shards,
+           "stratify": stratify, "val_fraction": val_fraction}
+    if test_fraction is not None:
+        key.update(test_fraction=test_fraction, image_shape=list(image_shape))
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- writing
@@ -197,10 +262,10 @@ def existing_outputs(out: Path) -> list[Path]:
     return sorted([*out.glob(h5format.SHARD_GLOB), *(out / n for n in names if (out / n).exists())])
 
 
-def plan(src: Source, shards: list[np.ndarray], val: np.ndarray) -> list[tuple[str, str, int, np.ndarray]]:
+def plan(src: Source, shards: list[np.ndarray], val: np.ndarray, test: np.ndarray) -> list[tuple[str, str, int, np.ndarray]]:
     """(file name, split, shard index, source rows) for every file to write."""
     files = [(h5format.shard_name(i, len(shards)), "train", i, rows) for i, rows in enumerate(shards)]
-    files.append((h5format.TEST_NAME, "test", 0, np.arange(len(src.test_labels))))
+    files.append((h5format.TEST_NAME, "test", 0, np.sort(test) if src.pooled else np.arange(len(src.test_labels))))
     if len(val):
         files.append((h5format.VAL_NAME, "val", 0, val))
     return files
@@ -226,18 +291,29 @@ def write_all(out: Path, src: Source, files, common: dict, replaces: list[Path])
 def run(args) -> dict:
     check_numbers(args)
     check_output_folder(args.out, existing_outputs(args.out), force=args.force)
-    src = load_source(resolve_paths(args), args.dataset)
-    shards, val = split_indices(src.train_labels, args.shards, args.seed, args.stratify, args.val_fraction)
-    mean, std = pixel_stats(src.train_images, exclude=val)
+    if args.from_folder is not None or args.from_npz is not None:
+        src = load_own(args)
+        test_fraction = 0.2 if args.test_fraction is None else float(args.test_fraction)
+    else:
+        src, test_fraction = load_source(resolve_paths(args), args.dataset), None
+        src.train_images, src.test_images = src.train_images[..., None], src.test_images[..., None]  # C = 1
+    shards, val, test = split_indices(src.train_labels, args.shards, args.seed, args.stratify, args.val_fraction,
+                                      test_fraction or 0.0)
+    train_rows = np.concatenate(shards)
+    mean, std = pixel_stats(src.train_images, train_rows)
+    shape = list(src.train_images.shape[1:])
     common = {
         "format_version": h5format.FORMAT_VERSION, "dataset": src.name, "class_names": src.class_names,
-        "shard_count": args.shards, "num_train_total": len(src.train_labels) - len(val),
-        "num_val_total": len(val), "num_test_total": len(src.test_labels), "source_sha256": src.sha256,
-        "mean": mean, "std": std, "seed": args.seed, "stratified": bool(args.stratify),
-        "val_fraction": float(args.val_fraction), "image_shape": list(src.train_images.shape[1:]),
-        "sharding_id": sharding_id(src.sha256, args.seed, args.shards, args.stratify, args.val_fraction),
+        "shard_count": args.shards, "num_train_total": len(train_rows),
+        "num_val_total": len(val), "num_test_total": len(test) if src.pooled else len(src.test_labels),
+        "source_sha256": src.sha256, "mean": mean, "std": std, "seed": args.seed, "stratified": bool(args.stratify),
+        "val_fraction": float(args.val_fraction), "image_shape": shape,
+        "sharding_id": sharding_id(src.sha256, args.seed, args.shards, args.stratify, args.val_fraction,
+                                   test_fraction, shape),
     }
-    return write_all(args.out, src, plan(src, shards, val), common, existing_outputs(args.out))
+    if test_fraction is not None:
+        common["test_fraction"] = test_fraction
+    return write_all(args.out, src, plan(src, shards, val, test), common, existing_outputs(args.out))
 
 
 def _body(argv: Sequence[str] | None) -> int:

@@ -3,7 +3,8 @@
 Checks: the shard set is complete; every file is readable and well-formed;
 attributes that must agree do; counts add up to the stored totals; train and
 val rows are disjoint and cover the training source exactly, test rows the
-test source; stratified shards are balanced; the stored mean/std are those of
+test source (for a folder or an .npz: train, val and test rows together
+cover the one source exactly); stratified shards are balanced; the stored mean/std are those of
 the training pixels; the manifest's hashes match; with ``--source``, the IDX
 files' hashes and every sample's pixels and label match the source.
 
@@ -24,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from data_tools import h5format, idx
-from data_tools.errors import run_cli
+from data_tools.errors import DataError, run_cli
 from data_tools.shard import pixel_stats, sharding_id
 
 EXIT_MISMATCH = 1
@@ -79,7 +80,8 @@ def check_shared(parts: list[Part]) -> list[str]:
             if part.attrs[key] != first.attrs[key]:
                 problems.append(f"{part.path}: attribute {key} differs from {first.path.name}")
     a = first.attrs
-    expected = sharding_id(a["source_sha256"], a["seed"], a["shard_count"], a["stratified"], a.get("val_fraction", 0.0))
+    expected = sharding_id(a["source_sha256"], a["seed"], a["shard_count"], a["stratified"], a.get("val_fraction", 0.0),
+                           a.get("test_fraction"), a["image_shape"])
     if a["sharding_id"] != expected:
         problems.append(f"{first.path}: sharding_id does not match its sources, seed and options")
     return problems
@@ -97,7 +99,8 @@ def _coverage(name: str, rows: np.ndarray, total: int) -> list[str]:
 
 
 def check_counts(parts: list[Part]) -> list[str]:
-    """Totals add up; train+val cover the training source once, test the test source once."""
+    """Totals add up; train+val cover the training source once, test the test source once (a pooled
+    source, with a test fraction: train+val+test cover it once)."""
     a = parts[0].attrs
     by = {s: [p for p in parts if p.attrs["split"] == s] for s in h5format.SPLITS}
     problems = []
@@ -107,8 +110,14 @@ def check_counts(parts: list[Part]) -> list[str]:
     val_rows = np.concatenate([p.source_index for p in by["val"]] or [np.zeros(0, np.int64)])
     if len(val_rows) != a["num_val_total"]:
         problems.append(f"val holds {len(val_rows)} samples, num_val_total is {a['num_val_total']}")
-    problems += _coverage("train+val", np.concatenate([train_rows, val_rows]), a["num_train_total"] + a["num_val_total"])
-    problems += _coverage("test", by["test"][0].source_index, a["num_test_total"])
+    test_rows = by["test"][0].source_index
+    if "test_fraction" in a:
+        problems += _coverage("train+val+test", np.concatenate([train_rows, val_rows, test_rows]),
+                              a["num_train_total"] + a["num_val_total"] + a["num_test_total"])
+    else:
+        problems += _coverage("train+val", np.concatenate([train_rows, val_rows]),
+                              a["num_train_total"] + a["num_val_total"])
+        problems += _coverage("test", test_rows, a["num_test_total"])
     for part in parts:
         if len(part.labels) and int(part.labels.max()) >= len(a["class_names"]):
             problems.append(f"{part.path}: label {int(part.labels.max())} but only {len(a['class_names'])} classes")
@@ -128,13 +137,18 @@ def check_balance(parts: list[Part]) -> list[str]:
 
 
 def check_stats(parts: list[Part]) -> list[str]:
-    """The stored mean/std are those of the training shards' pixels."""
+    """The stored per-channel mean/std are those of the training shards' pixels."""
     images = np.concatenate([p.images for p in parts if p.attrs["split"] == "train"])
-    mean, std = pixel_stats(images, exclude=np.zeros(0, np.int64))
+    mean, std = pixel_stats(images)
     a = parts[0].attrs
-    if not (np.isclose(a["mean"], mean, rtol=1e-9, atol=0) and np.isclose(a["std"], std, rtol=1e-9, atol=0)):
-        return [f"stored mean/std {a['mean']:.6f}/{a['std']:.6f} differ from the training pixels' {mean:.6f}/{std:.6f}"]
+    if not (np.allclose(a["mean"], mean, rtol=1e-9, atol=0) and np.allclose(a["std"], std, rtol=1e-9, atol=0)):
+        return [f"stored mean/std {_floats(a['mean'])}/{_floats(a['std'])} differ from the training pixels' "
+                f"{_floats(mean)}/{_floats(std)}"]
     return []
+
+
+def _floats(values) -> str:
+    return ",".join(f"{v:.6f}" for v in values)
 
 
 def check_manifest(folder: Path, parts: list[Part]) -> list[str]:
@@ -163,6 +177,9 @@ def check_manifest(folder: Path, parts: list[Part]) -> list[str]:
 
 def check_source(source: Path, parts: list[Part]) -> list[str]:
     """The IDX files in ``source`` are the hashed ones, and every stored sample equals its source row."""
+    if "test_fraction" in parts[0].attrs:
+        raise DataError(f"--source {source}: compares IDX files; {parts[0].path} was sharded from a folder "
+                        "of images or an .npz (its source_sha256 and the manifest hold their hashes)")
     paths = idx.find_in_folder(source)
     stored = parts[0].attrs["source_sha256"]
     arrays, problems = {}, []
@@ -177,7 +194,7 @@ def check_source(source: Path, parts: list[Part]) -> list[str]:
         rows = part.source_index
         if rows.min(initial=0) < 0 or rows.max(initial=-1) >= len(src_y):
             problems.append(f"{part.path}: source_index outside the source's {len(src_y)} rows")
-        elif not (np.array_equal(src_y[rows], part.labels) and np.array_equal(src_x[rows], part.images)):
+        elif not (np.array_equal(src_y[rows], part.labels) and np.array_equal(src_x[rows], part.images[..., 0])):
             problems.append(f"{part.path}: images or labels differ from the source rows they name")
     return problems
 

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     comm = comm_mod.create("auto")
 
     def make_loader(model, meta, data):
+        shape = tuple(data.images.shape[1:])
+        if shape != tuple(model.input_shape):
+            raise SetupError(f"--data {args.data}: images of shape {shape}, the model takes {tuple(model.input_shape)}")
         return Loader(data, batch_size=args.batch_size, comm=comm, seed=0, xp=model.xp, dtype=model.backend.dtype,
                       shuffle=False, drop_last=False, mean=meta.get("mean"), std=meta.get("std"))
 

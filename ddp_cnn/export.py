@@ -3,7 +3,7 @@
 The .npz holds ``params`` (the flat parameter buffer, in the checkpoint's
 dtype), ``buffers/<name>`` (BatchNorm running statistics) and ``meta``, a
 JSON string: format marker and version, the model description, class names,
-the pixel mean and std of the training data, where it came from, and a
+the pixel mean and std of the training data (one per channel), where it came from, and a
 sha256 of the parameters.  ``ddp_cnn.inference.load(path)`` rebuilds the
 model from it with NumPy alone (no h5py, no MPI, no pickle); the optimizer
 state stays behind, so the file is about half a checkpoint.
@@ -27,7 +27,7 @@ from data_tools.atomic import fsync_dir, temp_path
 from . import checkpoint as ckpt
 from .backend import to_host
 from .faults import EXIT_USAGE
-from .inference import NPZ_FORMAT, NPZ_VERSION, load_model
+from .inference import NPZ_FORMAT, NPZ_VERSION, load_model, pixel_stats_of
 
 
 class ExportError(ValueError):
@@ -36,17 +36,14 @@ class ExportError(ValueError):
 
 def npz_contents(model, meta: dict, source: str) -> dict:
     """The arrays of the .npz for a loaded model and its checkpoint meta."""
-    for key in ("mean", "std"):
-        if not isinstance(meta.get(key), (int, float)):
-            raise ExportError(f"{source}: holds no pixel {key} (meta '{key}'); expected a checkpoint "
-                              "written by ddp_cnn.train")
+    mean, std = pixel_stats_of(meta, model, source)
     params = to_host(model.params)
     classes = model.output_shape[0]
     out_meta = {
         "format": NPZ_FORMAT, "format_version": NPZ_VERSION,
         "model": model.describe(),
         "class_names": list(meta.get("class_names") or [str(i) for i in range(classes)]),
-        "mean": float(meta["mean"]), "std": float(meta["std"]),
+        "mean": mean.tolist(), "std": std.tolist(),
         "source": {"checkpoint": Path(source).name,
                    **{k: meta[k] for k in ("global_step", "epoch", "world_size", "sharding_id") if k in meta}},
         "params_sha256": ckpt.params_digest(params),

@@ -14,6 +14,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import model as model_mod
 from .backend import get_backend, to_host
+from .data import DataError, channel_stats
 from .data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
 
 
@@ -102,12 +103,28 @@ def load_teacher(path, backend, student, class_names, data_attrs):
     if meta.get("class_names") and list(meta["class_names"]) != list(class_names):
         raise ckpt.CheckpointError(f"{where}: trained on classes {meta['class_names']}, the data has {class_names}")
     for key in ("mean", "std"):  # the loader normalises with the data's statistics, which the teacher must share
-        if key in meta and not np.isclose(float(meta[key]), float(data_attrs[key]), rtol=1e-6, atol=1e-9):
-            raise ckpt.CheckpointError(f"{where}: trained on data with pixel {key} {float(meta[key]):.6g}, --data "
-                                       f"has {float(data_attrs[key]):.6g} (another data set?)")
+        theirs, ours = np.ravel(meta.get(key, data_attrs[key])), np.ravel(data_attrs[key])
+        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=1e-9):
+            raise ckpt.CheckpointError(f"{where}: trained on data with pixel {key} {_floats(theirs)}, --data "
+                                       f"has {_floats(ours)} (another data set?)")
     teacher.source = str(path)
     teacher.digest = ckpt.params_digest(to_host(teacher.params))
     return teacher
+
+
+def _floats(values) -> str:
+    return ",".join(f"{float(v):.6g}" for v in values)
+
+
+def pixel_stats_of(meta: dict, model, source) -> tuple[np.ndarray, np.ndarray]:
+    """The training data's per-channel mean and std from a checkpoint's or .npz's ``meta``, one per
+    input channel of ``model`` (old files hold one number each); CheckpointError naming ``source``."""
+    try:
+        return channel_stats(meta["mean"], meta["std"], model.input_shape[-1])
+    except (KeyError, TypeError, ValueError, DataError) as exc:
+        raise ckpt.CheckpointError(f"{source}: holds no usable pixel mean/std for its {model.input_shape[-1]}-channel "
+                                   f"input ({type(exc).__name__}: {exc}); expected a checkpoint written by "
+                                   "ddp_cnn.train") from None
 
 
 # ---- portable .npz models (written by ``python -m ddp_cnn.export``) ---------
@@ -126,8 +143,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def load(path, device: str = "cpu", dtype: str | None = None):
     """(model, meta) from a .npz written by ``python -m ddp_cnn.export``, ready for eval mode.
 
-    meta holds "model" (the description), "class_names", "mean", "std" and
-    "source".  Raises CheckpointError naming the file on anything wrong.
+    meta holds "model" (the description), "class_names", "mean", "std" (one
+    value per input channel; a number in files exported before) and "source".  Raises CheckpointError naming the file on anything wrong.
     """
     path = Path(path)
     if not path.is_file():

@@ -8,21 +8,25 @@ takes a training checkpoint (.h5) or a .npz from ``python -m ddp_cnn.export``
 What FILE may be (told apart by content, not by name):
 - an image Pillow reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...; needs the
   ``images`` extra): EXIF rotation applied, transparency laid on white,
-  converted to grayscale, inverted when it is dark-on-light (see --invert),
-  scaled so its longer side is 28 pixels (the model's input size; aspect
-  ratio kept, Lanczos) and centred on a black 28x28 canvas.  A 28x28 image
-  is used pixel for pixel.
-- a .npy array: uint8 pixels 0..255, or floats 0..1, of shape (28, 28) for
-  one image or (N, 28, 28) for N images (a trailing channel axis of 1 is
-  allowed).  Arrays are taken as they are: no resizing.
-Then x = (pixel/255 - mean)/std with the training data's mean and std
-stored in the checkpoint, exactly as during training.
+  converted to grayscale or RGB as the model was trained, inverted when it
+  is dark-on-light and the model learned light-on-dark (see --invert),
+  scaled so it fits the model's input size (aspect ratio kept, Lanczos) and
+  centred on black: what ``data_tools.shard --size`` does to training
+  images.  An image of the input size is used pixel for pixel.
+- a .npy array: uint8 pixels 0..255, or floats 0..1, of shape (H, W, C) for
+  one image or (N, H, W, C) for N images, the model's H, W and C; a
+  grayscale model also takes (H, W) and (N, H, W).  Arrays are taken as
+  they are: no resizing.
+Then x = (pixel/255 - mean)/std, per channel, with the training data's mean
+and std stored in the checkpoint, exactly as during training.
 
 --invert: Fashion-MNIST items are light on a black background; a photo of a
 dark object on a light background must be inverted first.  ``auto`` inverts
 an input whose border pixels are mostly light (more than half of them at or
-above mid-grey); ``yes`` / ``no`` force it.  This applies to .npy arrays too (a
-Fashion-MNIST array has a black border, so auto leaves it alone).
+above mid-grey), for a grayscale model whose training pixels were mostly
+dark (mean below mid-grey) only: RGB photos and light training images are
+never inverted by ``auto``.  ``yes`` / ``no`` force it.  This applies to .npy
+arrays too (a Fashion-MNIST array has a black border, so auto leaves it alone).
 
 A bad FILE gets one ``error: FILE: ...`` line on stderr and the others are
 still classified; the exit code is then 2.  A bad checkpoint stops at once
@@ -39,8 +43,8 @@ import numpy as np
 
 from .checkpoint import CheckpointError
 from .faults import EXIT_USAGE
-from .data import normalize
-from .inference import load_model, probabilities, top_k
+from .data import DataError, normalize
+from .inference import load_model, pixel_stats_of, probabilities, top_k
 
 NPY_MAGIC = b"\x93NUMPY"
 PILLOW_HINT = "pip install 'ddp_cnn[images]' (or pip install pillow); .npy arrays work without it"
@@ -50,23 +54,23 @@ class InputError(ValueError):
     """One input file that cannot be classified; the message names it."""
 
 
-# ---- reading inputs: each returns (N, H, W) pixels and the per-image inversion --------------
+# ---- reading inputs: each returns (N, H, W, C) pixels and the per-image inversion --------------
 
 def mostly_light_border(image: np.ndarray) -> bool:
-    """True when more than half of the outermost pixels are at or above mid-grey."""
+    """True when more than half of the outermost pixels (all channels) are at or above mid-grey."""
     mid = 128 if image.dtype == np.uint8 else 0.5
     border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
     return bool(np.mean(border >= mid) > 0.5)
 
 
-def wants_invert(image: np.ndarray, invert: str) -> bool:
-    return invert == "yes" or (invert == "auto" and mostly_light_border(image))
+def wants_invert(image: np.ndarray, invert: str, auto: bool = True) -> bool:
+    """``auto``: whether --invert auto may invert at all for this model (see the module's doc)."""
+    return invert == "yes" or (invert == "auto" and auto and mostly_light_border(image))
 
 
-def read_npy(path: Path, hw: tuple, invert: str):
-    """A .npy of uint8 0..255 or float 0..1, shape (H, W) or (N, H, W) [+ a channel axis of 1].
-
-    Returns (pixels (N, H, W), inverted flags, batched)."""
+def read_npy(path: Path, shape: tuple, invert: str, auto: bool = True):
+    """A .npy of uint8 0..255 or float 0..1 of the model's ``shape`` (H, W, C), one or (N, ...) many;
+    (H, W) and (N, H, W) too when C is 1.  Returns (pixels (N, H, W, C), inverted flags, batched)."""
     try:
         a = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -75,15 +79,16 @@ def read_npy(path: Path, hw: tuple, invert: str):
         raise InputError(f"{path}: not a readable .npy array ({exc})") from None
     except (OSError, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npy array ({exc})") from None
-    h, w = hw
-    if a.ndim in (3, 4) and a.shape[-1] == 1 and a.shape[-3:-1] == (h, w):
-        a = a[..., 0]
-    batched = a.ndim == 3  # even with N == 1: its rows are labelled FILE[i]
-    if a.shape == (h, w):
+    h, w, c = shape
+    if c == 1 and a.ndim in (2, 3) and a.shape[-2:] == (h, w):
+        a = a[..., None]  # grayscale without a channel axis
+    batched = a.ndim == 4  # even with N == 1: its rows are labelled FILE[i]
+    if a.shape == (h, w, c):
         a = a[None]
-    if a.ndim != 3 or a.shape[1:] != (h, w) or a.shape[0] == 0:
-        raise InputError(f"{path}: array of shape {a.shape}; expected ({h}, {w}) for one image or "
-                         f"(N, {h}, {w}) for N >= 1 images")
+    if a.ndim != 4 or a.shape[1:] != (h, w, c) or a.shape[0] == 0:
+        one, many = (f"({h}, {w}) or ", f"(N, {h}, {w}) or ") if c == 1 else ("", "")
+        raise InputError(f"{path}: array of shape {a.shape}; expected {one}({h}, {w}, {c}) for one image, "
+                         f"{many}(N, {h}, {w}, {c}) for N >= 1 images")
     if a.dtype == np.uint8:
         pass
     elif a.dtype.kind == "f":
@@ -95,7 +100,7 @@ def read_npy(path: Path, hw: tuple, invert: str):
         a = a.astype(np.float64)
     else:
         raise InputError(f"{path}: dtype {a.dtype}; expected uint8 pixels (0..255) or floats in [0, 1]")
-    flags = [wants_invert(img, invert) for img in a]
+    flags = [wants_invert(img, invert, auto) for img in a]
     if any(flags):
         a = a.copy()
         top = 255 if a.dtype == np.uint8 else 1.0
@@ -105,61 +110,30 @@ def read_npy(path: Path, hw: tuple, invert: str):
     return a, flags, batched
 
 
-def read_image(path: Path, hw: tuple, invert: str):
-    """An image file through Pillow -> ((1, H, W) uint8 light object on black, [inverted], False)."""
+def read_image(path: Path, shape: tuple, invert: str, auto: bool = True):
+    """An image file through Pillow, prepared as ``data_tools.shard`` prepares training images
+    (:mod:`data_tools.images`) -> ((1, H, W, C) uint8, [inverted], False)."""
     try:
-        from PIL import Image, ImageOps
+        from PIL import Image  # noqa: F401  (only to say what is missing)
     except ImportError:
         raise InputError(f"{path}: reading images needs Pillow; {PILLOW_HINT}") from None
+    from data_tools import images
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            gray = _grayscale(img)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: image too large ({exc})") from None
-    except Exception as exc:  # UnidentifiedImageError, truncated data (OSError), decoder errors
-        if type(exc).__name__ == "UnidentifiedImageError":
-            raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, ...) nor a .npy array") from None
-        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
-    flip = wants_invert(gray, invert)
+        pixels = images.to_pixels(images.open_image(path), shape[2])
+    except DataError as exc:
+        message = str(exc)
+        if "not an image Pillow can read" in message:
+            message += " nor a .npy array"
+        raise InputError(message) from None
+    flip = wants_invert(pixels, invert, auto)
     if flip:
-        gray = 255 - gray
-    return fit(gray, hw)[None], [flip], False
+        pixels = 255 - pixels
+    return images.fit(pixels, shape[:2])[None], [flip], False
 
 
-def _grayscale(img) -> np.ndarray:
-    """(h, w) uint8 luminance; transparent pixels count as white paper, 16-bit images are scaled."""
-    from PIL import Image
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if img.mode.startswith("I") or img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        if a.max() > 255:
-            a = a / 257.0  # 16-bit range
-        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
-
-
-def fit(gray: np.ndarray, hw: tuple) -> np.ndarray:
-    """Scale so the image fits (H, W) with its aspect ratio kept, centred on black (the background)."""
-    from PIL import Image
-    h, w = hw
-    ih, iw = gray.shape
-    if (ih, iw) == (h, w):
-        return gray
-    scale = min(h / ih, w / iw)
-    nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
-    small = np.asarray(Image.fromarray(gray).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
-    canvas = np.zeros((h, w), np.uint8)
-    top, left = (h - nh) // 2, (w - nw) // 2
-    canvas[top:top + nh, left:left + nw] = small
-    return canvas
-
-
-def read_input(path: Path, hw: tuple, invert: str):
-    """(pixels (N, H, W), inverted flags, batched) for one FILE argument; InputError naming it."""
+def read_input(path: Path, shape: tuple, invert: str, auto: bool = True):
+    """(pixels (N, H, W, C), inverted flags, batched) for one FILE argument of a model taking ``shape``
+    (H, W, C); InputError naming it.  ``auto``: whether --invert auto may invert (:func:`wants_invert`)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(NPY_MAGIC))
@@ -172,10 +146,10 @@ def read_input(path: Path, hw: tuple, invert: str):
     if not head:
         raise InputError(f"{path}: empty file; expected an image file or a .npy array")
     if head == NPY_MAGIC:
-        return read_npy(path, hw, invert)
+        return read_npy(path, shape, invert, auto)
     if path.suffix.lower() == ".npy":
         raise InputError(f"{path}: not a .npy array (no NumPy header)")
-    return read_image(path, hw, invert)
+    return read_image(path, shape, invert, auto)
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -189,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (.h5) from ddp_cnn.train, or .npz from ddp_cnn.export")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files or .npy arrays")
     p.add_argument("--invert", default="auto", choices=["auto", "yes", "no"],
-                   help="make dark-on-light inputs light-on-dark like the training data; "
-                        "auto: when the border is mostly light (default: auto)")
+                   help="make dark-on-light inputs light-on-dark like the training data; auto: when the "
+                        "border is mostly light, for grayscale models of dark images only (default: auto)")
     p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes to show (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON array of results instead of text")
     return p
@@ -207,18 +181,15 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        mean, std = float(meta["mean"]), float(meta["std"])
-        if not std > 0:
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        print(f"error: {args.checkpoint}: holds no usable pixel mean/std (meta 'mean', 'std' > 0); expected a "
-              "checkpoint written by ddp_cnn.train", file=sys.stderr)
+        mean, std = pixel_stats_of(meta, model, args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if len(model.input_shape) != 3 or model.input_shape[2] != 1:
-        print(f"error: {args.checkpoint}: model input is {model.input_shape}, not grayscale images (H, W, 1)",
-              file=sys.stderr)
+    if len(model.input_shape) != 3:
+        print(f"error: {args.checkpoint}: model input is {model.input_shape}, not images (H, W, C)", file=sys.stderr)
         return EXIT_USAGE
-    hw = tuple(model.input_shape[:2])
+    shape = tuple(model.input_shape)
+    auto = shape[2] == 1 and mean[0] < 0.5  # a grayscale model of light things on dark (MNIST-like)
     classes = model.output_shape[0]
     names = list(meta.get("class_names") or [])
     names += [str(i) for i in range(len(names), classes)]  # a checkpoint without (enough) names: indices
@@ -226,7 +197,7 @@ def main(argv=None) -> int:
     items, flags, batches, failed = [], [], [], False
     for name in args.files:
         try:
-            pixels, inverted, batched = read_input(Path(name), hw, args.invert)
+            pixels, inverted, batched = read_input(Path(name), shape, args.invert, auto)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed = True

@@ -133,11 +133,14 @@ def test_slices_give_every_row_to_exactly_one_rank(counts, size):
 
 
 def test_open_rank_data_reads_the_rows_and_decodes_attrs(tmp_path):
-    write_run(tmp_path, [7, 9])
+    write_run(tmp_path, [7, 9])  # format version 1: (n, H, W) images, scalar mean/std
     data = open_rank_data(tmp_path, "train", SingleComm())  # one rank: both shards
     assert len(data) == 16 and data.images.dtype == np.uint8 and data.labels.dtype == np.int64
-    assert np.array_equal(ids_of(data.images), np.arange(16)) and np.array_equal(data.source_index, np.arange(16))
-    assert data.attrs["class_names"] == ["a", "b", "c"] and data.attrs["image_shape"] == SHAPE
+    assert data.images.shape == (16, *SHAPE, 1)  # read as one channel
+    assert np.array_equal(ids_of(data.images[..., 0]), np.arange(16))
+    assert np.array_equal(data.source_index, np.arange(16))
+    assert data.attrs["class_names"] == ["a", "b", "c"] and data.attrs["image_shape"] == (*SHAPE, 1)
+    assert (data.attrs["mean"], data.attrs["std"]) == ((0.25,), (0.5,))
     test = open_rank_data(tmp_path, "test", SingleComm())
     assert len(test) == 10
     with pytest.raises(DataError, match="val.h5.*--val-fraction"):
@@ -205,6 +208,40 @@ def test_loader_batches_and_normalize_equal_the_hand_computed_input(dtype):
         np.testing.assert_allclose(out, expect, rtol=0, atol=tol)
     assert x.tobytes() == normalize(images, 0.25, 0.5, dtype).tobytes()  # one normalisation, bit for bit
     assert normalize(images, np.float64(0.25), np.float64(0.5), dtype).tobytes() == x.tobytes()
+
+
+def test_normalize_is_per_channel_by_hand():
+    pixels = np.array([[[[0, 51, 255], [102, 255, 0]]]], np.uint8)  # (1, 1, 2, 3)
+    # (p/255 - mean_c)/std_c with means (0.25, 0.2, 0.5) and stds (0.5, 0.4, 0.25), written out:
+    expect = np.array([[[[-0.5, 0.0, 2.0], [0.3, 2.0, -2.0]]]])
+    out = normalize(pixels, [0.25, 0.2, 0.5], (0.5, 0.4, 0.25), np.float64)
+    assert out.shape == (1, 1, 2, 3)
+    np.testing.assert_allclose(out, expect, rtol=0, atol=1e-12)
+    same = normalize(pixels[..., :1], 0.25, 0.5, np.float64)  # a scalar is one channel's value
+    assert same.tobytes() == normalize(pixels[..., :1], [0.25], [0.5], np.float64).tobytes()
+    with pytest.raises(ValueError, match="2/2 values for 3 channels"):
+        normalize(pixels, [0.25, 0.2], [0.5, 0.4], np.float64)
+    with pytest.raises(ValueError, match="std must be a number > 0"):
+        normalize(pixels, [0.25, 0.2, 0.5], [0.5, 0.0, 0.25], np.float64)
+
+
+def test_loader_normalizes_rgb_per_channel_and_erases_to_each_channels_mean():
+    images = np.zeros((4, 6, 5, 3), np.uint8)
+    images[..., 0], images[..., 1], images[..., 2] = 255, 51, 0
+    data = ShardData(images, np.arange(4) % 2, {"mean": (0.2, 0.4, 0.6), "std": (0.5, 0.5, 0.5)})
+    loader = Loader(data, batch_size=4, comm=SingleComm(), seed=0, dtype=np.float64, shuffle=False)
+    x, _ = next(iter(loader.epoch(0)))
+    assert x.shape == (4, 6, 5, 3)
+    np.testing.assert_allclose(x[0, 0, 0], [(1 - 0.2) / 0.5, (0.2 - 0.4) / 0.5, (0 - 0.6) / 0.5], atol=1e-12)
+    erasing = Loader(data, batch_size=4, comm=SingleComm(), seed=0, dtype=np.float64, shuffle=False,
+                     augment=Augment(erase=1.0))
+    x, _ = next(iter(erasing.epoch(0)))
+    pixels = np.rint((x * 0.5 + [0.2, 0.4, 0.6]) * 255)
+    filled = (pixels != [255, 51, 0]).any(axis=-1)
+    assert filled.any(axis=(1, 2)).all()  # erase=1: a rectangle in every image...
+    assert (pixels[filled] == [51, 102, 153]).all()  # ...at round(mean_c * 255) in each channel
+    with pytest.raises(DataError, match="3/3 values for 1 channels"):
+        Loader(ShardData(images[..., :1], np.arange(4), data.attrs), batch_size=2, comm=SingleComm(), seed=0)
 
 
 def test_normalize_refuses_pixels_it_cannot_read():
@@ -301,6 +338,26 @@ def test_shift_translates_the_content_with_zero_fill():
         moves.add(match[0])
     assert len(moves) > 10 and (2, 2) in moves  # many translations, including none
     assert np.array_equal(Augment()(images, rng), images)
+
+
+def test_augmentations_move_every_channel_alike_with_the_grayscale_draws():
+    """An RGB image is changed as its channels would be one by one, with the same random draws (all of
+    them of size b = len(images), batch last), so the channel count never shifts a draw."""
+    rgb = np.random.default_rng(0).integers(1, 256, (16, 8, 9, 3), dtype=np.uint8)
+    fill = np.array([7, 8, 9], np.uint8)
+    for c in range(3):
+        gray = rgb[..., c]
+        pairs = [(random_shift(rgb, 2, np.random.default_rng(1)), random_shift(gray, 2, np.random.default_rng(1))),
+                 (random_hflip(rgb, np.random.default_rng(3)), random_hflip(gray, np.random.default_rng(3))),
+                 (random_erase(rgb, 0.5, np.random.default_rng(2), fill),
+                  random_erase(gray, 0.5, np.random.default_rng(2), fill[c])),
+                 (Augment(2, True, 0.5)(rgb, np.random.default_rng(4), fill),
+                  Augment(2, True, 0.5)(gray, np.random.default_rng(4), fill[c]))]
+        for colour, one in pairs:
+            assert colour.shape == rgb.shape and colour.dtype == np.uint8 and colour.flags.c_contiguous
+            assert np.array_equal(colour[..., c], one)
+    erased = random_erase(rgb, 1.0, np.random.default_rng(2), fill)
+    assert ((erased == fill).all(axis=-1) == (erased != rgb).any(axis=-1)).all()  # whole pixels, all channels
 
 
 def test_hflip_mirrors_about_half_the_images():

@@ -124,15 +124,15 @@ def test_real_fashion_mnist_attributes(fashion4):
     first = attrs[0]
     assert first["dataset"] == "fashion-mnist"
     assert first["class_names"][:2] == ["T-shirt/top", "Trouser"] and len(first["class_names"]) == 10
-    assert first["image_shape"] == (28, 28)
+    assert first["image_shape"] == (28, 28, 1) and first["format_version"] == 2
     assert (first["num_train_total"], first["num_val_total"], first["num_test_total"]) == (60000, 0, 10000)
-    assert first["mean"] == pytest.approx(0.2860, abs=1e-4) and first["std"] == pytest.approx(0.3530, abs=1e-4)
+    assert first["mean"] == pytest.approx((0.2860,), abs=1e-4) and first["std"] == pytest.approx((0.3530,), abs=1e-4)
     assert set(first["source_sha256"]) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                                            "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
     assert len({a["sharding_id"] for a in attrs}) == 1
     assert [a["shard_index"] for a in attrs if a["split"] == "train"] == [0, 1, 2, 3]
     with h5py.File(fashion4 / "train-00000-of-00004.h5") as f:
-        assert f["images"].dtype == np.uint8 and f["images"].chunks and f["images"].compression == "gzip"
+        assert f["images"].shape == (15000, 28, 28, 1) and f["images"].dtype == np.uint8 and f["images"].chunks and f["images"].compression == "gzip"
     manifest = json.loads((fashion4 / "manifest.json").read_text())
     assert manifest["sharding_id"] == first["sharding_id"] and len(manifest["files"]) == 5
 
@@ -148,11 +148,11 @@ def test_real_verify_passes_against_the_source(fashion4, capsys):
 
 def test_stratified_deal_balances_classes_and_totals():
     labels = np.repeat(np.arange(4), [10, 7, 5, 1])
-    shards, val = shard.split_indices(labels, 3, seed=1, stratify=True, val_fraction=0)
+    shards, val, test = shard.split_indices(labels, 3, seed=1, stratify=True, val_fraction=0)
     counts = np.stack([np.bincount(labels[s], minlength=4) for s in shards])
     assert (counts.max(0) - counts.min(0) <= 1).all()
     sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(labels) and len(val) == 0
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(labels) and len(val) == len(test) == 0
     assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(len(labels)))
 
 
@@ -168,18 +168,32 @@ def test_split_is_reproducible_for_a_seed_and_changes_with_it():
 
 def test_stratified_val_keeps_class_proportions():
     labels = np.repeat(np.arange(3), [50, 30, 20])
-    shards, val = shard.split_indices(labels, 2, seed=0, stratify=True, val_fraction=0.1)
+    shards, val, _ = shard.split_indices(labels, 2, seed=0, stratify=True, val_fraction=0.1)
     assert np.bincount(labels[val]).tolist() == [5, 3, 2]
     assert not set(val) & set(np.concatenate(shards))
 
 
-def test_pixel_stats_match_numpy_without_the_excluded_rows():
-    images = np.random.default_rng(0).integers(0, 256, (50, 4, 3), dtype=np.uint8)
-    exclude = np.array([3, 7, 40])
-    keep = np.setdiff1d(np.arange(50), exclude)
-    mean, std = shard.pixel_stats(images, exclude)
-    assert mean == pytest.approx((images[keep] / 255).mean(), rel=1e-12)
-    assert std == pytest.approx((images[keep] / 255).std(), rel=1e-12)
+def test_stratified_test_split_comes_first_and_is_disjoint_from_val_and_shards():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    shards, val, test = shard.split_indices(labels, 2, seed=0, stratify=False, val_fraction=0.1, test_fraction=0.2)
+    assert np.bincount(labels[test]).tolist() == [10, 6, 4]  # per class, even without --stratify
+    assert len(val) == 8 and sum(map(len, shards)) == 72
+    assert np.array_equal(np.sort(np.concatenate([*shards, val, test])), np.arange(100))
+    again = shard.split_indices(labels, 2, seed=0, stratify=False, val_fraction=0.1, test_fraction=0.2)
+    assert np.array_equal(again[2], test)
+    assert not np.array_equal(np.sort(shard.split_indices(labels, 2, 1, False, 0.1, 0.2)[2]), np.sort(test))
+
+
+def test_pixel_stats_match_numpy_over_the_given_rows_per_channel():
+    images = np.random.default_rng(0).integers(0, 256, (50, 4, 3, 3), dtype=np.uint8)
+    images[..., 2] //= 4  # channels with different statistics
+    keep = np.setdiff1d(np.arange(50), [3, 7, 40])
+    mean, std = shard.pixel_stats(images, keep[::-1])
+    for c in range(3):
+        pixels = [images[i, y, x, c] / 255 for i in keep for y in range(4) for x in range(3)]
+        assert mean[c] == pytest.approx(np.mean(pixels), rel=1e-12)
+        assert std[c] == pytest.approx(np.std(pixels), rel=1e-12)
+    assert mean[2] < mean[0] / 2
 
 
 # ---------------------------------------------------------------- the tool end to end (synthetic)
@@ -387,7 +401,7 @@ def test_verify_detects_overlapping_shards(small, capsys):
 
 def test_verify_detects_a_changed_attribute(small, capsys):
     with h5py.File(small / "test.h5", "r+") as f:
-        f.attrs["mean"] = 0.5
+        f.attrs["mean"] = [0.5]
     code, _, err = run(verify, [small], capsys)
     assert code == verify.EXIT_MISMATCH and "test.h5: attribute mean differs" in err
 

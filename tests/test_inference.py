@@ -164,11 +164,13 @@ def test_dark_on_light_photo_is_inverted_and_scaled_back_to_28(tmp_path):
     obj = object_28()
     photo = Image.fromarray(255 - obj).resize((84, 84), Image.Resampling.NEAREST).convert("RGB")
     photo.save(tmp_path / "photo.jpg", quality=95)
-    pixels, inverted, batched = predict.read_input(tmp_path / "photo.jpg", (28, 28), "auto")
-    assert inverted == [True] and not batched and pixels.shape == (1, 28, 28) and pixels.dtype == np.uint8
-    assert np.abs(pixels[0].astype(int) - obj).mean() < 6  # JPEG and resampling blur the edges only
-    _, inverted, _ = predict.read_input(tmp_path / "photo.jpg", (28, 28), "no")
+    pixels, inverted, batched = predict.read_input(tmp_path / "photo.jpg", (28, 28, 1), "auto")
+    assert inverted == [True] and not batched and pixels.shape == (1, 28, 28, 1) and pixels.dtype == np.uint8
+    assert np.abs(pixels[0, ..., 0].astype(int) - obj).mean() < 6  # JPEG and resampling blur the edges only
+    _, inverted, _ = predict.read_input(tmp_path / "photo.jpg", (28, 28, 1), "no")
     assert inverted == [False]
+    _, inverted, _ = predict.read_input(tmp_path / "photo.jpg", (28, 28, 1), "auto", auto=False)
+    assert inverted == [False]  # a model of light images (or RGB): auto never inverts
 
 
 def test_transparent_background_counts_as_paper(tmp_path):
@@ -176,26 +178,29 @@ def test_transparent_background_counts_as_paper(tmp_path):
     rgba = np.zeros((28, 28, 4), np.uint8)  # fully transparent...
     rgba[5:24, 8:20] = (40, 40, 40, 255)    # ...around an opaque dark object
     Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
-    pixels, inverted, _ = predict.read_input(tmp_path / "cutout.png", (28, 28), "auto")
-    assert inverted == [True] and pixels[0, 0, 0] == 0 and pixels[0, 10, 10] == 255 - 40
+    pixels, inverted, _ = predict.read_input(tmp_path / "cutout.png", (28, 28, 1), "auto")
+    assert inverted == [True] and pixels[0, 0, 0, 0] == 0 and pixels[0, 10, 10, 0] == 255 - 40
 
 
 def test_fit_keeps_the_aspect_ratio_and_pads_with_black():
-    tall = np.full((56, 28), 255, np.uint8)  # 2:1 -> 28 x 14, centred
-    out = predict.fit(tall, (28, 28))
+    from data_tools.images import fit
+    tall = np.full((56, 28, 1), 255, np.uint8)  # 2:1 -> 28 x 14, centred
+    out = fit(tall, (28, 28))
+    assert out.shape == (28, 28, 1)
     assert (out[:, :7] == 0).all() and (out[:, 21:] == 0).all() and (out[:, 7:21] >= 250).all()
-    small = np.full((7, 14), 255, np.uint8)  # upscaled x2 -> 14 x 28
-    out = predict.fit(small, (28, 28))
-    assert (out[:7] == 0).all() and (out[21:] == 0).all() and (out[7:21] >= 250).all()
+    small = np.full((7, 14, 3), (255, 128, 0), np.uint8)  # upscaled x2 -> 14 x 28, colour kept
+    out = fit(small, (28, 28))
+    assert out.shape == (28, 28, 3) and (out[:7] == 0).all() and (out[21:] == 0).all()
+    assert (np.abs(out[7:21].astype(int) - (255, 128, 0)) <= 2).all()
 
 
 def test_invert_yes_and_auto_on_arrays(tmp_path):
     img = object_28()
     np.save(tmp_path / "a.npy", np.stack([img, 255 - img]))
-    pixels, inverted, _ = predict.read_input(tmp_path / "a.npy", (28, 28), "auto")
-    assert inverted == [False, True] and (pixels == img).all()
-    pixels, inverted, _ = predict.read_input(tmp_path / "a.npy", (28, 28), "yes")
-    assert inverted == [True, True] and (pixels[0] == 255 - img).all()
+    pixels, inverted, _ = predict.read_input(tmp_path / "a.npy", (28, 28, 1), "auto")
+    assert inverted == [False, True] and (pixels[..., 0] == img).all()
+    pixels, inverted, _ = predict.read_input(tmp_path / "a.npy", (28, 28, 1), "yes")
+    assert inverted == [True, True] and (pixels[0, ..., 0] == 255 - img).all()
 
 
 # ---- predict: every bad input is one line naming the file, exit 2 --------------------------
@@ -304,8 +309,9 @@ def test_export_round_trip_gives_bitwise_equal_logits(which, request, tmp_path, 
     for name, buf in original.named_buffers().items():
         assert np.array_equal(buf, loaded.named_buffers()[name])
     assert loaded.describe() == original.describe()
-    assert {k: npz_meta[k] for k in ("class_names", "mean", "std")} == {
-        k: meta[k] for k in ("class_names", "mean", "std")}
+    assert npz_meta["class_names"] == meta["class_names"]
+    assert (npz_meta["mean"], npz_meta["std"]) == (np.ravel(meta["mean"]).tolist(), np.ravel(meta["std"]).tolist())
+    assert isinstance(npz_meta["mean"], list)  # one per channel, also from a checkpoint that held a number
     assert npz_meta["source"]["global_step"] == meta["global_step"]
 
 

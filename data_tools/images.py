@@ -1,0 +1,209 @@
+"""Your own labelled images as arrays: a folder of class subfolders, or an .npz of ``images`` and ``labels``.
+
+Both give uint8 pixels (N, H, W, C), C = 1 (grayscale) or 3 (RGB), int64
+labels and the class names.  Images pass through Pillow: EXIF rotation
+applied, transparency laid on white, 16-bit scaled to 8, then converted to
+grayscale or RGB and, with a size, fitted into it with the aspect ratio kept
+and centred on black (:func:`fit`).  ``ddp_cnn.predict`` prepares a user's
+image with these same functions, so a model sees at prediction what it saw
+in training.  Any bad input raises :class:`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes without colour
+MAX_CLASSES = 256  # labels are stored as uint8
+PILLOW_HINT = "pip install 'ddp_cnn[images]' (or pip install pillow)"
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise DataError(f"reading images needs Pillow: {PILLOW_HINT}") from None
+    return Image, ImageOps
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'32x32' -> (32, 32) (height x width); DataError unless two positive integers."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise DataError(f"--size {text}: expected HEIGHTxWIDTH in pixels, e.g. 32x32")
+    return int(parts[0]), int(parts[1])
+
+
+# ---------------------------------------------------------------- one image
+
+def open_image(path, data: bytes | None = None):
+    """A loaded Pillow image, upright (EXIF), from ``path`` or its bytes; DataError naming the file."""
+    Image, ImageOps = _pil()
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large ({exc})") from None
+    except Exception as exc:  # UnidentifiedImageError, truncated data (OSError), decoder errors
+        if type(exc).__name__ == "UnidentifiedImageError":
+            raise DataError(f"{path}: not an image Pillow can read (PNG, JPEG, ...)") from None
+        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def is_gray(img) -> bool:
+    return img.mode in GRAY_MODES
+
+
+def to_pixels(img, channels: int) -> np.ndarray:
+    """(h, w, channels) uint8 of a Pillow image: transparency on white paper, 16-bit scaled, 1 or 3 channels."""
+    Image, _ = _pil()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit or float grayscale
+        a = np.asarray(img, dtype=np.float64)
+        if a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit range
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    a = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return a.reshape(*a.shape[:2], channels)
+
+
+def fit(pixels: np.ndarray, hw: tuple) -> np.ndarray:
+    """(h, w, C) uint8 scaled to fit (H, W) with its aspect ratio kept (Lanczos), centred on black.
+
+    Letterboxing rather than cropping or stretching: nothing of the image is
+    lost or distorted, and MNIST-style data already has a black background.
+    An image of exactly (H, W) is returned pixel for pixel."""
+    Image, _ = _pil()
+    h, w = hw
+    ih, iw, c = pixels.shape
+    if (ih, iw) == (h, w):
+        return pixels
+    scale = min(h / ih, w / iw)
+    nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
+    src = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    small = np.asarray(src.resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8).reshape(nh, nw, c)
+    canvas = np.zeros((h, w, c), np.uint8)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    canvas[top:top + nh, left:left + nw] = small
+    return canvas
+
+
+# ---------------------------------------------------------------- a folder of class subfolders
+
+def list_folder(folder: Path) -> tuple[list[str], list[list[Path]]]:
+    """(class names, image paths per class): subfolders in sorted order, their image files (any depth) sorted.
+
+    Hidden files and folders are skipped, and so are files whose suffix is
+    not an image's (a README.txt beside the pictures is no error)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--from-folder {folder}: no such folder")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"--from-folder {folder}: {len(classes)} class subfolders; expected one subfolder per "
+                        "class, at least 2 (e.g. cats/ and dogs/)")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"--from-folder {folder}: {len(classes)} class subfolders, at most {MAX_CLASSES}")
+    files = []
+    for c in classes:
+        found = sorted(p for p in c.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(c).parts))
+        if not found:
+            raise DataError(f"{c}: class folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+        files.append(found)
+    return [c.name for c in classes], files
+
+
+def read_folder(folder: Path, size: tuple | None, channels: int | None):
+    """(images (N, H, W, C) uint8, labels int64, class names, {name: sha256}) of a folder of class subfolders.
+
+    ``channels`` None: 3 unless every image is grayscale.  Without ``size``
+    every image must have the first one's size.  The sha256 stands for the
+    whole folder: a hash of the sorted "sha256  relative/path" lines, one per
+    image (an attribute per file would not fit the HDF5 header)."""
+    folder = Path(folder)
+    names, files = list_folder(folder)
+    images, labels, lines, all_gray, first = [], [], [], True, None
+    for label, paths in enumerate(files):
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+            img = open_image(path, data)
+            first = first or (path, img.size)
+            if size is None and img.size != first[1]:
+                raise DataError(f"{path}: {img.height}x{img.width} pixels but {first[0]} is "
+                                f"{first[1][1]}x{first[1][0]}; give --size HxW to fit every image into one size")
+            all_gray &= is_gray(img)
+            pixels = to_pixels(img, channels or 3)  # undecided: RGB, cut to one channel if all were gray
+            images.append(fit(pixels, size) if size else pixels)
+            labels.append(label)
+            lines.append(f"{hashlib.sha256(data).hexdigest()}  {path.relative_to(folder).as_posix()}\n")
+    images = np.stack(images)
+    if channels is None and all_gray:
+        images = np.ascontiguousarray(images[..., :1])
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    return images, np.asarray(labels, np.int64), names, {f"{folder.name}/ ({len(lines)} images)": digest}
+
+
+# ---------------------------------------------------------------- an .npz of images and labels
+
+def read_npz(path: Path, size: tuple | None, channels: int | None):
+    """(images (N, H, W, C) uint8, labels int64, class names, {name: sha256}) of an .npz.
+
+    It holds ``images`` uint8 (N, H, W) or (N, H, W, C) with C 1 or 3, and
+    ``labels`` integers 0..K-1 (N,); optionally ``class_names`` (K strings),
+    else the names are "0".."K-1".  ``size``/``channels`` convert through
+    Pillow as for a folder; without them the pixels are taken as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--from-npz {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: no '{missing[0]}' array; expected 'images' (N, H, W[, C]) uint8 and "
+                                f"'labels' (N,) integers (has {', '.join(z.files) or 'nothing'})")
+            images, labels = z["images"], z["labels"]
+            names = [str(n) for n in z["class_names"]] if "class_names" in z.files else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 (N, H, W) or "
+                        "(N, H, W, C) with C 1 or 3")
+    if images.ndim == 3:
+        images = images[..., None]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; expected integers of shape (N,)")
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if not len(labels):
+        raise DataError(f"{path}: no images")
+    labels = labels.astype(np.int64)
+    k = len(names) if names is not None else int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= k or k > MAX_CLASSES:
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{path}: label {bad} out of range; expected 0..{k - 1}"
+                        + (f" (one per class name, {k} names)" if names is not None else "")
+                        + (f", at most {MAX_CLASSES} classes" if k > MAX_CLASSES else ""))
+    want = channels or images.shape[3]
+    if size is not None or want != images.shape[3]:
+        Image, _ = _pil()
+        hw = size or images.shape[1:3]
+        images = np.stack([fit(to_pixels(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im), want), hw)
+                           for im in images])
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return images, labels, names or [str(i) for i in range(k)], {path.name: sha}
