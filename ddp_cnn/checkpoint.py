@@ -144,7 +144,10 @@ def _architecture(description: dict) -> dict:
 # What a resume must keep, with the flag that sets it: the position in the epoch counts batches of the
 # global batch over these shards, and the optimizer's state is its own.
 RESUME_MUST_MATCH = {"global_batch": "--batch-size (global)", "optimizer": "--optimizer",
-                     "sharding_id": "shards (sharding_id of --data)", "val_fraction": "--val-fraction"}
+                     "sharding_id": "shards (sharding_id of --data)", "val_fraction": "--val-fraction",
+                     "data_order": "--data-order"}
+# What a checkpoint from before a setting existed was trained with.
+RESUME_DEFAULTS = {"data_order": "shard"}
 
 
 def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, run: dict,
@@ -172,7 +175,8 @@ def load_for_resume(spec: str, directory, model_description: dict, teacher: dict
                               f"--model {name} with these flags{hint}")
     meta = state["meta"]
     saved_run = {"global_batch": meta.get("global_batch"), "sharding_id": meta.get("sharding_id"),
-                 **{k: (meta.get("config") or {}).get(k) for k in ("optimizer", "val_fraction")}}
+                 **{k: (meta.get("config") or {}).get(k, RESUME_DEFAULTS.get(k))
+                    for k in ("optimizer", "val_fraction", *RESUME_DEFAULTS)}}
     def same(a, b):  # numbers by value (0 and 0.0 are one setting), names by text
         return float(a) == float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else str(a) == str(b)
     for key, what in RESUME_MUST_MATCH.items():

@@ -10,6 +10,7 @@ class TrainConfig:
     # data
     data: str = "data/fashion-mnist"
     slice_data: bool = False
+    data_order: str = "shard"        # shard: each rank shuffles its own rows; global: one order for every rank count
     val_fraction: float = 0.0        # held out of the training rows for validation when there is no val.h5
     augment_shift: int = 0
     hflip: bool = False
@@ -19,6 +20,7 @@ class TrainConfig:
     dropout: bool = True
     dropout_rate: float | None = None
     batchnorm: bool = False
+    sync_bn: bool = False            # batch statistics over the global batch (allreduced), not each rank's
     width: int | None = None
     activation: str | None = None
     dtype: str = "float32"
@@ -31,6 +33,7 @@ class TrainConfig:
     max_steps: int = 0
     batch_size: int = 128
     local_batch_size: int | None = None
+    accumulate: int = 1              # micro-batches per optimizer step (one allreduce per step)
     optimizer: str = "adam"
     lr: float = 1e-3
     scale_lr: bool = False

@@ -111,7 +111,7 @@ def read_planned(reads) -> ShardData:
     return ShardData(images, labels, first, [p for p, *_ in reads], np.concatenate([p[2] for p in parts]))
 
 
-def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False) -> ShardData:
+def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, data_order: str = "shard") -> ShardData:
     """Collective: this rank's rows of ``split`` ("train", "test" or "val") from ``data_dir``.
 
     train: with M shards and N ranks, M == N gives one shard per rank, M a
@@ -119,12 +119,19 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False) ->
     unless ``slice_single``, which cuts the concatenated shards (usually one
     file) into N contiguous hyperslabs.  test/val: the single file cut the same
     way, so every sample is evaluated on exactly one rank.  Only the rows this
-    rank needs are read.  Every rank raises the same DataError when any rank
-    fails or when ranks read files of different sharding runs.
+    rank needs are read.  With ``data_order`` "global", train is every
+    shard on every rank, its images read on demand
+    (:func:`ddp_cnn.global_order.open_global_train`).  Every rank raises the
+    same DataError when any rank fails or when ranks read files of different
+    sharding runs.
     """
     data_dir = Path(data_dir)
     try:
-        data, error = read_planned(plan_reads(data_dir, split, comm.rank, comm.size, slice_single)), None
+        if split == "train" and data_order == "global":
+            from .global_order import open_global_train
+            data, error = open_global_train(data_dir), None
+        else:
+            data, error = read_planned(plan_reads(data_dir, split, comm.rank, comm.size, slice_single)), None
         if split == "train" and not len(data):
             raise DataError(f"{', '.join(map(str, data.paths))}: no training rows for rank {comm.rank} "
                             "(an empty shard, or more ranks than rows with --slice-data); re-shard")
@@ -303,11 +310,16 @@ class Loader:
     gets steps_per_epoch = min over ranks of len(data)//batch_size.  Without
     it (evaluation) each rank covers all its samples in ceil(len/batch) steps,
     a count that differs between ranks, so only reduce totals afterwards.
+    ``data_order="global"``: ``data`` is every rank's (all the training rows),
+    batch t is rows [t*G, (t+1)*G) of one order seeded by (seed, epoch), and
+    this rank reads its share [r*G//N, (r+1)*G//N) of it (``batch_size``),
+    so the batches do not depend on the rank count (ddp_cnn.global_order).
     """
 
     def __init__(self, data: ShardData, *, batch_size: int, comm, seed: int, xp=np, dtype=np.float32,
                  shuffle: bool = True, drop_last: bool = True, augment: Augment | None = None,
-                 prefetch: int = 2, mean: float | None = None, std: float | None = None):
+                 prefetch: int = 2, mean: float | None = None, std: float | None = None, data_order: str = "shard",
+                 global_batch: int | None = None):
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if prefetch < 0:
@@ -315,6 +327,19 @@ class Loader:
         self.data, self.batch_size, self.comm, self.seed = data, batch_size, comm, seed
         self.xp, self.dtype, self.shuffle, self.drop_last = xp, np.dtype(dtype), shuffle, drop_last
         self.augment, self.prefetch = augment, prefetch
+        if data_order not in ("shard", "global"):
+            raise DataError(f"data order must be shard or global, got {data_order!r}")
+        # global (ddp_cnn.global_order): every rank holds every row; batch t of the epoch is the
+        # same global batch on any rank count, and this rank takes its slice of it.
+        self.data_order = data_order
+        self.global_batch, self.start = batch_size, 0  # rows of this rank in each batch of the order
+        if data_order == "global":
+            # Rank r of N takes rows [r*G//N, (r+1)*G//N) of each global batch of G: G need not divide.
+            g = self.global_batch = global_batch or batch_size * comm.size
+            self.start = comm.rank * g // comm.size
+            if batch_size != (comm.rank + 1) * g // comm.size - self.start:
+                raise DataError(f"rank {comm.rank} of {comm.size}: batch size {batch_size} is not its share of "
+                                f"the global batch {g}")
         self.mean = float(data.attrs["mean"] if mean is None else mean)
         self.std = float(data.attrs["std"] if std is None else std)
         if not self.std > 0:
@@ -324,6 +349,11 @@ class Loader:
 
     def _agree_steps(self) -> int:
         smallest = self.comm.allreduce_scalar(len(self.data), "min")
+        if self.data_order == "global":
+            if smallest < self.global_batch:
+                raise DataError(f"global batch {self.global_batch} is larger than the training set "
+                                f"({smallest} samples): use a smaller batch size")
+            return smallest // self.global_batch
         if smallest < self.batch_size:
             raise DataError(f"batch size {self.batch_size} per rank is larger than the smallest rank's data "
                             f"({smallest} samples): use a smaller batch size or fewer ranks")
@@ -333,10 +363,14 @@ class Loader:
         return self.steps_per_epoch
 
     def order(self, epoch: int) -> np.ndarray:
-        """The sample order of an epoch on this rank: a permutation seeded by (seed, epoch, rank)."""
+        """The sample order of an epoch: a permutation of this rank's rows seeded by (seed, epoch, rank),
+        or with the global order, of every row seeded by (seed, epoch)."""
         n = len(self.data)
         if not self.shuffle:
             return np.arange(n)
+        if self.data_order == "global":
+            from .global_order import epoch_order
+            return epoch_order(self.seed, epoch, n)
         return np.random.default_rng([self.seed, epoch, self.comm.rank]).permutation(n)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
@@ -354,15 +388,20 @@ class Loader:
         return _prefetched(produce, steps, self.prefetch, self._scope)
 
     def rows(self, order: np.ndarray, step: int) -> np.ndarray:
-        """The data rows of batch ``step`` of the epoch whose sample order is ``order``."""
-        return order[step * self.batch_size:(step + 1) * self.batch_size]
+        """This rank's data rows of batch ``step`` of the epoch whose sample order is ``order``."""
+        start = step * self.global_batch + self.start
+        return order[start:start + self.batch_size]
 
     def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
         """Batch ``step`` of the epoch whose sample order is ``order``, ready on the device."""
         rows = self.rows(order, step)
         images = self.data.images[rows]
         if self.augment is not None:
-            rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])
+            if self.data_order == "global":  # drawn for the global batch, this rank's slice used
+                from .global_order import BatchSlice
+                rng = BatchSlice(np.random.default_rng([self.seed, epoch, step, 1]), self.start, self.global_batch)
+            else:
+                rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])
             images = self.augment(images, rng, fill=int(round(self.mean * 255)))
         return self.to_device(images, self.data.labels[rows])
 

@@ -296,13 +296,26 @@ def scatter_windows(d_windows, padded_shape, kh, kw, stride, oh, ow):
     return col2im(d_windows.reshape(n * oh * ow, kh * kw * c), padded_shape, kh, kw, stride, oh, ow)
 
 
-def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None):
+def _generator_at(key: list, offset: int) -> np.random.Generator:
+    """``default_rng(key)`` after `offset` float32 draws: each 64-bit output of PCG64 gives two."""
+    bits = np.random.PCG64(np.random.SeedSequence(key))
+    bits.advance(offset // 2)
+    rng = np.random.Generator(bits)
+    if offset % 2:
+        rng.random(1, dtype=np.float32)  # the low half; the high half is the next value
+    return rng
+
+
+def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None, offset: int = 0):
     """Inverted-dropout multiplier: 0 with probability p, 1/(1-p) otherwise, into `out` if given.
 
     Drawn from a generator derived from `key` (seed, stream, rank, step,
     layer), so a resumed run draws exactly the masks of an uninterrupted one.
     On the CPU the mask is one float32 draw of ``default_rng(key)`` over the
-    whole batch (into `uniform`, float32, if given).
+    whole batch (into `uniform`, float32, if given), starting `offset`
+    values into that generator's stream (PCG64 jumps ahead in O(log n)), so
+    a slice of a bigger batch gets the bigger batch's mask of its rows.  On
+    a GPU the offset only makes the hash's seed differ.
     """
     keep = 1.0 - p
     scale = dtype(1.0 / keep) if isinstance(dtype, type) else 1.0 / keep
@@ -311,10 +324,10 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None)
         # every step costs more than the mask.  Not the CPU's stream: GPU runs are
         # reproducible on the GPU.
         from . import cuda_kernels
-        seed = int(np.random.default_rng([int(k) for k in key]).integers(2**63))
+        seed = int(np.random.default_rng([int(k) for k in key] + ([int(offset)] if offset else [])).integers(2**63))
         return cuda_kernels.dropout_mask(shape, keep, scale, seed, dtype)
     mask = np.empty(shape, dtype=dtype) if out is None else out
-    u = np.random.default_rng([int(k) for k in key]).random(shape, dtype=np.float32, out=uniform)
+    u = _generator_at([int(k) for k in key], offset).random(shape, dtype=np.float32, out=uniform)
     np.less(u, keep, out=mask)
     mask *= scale
     return mask

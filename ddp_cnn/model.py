@@ -97,8 +97,10 @@ class Sequential:
             raise ValueError(f"model {self.name!r}: expected input dtype {np.dtype(self.backend.dtype).name}, "
                              f"got {x.dtype}")
 
-    def forward(self, x, train: bool = False, step: int = 0):
-        """Logits for a batch.  `step` keys the dropout masks (with seed and rank).
+    def forward(self, x, train: bool = False, step: int = 0, first_row: int = 0):
+        """Logits for a batch.  `step` keys the dropout masks (with seed and rank); `first_row`: the
+        batch's first row within the step's batch (a micro-batch, or this rank's share of a global
+        batch), so that on the CPU a row's mask does not depend on how the batch was cut.
 
         In train mode every layer works in buffers it reuses from step to step,
         so the logits returned are valid until the next training forward (copy
@@ -108,6 +110,7 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             if isinstance(layer, L.Dropout):
                 layer.key = (self.seed, STREAM_DROPOUT, self.rank, step, i)
+                layer.first_row = first_row
             x = layer.forward(x, train)
         return x
 

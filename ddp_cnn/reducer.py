@@ -56,7 +56,8 @@ class GradReducer:
 
     Per step: ``begin(stop)``, ``layer_done(i)`` after each layer's backward
     (pass it as the model's ``on_layer_done``), ``finish(deadline)``; then
-    :attr:`flag` holds the agreed flag.
+    :attr:`flag` holds the agreed flag.  With gradient accumulation,
+    ``accumulate()`` after each earlier micro-batch's backward.
     """
 
     def __init__(self, comm, buffer, layer_ranges, bucket_mb: float = 4.0):
@@ -74,11 +75,24 @@ class GradReducer:
         self.comm_seconds = 0.0
         self.exposed_seconds = 0.0
         self.handles: list = []
+        # --accumulate: the earlier micro-batches' gradients, summed; added into each bucket as it starts.
+        self.accumulated, self.pending, self.add = None, False, None
 
     @property
     def flag(self):
         """The agreed flag (a 0-d view of the buffer): NaN = non-finite, > 0 = stop requested."""
         return self.buffer[self.n]
+
+    def accumulate(self) -> None:
+        """Add the gradients backward just wrote (an earlier micro-batch's) to the accumulator."""
+        grads = self.buffer[:self.n]
+        if self.accumulated is None:
+            self.accumulated = grads.copy()
+        elif self.pending:
+            self.accumulated += grads
+        else:
+            self.accumulated[...] = grads
+        self.pending = True
 
     def begin(self, stop=False, loss=None) -> None:
         """Start a step.  ``stop``: this rank's stop request, or a callable asked for it when the
@@ -87,6 +101,7 @@ class GradReducer:
         self.handles = [None] * len(self.buckets)
         self.first_start = None
         self.stop = stop
+        self.add, self.pending = (self.accumulated if self.pending else None), False
         self.buffer[self.n] = 0.0
         if loss is not None:
             with np.errstate(invalid="ignore"):
@@ -100,6 +115,8 @@ class GradReducer:
     def _start(self, k: int) -> None:
         a, b, _ = self.buckets[k]
         grads = self.buffer[a:min(b, self.n)]
+        if self.add is not None:  # the earlier micro-batches' share of this bucket
+            grads += self.add[a:min(b, self.n)]
         if grads.size:
             # 0 x (max + min): 0 when every value is finite, NaN otherwise (on the device, no sync).
             with np.errstate(invalid="ignore"):

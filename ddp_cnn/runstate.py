@@ -58,9 +58,10 @@ class RunState:
             mine = so_far if self.world.is_root else {"loss": 0.0, "correct": 0, "seen": 0}
             self.sums = self._new_sums(mine["loss"], mine["correct"], mine["seen"], so_far["seconds"],
                                        so_far.get("comm", 0.0), so_far.get("exposed", 0.0))
-        if meta["world_size"] != self.world.size:
+        if meta["world_size"] != self.world.size and self.config.data_order != "global":
             self.log(f"warning: checkpoint was written by {meta['world_size']} ranks, resuming on "
-                     f"{self.world.size}: the data order differs from the original run")
+                     f"{self.world.size}: the data order differs from the original run (--data-order global "
+                     "keeps it on any rank count)")
         self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
                  f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
         self.metrics.truncate_after(self.global_step)
@@ -69,7 +70,10 @@ class RunState:
                             "world_size": self.world.size, "saved_by_world_size": meta["world_size"]})
 
     def sync_buffers(self):
-        """Average BatchNorm statistics over ranks (each rank saw its own batches)."""
+        """Average BatchNorm statistics over ranks (each rank saw its own batches; with --sync-bn
+        they saw the global batch's, bitwise the same on every rank, which stay untouched)."""
+        if self.config.sync_bn:
+            return
         for buf in self.model.named_buffers().values():
             buf[...] = self.xp.asarray(self.world.allreduce_host(to_host(buf)) / self.world.size)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataError, ShardData, open_rank_data
+from .global_order import take
 
 
 def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:
@@ -26,15 +27,24 @@ def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
-def hold_out(data: ShardData, fraction: float) -> tuple[ShardData, ShardData]:
-    """(train, val): ``data`` without and with its held-out rows (:func:`holdout_mask`)."""
+def hold_out(data: ShardData, fraction: float, part: tuple[int, int] | None = None) -> tuple[ShardData, ShardData]:
+    """(train, val): ``data`` without and with its held-out rows (:func:`holdout_mask`).
+
+    ``part`` (rank, size): ``data`` is every rank's (the global order), so
+    the validation rows are cut by rank, each scored on exactly one.
+    """
     if data.source_index is None:
         raise DataError(f"{data.paths[0]}: no source_index to hold validation rows out by; re-shard")
-    val = holdout_mask(data.source_index, fraction)
+    held = val = holdout_mask(data.source_index, fraction)
+    if part is not None:
+        rank, size = part
+        val = np.flatnonzero(held)
+        val = val[rank * len(val) // size:(rank + 1) * len(val) // size]
 
-    def rows(mask):
-        return replace(data, images=data.images[mask], labels=data.labels[mask], source_index=data.source_index[mask])
-    return rows(~val), rows(val)
+    def rows(picked):
+        return replace(data, images=take(data.images, picked), labels=data.labels[picked],
+                       source_index=data.source_index[picked])
+    return rows(~held), rows(val)
 
 
 def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | None]:
@@ -55,11 +65,13 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
         if config.val_fraction and has_val:
             raise ValueError(f"--val-fraction: {folder} has a validation split already (val.h5); drop the flag")
     agreed(comm, check)
-    train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data))
+    train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data,
+                                                data_order=config.data_order))
     agree_on_attributes(train, comm)
     val = None
     if config.val_fraction:  # held out whether or not it is scored: the training rows never depend on it
-        train, val = agreed(comm, lambda: hold_out(train, config.val_fraction))
+        part = (comm.rank, comm.size) if config.data_order == "global" else None
+        train, val = agreed(comm, lambda: hold_out(train, config.val_fraction, part))
     if not config.eval_every:
         return train, None, None
     if has_val:

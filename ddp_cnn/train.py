@@ -106,6 +106,11 @@ def _data_flags(p):
     g.add_argument("--data", default=D.data, help="folder of HDF5 shards made by `python -m data_tools.shard`")
     g.add_argument("--slice-data", action="store_true",
                    help="with fewer train shards than ranks, slice shard files by rank instead of refusing")
+    g.add_argument("--data-order", default=D.data_order, choices=["shard", "global"],
+                   help="shard: each rank shuffles the rows of its own shards (reads each shard once); global: "
+                        "one shuffle of the whole training set per epoch, each rank reading its part of every "
+                        "global batch from whichever shard holds it (shards on a shared file system), so training "
+                        "does not depend on the rank count and a run resumes on another rank count")
     g.add_argument("--val-fraction", type=fraction, default=D.val_fraction,
                    help="hold this part of the training rows out for validation (each epoch is scored on them "
                         "and the best checkpoint kept) when --data has no val.h5 (data_tools.shard "
@@ -125,6 +130,10 @@ def _model_flags(p):
                    help="one rate for every dropout layer (default: the architecture's own: "
                         "fmnist-cnn .25/.25/.5, mlp .2, lenet .25, fmnist-vgg .1/.2)")
     g.add_argument("--batchnorm", action="store_true", help="fmnist-cnn and mlp: batch norm after each conv/hidden dense layer")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="batch norm statistics over the global batch (per-channel sums allreduced in forward and "
+                        "backward; SyncBatchNorm), so N ranks compute what one rank does with the whole batch; "
+                        "default: each rank's own batch, as PyTorch DDP")
     g.add_argument("--width", type=positive_int, default=D.width,
                    help="fmnist-vgg: filters of the first stage, doubled at each of the next two (default 64)")
     g.add_argument("--activation", default=D.activation, choices=["relu", "leaky_relu", "prelu", "elu", "tanh", "sigmoid"],
@@ -151,6 +160,10 @@ def _optimisation_flags(p):
                    help="global batch (summed over ranks); must be divisible by the number of ranks")
     g.add_argument("--local-batch-size", type=positive_int, default=D.local_batch_size,
                    help="per-rank batch; overrides --batch-size (global = local x ranks)")
+    g.add_argument("--accumulate", type=positive_int, default=D.accumulate, metavar="K",
+                   help="split each rank's batch into K micro-batches, forward and backward one at a time, and "
+                        "allreduce and step once (the same update with 1/K of the activation memory); the "
+                        "per-rank batch must be divisible by K")
     g.add_argument("--optimizer", default=D.optimizer, choices=optim.OPTIMIZERS, help="update rule")
     g.add_argument("--lr", type=positive_float, default=D.lr, help="base learning rate")
     g.add_argument("--scale-lr", action="store_true",

@@ -33,7 +33,8 @@ from .evaluate import split_scores
 from .comm import CollectiveTimeout
 from .faults import (EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
                      maybe_fail, require_same)
-from .layers import SoftmaxCrossEntropy
+from .layers import BatchNorm, SoftmaxCrossEntropy
+from .layers.normalization import SyncStatistics
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
@@ -59,7 +60,9 @@ class Trainer(RunState):
         self.world.set_timeout(cfg.collective_timeout)  # every blocking collective gets the deadline
         self.log = log or RootLog(self.world)
         self.model, self.distiller = model, distiller
-        model.rank = self.world.rank  # dropout masks are keyed by rank
+        # Dropout masks are keyed by rank, except in the global order, where a row's mask follows
+        # from its place in the global batch (the same on any rank count, on the CPU).
+        model.rank = 0 if cfg.data_order == "global" else self.world.rank
         self.xp = model.xp
         self.run_dir = Path(cfg.run_dir or f"runs/{model.name}")
         self.metrics_path = Path(cfg.metrics) if cfg.metrics else self.run_dir / "metrics.jsonl"
@@ -96,16 +99,33 @@ class Trainer(RunState):
             raise
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
                                    cfg.bucket_mb)
+        if cfg.sync_bn:  # batch statistics over the global batch, through the gradients' communicator
+            for layer in model.layers:
+                if isinstance(layer, BatchNorm):
+                    layer.sync = SyncStatistics(self.comm, cfg.collective_timeout)
         self.stop = StopFlag()
 
     # ---- setup (each step local, then agreed) ----------------------------
     def _batch_sizes(self):
-        cfg, size = self.config, self.world.size
+        cfg, size, rank = self.config, self.world.size, self.world.rank
         if cfg.local_batch_size:
-            return cfg.local_batch_size * size, cfg.local_batch_size
+            global_batch, local = cfg.local_batch_size * size, cfg.local_batch_size
+        elif cfg.data_order == "global":  # rank r takes rows [r*G//N, (r+1)*G//N) of each global batch
+            if cfg.batch_size < size:
+                raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {size} ranks")
+            global_batch, local = cfg.batch_size, (rank + 1) * cfg.batch_size // size - rank * cfg.batch_size // size
+        else:
+            global_batch, local = self._even_batch_sizes()
+        if local < cfg.accumulate:
+            raise ValueError(f"--accumulate {cfg.accumulate}: more micro-batches than the {local} images of "
+                             f"rank {rank}'s batch")
+        return global_batch, local
+
+    def _even_batch_sizes(self):
+        cfg, size = self.config, self.world.size
         if cfg.batch_size % size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {size} ranks; "
-                             f"use a multiple of {size} or --local-batch-size")
+                             f"use a multiple of {size}, --local-batch-size or --data-order global")
         return cfg.batch_size, cfg.batch_size // size
 
     def _prepare_run_dir(self):
@@ -121,7 +141,10 @@ class Trainer(RunState):
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
-        model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), self.local_batch, cfg.data)
+        model.check_trainable(self.train_data.images.shape[1:], len(self.class_names),
+                              self.local_batch // cfg.accumulate, cfg.data)
+        if cfg.sync_bn and not any(isinstance(layer, BatchNorm) for layer in model.layers):
+            raise ValueError(f"--sync-bn: model {model.name!r} has no batch norm layers")
         if cfg.ema and model.named_buffers():
             raise ValueError(f"--ema: not for a model with batch norm ({model.name}): its running statistics "
                              "belong to the raw weights, not to their average")
@@ -132,6 +155,7 @@ class Trainer(RunState):
         if not (cfg.resume and self.world.is_root):  # rank 0 reads it; everyone receives it in the broadcast
             return opt, None
         run = {"global_batch": self.global_batch, "optimizer": cfg.optimizer, "val_fraction": cfg.val_fraction,
+               "data_order": cfg.data_order,
                "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
                                          self.distiller.record if self.distiller else None, run, warn=self.log)
@@ -151,7 +175,7 @@ class Trainer(RunState):
     def _loaders(self):
         cfg, dtype = self.config, self.model.backend.dtype
         train = Loader(self.train_data, batch_size=self.local_batch, comm=self.world, seed=cfg.seed, xp=self.xp,
-                       dtype=dtype, augment=self.augment)
+                       dtype=dtype, augment=self.augment, data_order=cfg.data_order, global_batch=self.global_batch)
 
         def scoring(data):  # every row once, normalised with the training statistics
             return None if data is None else Loader(
@@ -166,7 +190,9 @@ class Trainer(RunState):
         deadline = time.monotonic() + cfg.collective_timeout if cfg.collective_timeout > 0 else None
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
-            poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested)
+            poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested,
+            micro_batches=cfg.accumulate, share=self.local_batch * self.world.size / self.global_batch,
+            first_row=self.train_loader.start)
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)

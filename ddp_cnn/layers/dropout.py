@@ -14,7 +14,10 @@ class Dropout(Layer):
     The mask comes from a key the model sets before each step
     (seed, stream, rank, step, layer index), so runs and resumes are
     reproducible: on the CPU one draw of ``default_rng(key)`` over the whole
-    batch, on a GPU a counter-based hash (kernels.dropout_mask).
+    batch, on a GPU a counter-based hash (kernels.dropout_mask).  A batch
+    that is part of a bigger one (``first_row`` > 0: a micro-batch, a rank's
+    share of a global batch) continues that draw where its rows begin, so
+    on the CPU each row gets the mask it would get in the whole batch.
     """
 
     def __init__(self, rate: float, name=None):
@@ -24,17 +27,20 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
         self.key = (0, STREAM_DROPOUT, 0, 0, 0)
+        self.first_row = 0
 
     def forward(self, x, train=False):
         self.check_input(x)
         if not train or self.rate == 0.0:
             self.mask = None
             return x
+        offset = self.first_row * (x.size // max(x.shape[0], 1))  # values drawn for the rows before
         if self.gpu:
-            self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype)
+            self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype, offset=offset)
         else:
             self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype,
-                                             self.buffer("mask", x.shape), self.buffer("uniform", x.shape, np.float32))
+                                             self.buffer("mask", x.shape), self.buffer("uniform", x.shape, np.float32),
+                                             offset=offset)
         return self.xp.multiply(x, self.mask, out=self.buffer("out", x.shape))
 
     def backward(self, dy, need_dx=True):

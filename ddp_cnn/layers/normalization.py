@@ -1,5 +1,8 @@
-"""Batch normalisation over every axis but the last (channels or features)."""
+"""Batch normalisation over every axis but the last (channels or features), optionally over
+the global batch (SyncBatchNorm)."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -7,12 +10,31 @@ from .. import kernels
 from .base import Layer, ParamSpec
 
 
+class SyncStatistics:
+    """Means over the ranks of ``comm`` of a few per-channel sums, each wait bounded by ``timeout``
+    seconds (0: none): what a BatchNorm layer needs to normalise over the global batch."""
+
+    def __init__(self, comm, timeout: float = 0.0):
+        self.comm, self.timeout = comm, timeout
+
+    def mean(self, values):
+        """``values`` (a contiguous 1-D array that stays alive) averaged over ranks, in place."""
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        self.comm.allreduce_mean(values).wait(deadline)
+        return values
+
+
 class BatchNorm(Layer):
     """Batch normalisation over every axis but the last (channels or features).
 
-    Train mode normalises with the local batch statistics (no SyncBN: under
-    data parallelism each rank uses its own batch, like PyTorch DDP) and
-    updates running statistics; eval mode uses the running statistics.
+    Train mode normalises with the local batch statistics (under data
+    parallelism each rank uses its own batch, like PyTorch DDP) and updates
+    running statistics; eval mode uses the running statistics.  With
+    ``sync`` set (a :class:`SyncStatistics`; ``train --sync-bn``) the
+    statistics are those of the global batch: the per-channel sums and the
+    counts are averaged over ranks in forward (mean, then the variance about
+    it) and backward (the sums of dy and dy*xhat), so N ranks compute what
+    one rank computes with the whole batch.
     Training on one value per channel (a local batch of 1 on a dense layer,
     or of one 1x1 image) raises ValueError, as PyTorch does.
 
@@ -27,6 +49,7 @@ class BatchNorm(Layer):
         self._remember(locals())
         self.momentum = float(momentum)
         self.eps = float(eps)
+        self.sync = None  # a SyncStatistics: normalise over the global batch
 
     def _build(self, input_shape):
         self.c = input_shape[-1]
@@ -51,23 +74,57 @@ class BatchNorm(Layer):
 
     def _statistics(self, train, m, batch_statistics):
         """(mean, var) to normalise with: in train mode the batch's, from
-        batch_statistics(), folded into the running statistics; else the running ones."""
+        batch_statistics() -> (mean, var, count), folded into the running statistics; else the running ones."""
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-        if not train or m == 0:  # an empty batch has no statistics
+        if not train or (m == 0 and self.sync is None):  # an empty batch has no statistics
             return rm, rv
-        mean, var = batch_statistics()
+        mean, var, m = batch_statistics()
         rm *= 1 - self.momentum
         rm += self.momentum * mean
         rv *= 1 - self.momentum
         rv += self.momentum * var * (m / max(m - 1, 1))  # unbiased, as PyTorch keeps it
         return mean, var
 
+    def _global_statistics(self, rows, sums):
+        """(mean, var, count) over every rank's rows: ``sums(rows, minus=None)`` gives this rank's
+        per-channel float64 sums of rows (or of (rows - minus)**2).  Two averaged exchanges: the
+        sums with the count, then the squares about the global mean."""
+        xp, c = self.xp, self.c
+        first = self.scratch.get("sync_sums", (c + 1,), np.float64, xp)  # a fixed buffer for the comm
+        first[:c] = sums(rows)
+        first[c] = rows.shape[0]
+        self.sync.mean(first)  # means over ranks: mean sum / mean count = global mean
+        count = first[c]
+        mean = first[:c] / count
+        second = self.scratch.get("sync_squares", (c,), np.float64, xp)
+        second[...] = sums(rows, minus=mean.astype(rows.dtype))
+        self.sync.mean(second)
+        return mean, second / count, int(round(float(count) * self.sync.comm.size))
+
+    def _global_slopes(self, dbeta, dgamma, m):
+        """(mean of dy, mean of dy*xhat) per channel over the global batch, from this rank's sums."""
+        xp, c = self.xp, self.c
+        v = self.scratch.get("sync_grads", (2 * c + 1,), np.float64, xp)
+        v[:c], v[c:2 * c], v[2 * c] = dbeta, dgamma, m
+        self.sync.mean(v)
+        return v[:c] / v[2 * c], v[c:2 * c] / v[2 * c]
+
     # ---- GPU -----------------------------------------------------------------
     def _forward_gpu(self, x, train):
         from .. import cuda_kernels
         x2 = self.xp.ascontiguousarray(x).reshape(-1, self.c)
         ones = self.scratch.ones("ones", x2.shape[0], x2.dtype, self.xp)
-        mean, var = self._statistics(train, x2.shape[0], lambda: cuda_kernels.batchnorm_statistics(x2, ones))
+
+        def batch_statistics():
+            if self.sync is None:
+                return (*cuda_kernels.batchnorm_statistics(x2, ones), x2.shape[0])
+
+            def sums(rows, minus=None):
+                part = rows if minus is None else cuda_kernels._centred_square(rows, minus)
+                return cuda_kernels.channel_sums(part, ones).astype(np.float64)
+            mean, var, m = self._global_statistics(x2, sums)
+            return mean.astype(x2.dtype), var.astype(x2.dtype), m
+        mean, var = self._statistics(train, x2.shape[0], batch_statistics)
         self.batch_stats = train
         self.invstd = 1.0 / self.xp.sqrt(var + self.eps)
         self.xhat, y = cuda_kernels.batchnorm_normalise(x2, mean, self.invstd, self.params["gamma"],
@@ -88,8 +145,11 @@ class BatchNorm(Layer):
         if not self.batch_stats:  # eval mode: statistics are constants
             return (dy2 * scale).reshape(dy.shape)
         # d/dx of (x - mean(x)) / std(x), with both statistics depending on x.
-        dx = cuda_kernels.batchnorm_backward(dy2, xhat, scale, self.grads["beta"] / max(m, 1),
-                                             self.grads["gamma"] / max(m, 1))
+        if self.sync is None:
+            shift, slope = self.grads["beta"] / max(m, 1), self.grads["gamma"] / max(m, 1)
+        else:
+            shift, slope = (v.astype(dy2.dtype) for v in self._global_slopes(self.grads["beta"], self.grads["gamma"], m))
+        dx = cuda_kernels.batchnorm_backward(dy2, xhat, scale, shift, slope)
         return dx.reshape(dy.shape)
 
     # ---- CPU -----------------------------------------------------------------
@@ -119,8 +179,10 @@ class BatchNorm(Layer):
         m = x2.shape[0]
 
         def batch_statistics():  # two passes: the variance about the mean, not E[x^2] - mean^2
+            if self.sync is not None:
+                return self._global_statistics(x2, self._channel_sums)
             mean = self._channel_sums(x2) / m
-            return mean, self._channel_sums(x2, minus=mean.astype(x.dtype)) / m
+            return mean, self._channel_sums(x2, minus=mean.astype(x.dtype)) / m, m
         mean, var = self._statistics(train, m, batch_statistics)
         self.batch_stats = train
         self.invstd = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
@@ -148,8 +210,12 @@ class BatchNorm(Layer):
         scale = self.params["gamma"] * self.invstd
         # d/dx of (x - mean(x)) / std(x), both statistics depending on x (train),
         # or constants (eval): gamma invstd (dy - mean(dy) - xhat mean(dy xhat)).
-        shift, slope = (dtype(0), dtype(0)) if not self.batch_stats else \
-            ((dbeta / max(m, 1)).astype(dtype), (dgamma / max(m, 1)).astype(dtype))
+        if not self.batch_stats:
+            shift, slope = dtype(0), dtype(0)
+        elif self.sync is not None:
+            shift, slope = (v.astype(dtype) for v in self._global_slopes(dbeta, dgamma, m))
+        else:
+            shift, slope = (dbeta / max(m, 1)).astype(dtype), (dgamma / max(m, 1)).astype(dtype)
         dx = self.buffer("dx", dy.shape)
         dx2 = dx.reshape(-1, self.c)
         np.multiply(xhat, slope, out=dx2)
