@@ -231,3 +231,26 @@ def test_sigterm_on_4_ranks_then_resume_on_2_and_on_1_continues_the_4_rank_run(t
         done = final(run_dir)
         assert done["meta"]["global_step"] == 100 and done["meta"]["world_size"] == ranks
         assert relative(done["params"], reference["params"]) < 1e-10, f"resumed on {ranks} rank(s)"
+
+
+# ---- what is refused -----------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--sync-bn"], "--sync-bn: model 'lenet' has no batch norm layers"),
+    (["--accumulate", 40], "--accumulate 40: more micro-batches than the 32 images of rank 0's batch"),
+])
+def test_settings_that_cannot_work_exit_2_with_one_line(tmp_path, capsys, flags, needle):
+    data = make_synthetic_shards(tmp_path / "data", 1)
+    code = train(COMMON + ["--data", data, "--batch-size", 32, "--run-dir", tmp_path / "run"] + flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {needle}"]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_resume_in_another_data_order_is_refused(tmp_path, capsys):
+    data = make_synthetic_shards(tmp_path / "data", 1)
+    flags = COMMON + ["--data", data, "--batch-size", 32, "--run-dir", tmp_path / "run"]
+    assert train(flags + ["--max-steps", 2]) == 0
+    capsys.readouterr()
+    assert train(flags + ["--max-steps", 4, "--resume", "--data-order", "global"]) == 2
+    assert "trained with --data-order shard, this run has global" in capsys.readouterr().err
