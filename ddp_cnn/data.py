@@ -27,7 +27,8 @@ from data_tools.errors import DataError
 # data_tools.h5format (and with it h5py) is imported where shards are read, not here: ``normalize``
 # also serves models exported to .npz, whose loading promises to need NumPy alone.
 
-__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "normalize", "Loader"]
+__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "normalize", "channel_stats",
+           "Loader"]
 
 
 # ---------------------------------------------------------------- opening a rank's rows
@@ -36,7 +37,7 @@ __all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment",
 class ShardData:
     """The rows one rank trains or evaluates on, in host memory."""
 
-    images: np.ndarray  # uint8 (n, H, W)
+    images: np.ndarray  # uint8 (n, H, W, C) (the reader gives 4-D; (n, H, W) is taken as C = 1)
     labels: np.ndarray  # int64 (n,)
     attrs: dict  # decoded attributes of the first file read (mean, std, class_names, sharding_id, ...)
     paths: list[Path] = field(default_factory=list)
@@ -149,28 +150,34 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
 
 # ---------------------------------------------------------------- augmentation
 
+# The augmentations take uint8 images (B, H, W, C) or (B, H, W).  Every random draw has the batch as
+# its last axis and is drawn with size b = len(images), so a generator drawing for a larger global
+# batch can be sliced to any rank's part of it.
+
 def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
     """Translate each image by a random (dy, dx) in [-shift, shift]^2, zero filling: a crop of the padded image."""
-    b, h, w = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
+    b, h, w = images.shape[:3]
+    pad = ((0, 0), (shift, shift), (shift, shift)) + ((0, 0),) * (images.ndim - 3)
+    padded = np.pad(images, pad)
     oy, ox = rng.integers(0, 2 * shift + 1, size=(2, b))
-    # A (b, 2s+1, 2s+1, h, w) view of every crop; picking one per image copies whole rows (3x faster
+    # A (b, 2s+1, 2s+1, [C,] h, w) view of every crop; picking one per image copies whole rows (3x faster
     # than gathering single pixels with three broadcast index arrays).
-    crops = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
-    return crops[np.arange(b), oy, ox]
+    crops = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))[np.arange(b), oy, ox]
+    return crops if images.ndim == 3 else np.ascontiguousarray(np.moveaxis(crops, 1, 3))  # (b, C, h, w) -> last
 
 
 def random_hflip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirror each image left-right with probability 1/2."""
+    """Mirror each image left-right with probability 1/2 (axis 2, the width, whatever the channels)."""
     flip = rng.random(len(images)) < 0.5
     out = images.copy()
     out[flip] = images[flip, :, ::-1]
     return out
 
 
-def random_erase(images: np.ndarray, p: float, rng: np.random.Generator, fill: int) -> np.ndarray:
-    """With probability p per image, set one random rectangle (2-25% of the area, aspect 0.3-3.3) to ``fill``."""
-    b, h, w = images.shape
+def random_erase(images: np.ndarray, p: float, rng: np.random.Generator, fill) -> np.ndarray:
+    """With probability p per image, set one random rectangle (2-25% of the area, aspect 0.3-3.3) to ``fill``
+    (one uint8 value, or one per channel)."""
+    b, h, w = images.shape[:3]
     chosen = rng.random(b) < p
     area = rng.uniform(0.02, 0.25, b) * h * w
     aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3), b))
@@ -181,16 +188,20 @@ def random_erase(images: np.ndarray, p: float, rng: np.random.Generator, fill: i
     ys, xs = np.arange(h), np.arange(w)
     in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]) & chosen[:, None]  # (b, h)
     in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (b, w)
-    return np.where(in_rows[:, :, None] & in_cols[:, None, :], np.uint8(fill), images)
+    mask = in_rows[:, :, None] & in_cols[:, None, :]  # (b, h, w)
+    if images.ndim == 4:
+        mask = mask[..., None]
+    return np.where(mask, np.asarray(fill, dtype=np.uint8), images)
 
 
 @dataclass
 class Augment:
-    """Random training-time changes to uint8 images (B, H, W), vectorised over the batch.
+    """Random training-time changes to uint8 images (B, H, W, C) or (B, H, W), vectorised over the batch.
 
     shift: random translation in [-shift, shift] pixels (zero padding, then a crop);
     hflip: mirror half the images (leave off for digits: a mirrored 2 is no 2);
-    erase: probability of blanking one random rectangle (to the mean pixel).
+    erase: probability of blanking one random rectangle (to ``fill``: the Loader gives the mean
+    pixel of each channel).
     """
 
     shift: int = 0
@@ -207,7 +218,7 @@ class Augment:
     def changes_images(self) -> bool:
         return bool(self.shift or self.hflip or self.erase)
 
-    def __call__(self, images: np.ndarray, rng: np.random.Generator, fill: int = 0) -> np.ndarray:
+    def __call__(self, images: np.ndarray, rng: np.random.Generator, fill=0) -> np.ndarray:
         if self.shift:
             images = random_shift(images, self.shift, rng)
         if self.hflip:
@@ -219,11 +230,30 @@ class Augment:
 
 # ---------------------------------------------------------------- normalisation
 
-def normalize(pixels, mean: float, std: float, dtype, xp=np):
+def channel_stats(mean, std, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) as float64 arrays of one value per channel, from scalars (files and checkpoints
+    written before per-channel statistics: one channel) or sequences.
+
+    DataError unless both have the same length (``channels`` if given; a
+    scalar then serves every channel), the mean is finite and the std > 0."""
+    m = np.atleast_1d(np.asarray(mean, dtype=np.float64))
+    s = np.atleast_1d(np.asarray(std, dtype=np.float64))
+    if channels is not None:
+        m, s = (np.repeat(v, channels) if v.shape == (1,) else v for v in (m, s))
+    if m.ndim != 1 or m.shape != s.shape or (channels is not None and len(m) != channels):
+        raise DataError(f"pixel mean/std of {m.size}/{s.size} values for "
+                        f"{channels if channels is not None else max(m.size, s.size)} channels")
+    if not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()):
+        raise DataError(f"pixel std must be a number > 0 and the mean finite, got mean {m.tolist()} std {s.tolist()}")
+    return m, s
+
+
+def normalize(pixels, mean, std, dtype, xp=np):
     """Pixels (N, H, W) or (N, H, W, C) -> model input (N, H, W, C) in ``dtype`` on ``xp``.
 
     uint8 pixels are 0..255, float pixels 0..1: x = (pixel/255 - mean)/std
-    (without the /255 for floats), computed in ``dtype`` in this order.  The
+    (without the /255 for floats), computed in ``dtype`` in this order, with
+    ``mean``/``std`` a scalar or one value per channel.  The
     one normalisation of the package: training and evaluation batches
     (``Loader``), ``predict`` and ``inference`` all go through it, so an image
     gives the model the same input whichever way it comes in.  The pixels are
@@ -241,8 +271,9 @@ def normalize(pixels, mean: float, std: float, dtype, xp=np):
     x = x.astype(dtype)  # always a fresh array: the in-place steps below never touch the caller's pixels
     if is_uint8:
         x /= 255
-    x -= dtype.type(mean)  # in the model dtype even when mean/std come as float64 scalars
-    x /= dtype.type(std)
+    mean, std = channel_stats(mean, std, x.shape[3])  # ValueError (DataError) on a channel count that differs
+    x -= xp.asarray(mean, dtype=dtype)  # in the model dtype even when mean/std come as float64
+    x /= xp.asarray(std, dtype=dtype)
     return x
 
 
@@ -340,10 +371,12 @@ class Loader:
             if batch_size != (comm.rank + 1) * g // comm.size - self.start:
                 raise DataError(f"rank {comm.rank} of {comm.size}: batch size {batch_size} is not its share of "
                                 f"the global batch {g}")
-        self.mean = float(data.attrs["mean"] if mean is None else mean)
-        self.std = float(data.attrs["std"] if std is None else std)
-        if not self.std > 0:
-            raise DataError(f"pixel std must be > 0, got {self.std} (from {data.paths[:1] or 'the caller'})")
+        try:  # one value per channel (a scalar: every channel)
+            channels = data.images.shape[3] if len(data.images.shape) == 4 else 1
+            self.mean, self.std = channel_stats(data.attrs["mean"] if mean is None else mean,
+                                                data.attrs["std"] if std is None else std, channels)
+        except DataError as exc:
+            raise DataError(f"{exc} (from {data.paths[:1] or 'the caller'})") from None
         self.steps_per_epoch = self._agree_steps() if drop_last else math.ceil(len(data) / batch_size)
         self._scope = _device_scope(xp)
 
@@ -402,7 +435,7 @@ class Loader:
                 rng = BatchSlice(np.random.default_rng([self.seed, epoch, step, 1]), self.start, self.global_batch)
             else:
                 rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])
-            images = self.augment(images, rng, fill=int(round(self.mean * 255)))
+            images = self.augment(images, rng, fill=np.rint(self.mean * 255).astype(np.uint8))
         return self.to_device(images, self.data.labels[rows])
 
     def to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple:

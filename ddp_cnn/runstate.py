@@ -87,7 +87,8 @@ class RunState:
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seed": self.config.seed,
                 "world_size": self.world.size, "global_batch": self.global_batch,
                 "sharding_id": attrs.get("sharding_id"), "class_names": self.class_names,
-                "mean": float(attrs["mean"]), "std": float(attrs["std"]),
+                "mean": np.ravel(attrs["mean"]).astype(float).tolist(),  # one per channel
+                "std": np.ravel(attrs["std"]).astype(float).tolist(),
                 "teacher": self.distiller.record if self.distiller else None,
                 "best_val_acc": self.best_val,
                 "epoch_so_far": {"loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, ShardData, open_rank_data
+from .data import DataError, ShardData, channel_stats, open_rank_data
 from .global_order import take
 
 
@@ -92,14 +92,14 @@ def agree_on_attributes(train: ShardData, comm) -> None:
     first = train.paths[0] if train.paths else "the training shards"
     attrs = train.attrs
 
-    def usable():
-        std = float(attrs.get("std", 0.0))
-        if not std > 0 or not np.isfinite(std) or not np.isfinite(float(attrs.get("mean", np.nan))):
-            raise DataError(f"{first}: pixel std must be a number > 0 and the mean finite, got mean "
-                            f"{attrs.get('mean')} std {attrs.get('std')} (re-shard)")
-    agreed(comm, usable)
+    def usable():  # one mean/std per channel (old files: one number)
+        try:
+            return channel_stats(attrs.get("mean", np.nan), attrs.get("std", 0.0))
+        except (DataError, TypeError) as exc:
+            raise DataError(f"{first}: {exc} (re-shard)") from None
+    mean, std = agreed(comm, usable)
     try:
-        require_same(comm, {"mean": float(attrs["mean"]), "std": float(attrs["std"]),
+        require_same(comm, {"mean": mean.tolist(), "std": std.tolist(),
                             "classes": list(attrs.get("class_names") or [])},
                      {"mean": "training pixel mean of their shards (files of different sharding runs?)",
                       "std": "training pixel std of their shards (files of different sharding runs?)",
