@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from .trace import NO_TRACE
+
 
 def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):
     """Group layers (taken in backward order) into buckets of about `bucket_bytes`.
@@ -60,8 +62,9 @@ class GradReducer:
     ``accumulate()`` after each earlier micro-batch's backward.
     """
 
-    def __init__(self, comm, buffer, layer_ranges, bucket_mb: float = 4.0):
+    def __init__(self, comm, buffer, layer_ranges, bucket_mb: float = 4.0, tracer=NO_TRACE):
         self.comm, self.buffer = comm, buffer
+        self.tracer = tracer  # a ddp_cnn.trace.Tracer: each bucket's allreduce as a span (--trace)
         self.n = buffer.size - 1  # gradients; buffer[n] is the flag
         planned = plan_buckets(layer_ranges, int(bucket_mb * 2**20), buffer.dtype.itemsize)
         if not planned:  # a model without parameters still agrees on the flag
@@ -99,6 +102,7 @@ class GradReducer:
         last bucket starts (as late as possible); ``loss``: this rank's loss (device scalar), whose
         non-finite value counts as a non-finite gradient."""
         self.handles = [None] * len(self.buckets)
+        self.issued = [None] * len(self.buckets)  # perf_counter() when each bucket's allreduce was issued
         self.first_start = None
         self.stop = stop
         self.add, self.pending = (self.accumulated if self.pending else None), False
@@ -123,8 +127,9 @@ class GradReducer:
                 self.buffer[self.n:] += grads.max() * 0 + grads.min() * 0
         if b > self.n and (self.stop() if callable(self.stop) else self.stop):
             self.buffer[self.n:] += 1.0
+        self.issued[k] = time.perf_counter()
         if self.first_start is None:
-            self.first_start = time.perf_counter()
+            self.first_start = self.issued[k]
         self.handles[k] = self.comm.allreduce_mean(self.buffer[a:b])
 
     def finish(self, deadline: float | None = None) -> None:
@@ -138,6 +143,21 @@ class GradReducer:
         done = time.perf_counter()
         self.comm_seconds += done - self.first_start
         self.exposed_seconds += done - t0
+        if self.tracer.enabled:
+            self._trace(t0, done)
+
+    def _trace(self, waited_from: float, done: float) -> None:
+        """Each bucket's allreduce from issue to completion, in a lane of its own (they overlap backward
+        and one another), and this step's wait for them on the main lane.  A handle that does not know
+        when it completed (NCCL: the host never sees it) ends its span when the wait did."""
+        size = self.buffer.dtype.itemsize
+        for k, ((a, b, _), handle, issued) in enumerate(zip(self.buckets, self.handles, self.issued)):
+            completed = handle.completed if handle.completed is not None else done
+            args = {"bucket": k, "bytes": (b - a) * size}
+            if handle.started is not None:  # behind the buckets issued before it, in the progress thread
+                args["queued_ms"] = round(max(0.0, handle.started - issued) * 1e3, 3)
+            self.tracer.add(f"allreduce bucket {k}", "allreduce", issued, completed, lane=f"allreduce {k}", **args)
+        self.tracer.add("allreduce wait", "allreduce", waited_from, done)
 
     def close(self) -> None:
         self.comm.close()

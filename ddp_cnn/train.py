@@ -234,6 +234,11 @@ def _output_flags(p):
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --run-dir (its metrics and checkpoints); without it a "
                         "run dir that holds a run is refused unless --resume")
+    g.add_argument("--trace", metavar="FILE", default=D.trace,
+                   help="write a timeline of every rank's steps to FILE (Chrome trace-event JSON, for "
+                        "https://ui.perfetto.dev): data wait, forward and backward per layer, each gradient "
+                        "bucket's allreduce, optimizer, checkpoints, evaluation; python -m ddp_cnn.report "
+                        "--trace FILE draws one step")
 
 
 

@@ -39,6 +39,7 @@ from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
 from .step import compute_gradients
+from .trace import Tracer
 
 
 class Trainer(RunState):
@@ -97,8 +98,9 @@ class Trainer(RunState):
         except SetupError:
             self.lock.release()
             raise
+        self.tracer = Tracer(self.world.rank, enabled=bool(cfg.trace))  # --trace: a timeline of the steps
         self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
-                                   cfg.bucket_mb)
+                                   cfg.bucket_mb, tracer=self.tracer)
         if cfg.sync_bn:  # batch statistics over the global batch, through the gradients' communicator
             for layer in model.layers:
                 if isinstance(layer, BatchNorm):
@@ -203,13 +205,15 @@ class Trainer(RunState):
             self.skipped += 1
             self.log(f"warning: skipped the update of step {self.global_step}: non-finite loss or gradient")
         else:
-            self.opt.step(self.schedule(self.global_step))
+            with self.tracer.span("optimizer", "optimizer"):
+                self.opt.step(self.schedule(self.global_step))
         return loss, correct, flag > 0
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
         by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
         self.stop.install()
+        self.tracer.instrument(self.model)
         try:
             distiller = self.distiller
             if distiller is not None and distiller.cache is None and not self.augment.changes_images:
@@ -223,6 +227,7 @@ class Trainer(RunState):
                 if self.config.max_steps and self.global_step >= self.config.max_steps:
                     break
             self._final_test()
+            self.write_trace()
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -230,6 +235,7 @@ class Trainer(RunState):
         except CollectiveTimeout as exc:  # a rank stalled or lost its link: the job cannot go on
             abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
         finally:
+            self.tracer.restore(self.model)
             self.reducer.close()
             self.stop.uninstall()
             self.lock.release()
@@ -266,12 +272,13 @@ class Trainer(RunState):
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None
         self.part_started = time.perf_counter()
-        for x, y in self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch):
+        for x, y in self.tracer.iterate(self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch)):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
-            loss, correct, stop = self.train_step(x, y, soft)
+            with self.tracer.span("step", "step", step=self.global_step):
+                loss, correct, stop = self.train_step(x, y, soft)
             sums["loss"] += loss.astype(np.float64) * y.shape[0]
             sums["correct"] += correct
             sums["seen"] += y.shape[0]
@@ -292,7 +299,9 @@ class Trainer(RunState):
         return None
 
     def _preempted(self) -> int:
-        self.save_checkpoint()
+        with self.tracer.span("checkpoint", "checkpoint"):
+            self.save_checkpoint()
+        self.write_trace()
         self.world.barrier()
         self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
                  "continue with --resume latest")
@@ -308,7 +317,8 @@ class Trainer(RunState):
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            self.save_checkpoint()
+            with self.tracer.span("checkpoint", "checkpoint"):
+                self.save_checkpoint()
 
     def _end_epoch(self):
         cfg = self.config
@@ -335,16 +345,25 @@ class Trainer(RunState):
                    f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
         improved = record.get("val_acc", -1.0) > self.best_val
         self.best_val = max(self.best_val, record.get("val_acc", -1.0))
-        path = self.save_checkpoint()
+        with self.tracer.span("checkpoint", "checkpoint"):
+            path = self.save_checkpoint()
         if improved and path is not None:  # root: the best so far by validation accuracy, kept apart
             ckpt.keep_as_best(path)
             self.log(f"best validation accuracy so far: {path.parent / ckpt.BEST_NAME}")
 
     def score(self, split: str, loader) -> dict:
         """Collective: the model (the --ema average, if kept) on one split, as ``{split}_*`` metrics."""
-        self.sync_buffers()
-        with self.opt.averaged_weights():
-            return split_scores(split, self.model, loader, self.world, len(self.class_names))
+        with self.tracer.span("evaluation", "evaluation", split=split):
+            self.sync_buffers()
+            with self.opt.averaged_weights():
+                return split_scores(split, self.model, loader, self.world, len(self.class_names))
+
+    def write_trace(self) -> None:
+        """Collective: the --trace timeline so far, every rank's spans in one file (rank 0 writes it)."""
+        self.tracer.write(self.world, self.config.trace, log=self.log, meta={
+            "model": self.model.name, "global_batch": self.global_batch, "world_size": self.world.size,
+            "comm": self.comm.name, "device": self.model.backend.name, "global_step": self.global_step,
+            "bucket_bytes": [(b - a) * self.model.grad_buffer.dtype.itemsize for a, b, _ in self.reducer.buckets]})
 
     def _final_test(self):
         """Collective: the test set, scored once, on the final model."""

@@ -21,7 +21,14 @@ class CollectiveTimeout(RuntimeError):
 
 
 class Handle:
-    """A pending ``allreduce_mean``.  ``wait(deadline)`` returns once the mean is in place."""
+    """A pending ``allreduce_mean``.  ``wait(deadline)`` returns once the mean is in place.
+
+    ``started``/``completed``: ``time.perf_counter()`` when the reduction began and ended on the host
+    (the trace's allreduce spans end at ``completed``); None where the host never sees it (NCCL).
+    """
+
+    started: float | None = None
+    completed: float | None = None
 
     def wait(self, deadline: float | None = None) -> None:
         """Block until done, or raise CollectiveTimeout past ``deadline`` (a time.monotonic() value; None: no limit)."""
@@ -29,6 +36,9 @@ class Handle:
 
 class DoneHandle(Handle):
     """A collective that completed inside the call (one rank, or an MPI without a progress thread)."""
+
+    def __init__(self):
+        self.started = self.completed = time.perf_counter()
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -74,6 +84,11 @@ class Communicator:
     def allgather_obj(self, obj) -> list:
         """Collective: the list of every rank's object, in rank order."""
         raise NotImplementedError
+
+    def gather_obj(self, obj, root: int = 0) -> list | None:
+        """Collective: on rank root, the list of every rank's object in rank order; None elsewhere."""
+        everyone = self.allgather_obj(obj)
+        return everyone if self.rank == root else None
 
     def barrier(self) -> None:
         """Collective: wait until every rank gets here."""

@@ -133,6 +133,7 @@ class MPIComm(Communicator):
             self._reduce(view, handle)
 
     def _reduce(self, view, handle):
+        handle.started = time.perf_counter()
         try:
             if handle.on_gpu:
                 self._reduce_staged(view, handle)
@@ -141,6 +142,7 @@ class MPIComm(Communicator):
                 view *= view.dtype.type(1.0 / self.size)
         except BaseException as exc:  # handed to the waiting thread, which raises it
             handle.error = exc
+        handle.completed = time.perf_counter()
         handle.done.set()
 
     def _stage(self, view) -> dict:
@@ -198,6 +200,10 @@ class MPIComm(Communicator):
     def allgather_obj(self, obj):
         with self.watchdog.watch("an allgather"):
             return self.comm.allgather(obj)
+
+    def gather_obj(self, obj, root=0):
+        with self.watchdog.watch(f"a gather to rank {root}"):
+            return self.comm.gather(obj, root=root)
 
     def barrier(self):
         with self.watchdog.watch("a barrier"):

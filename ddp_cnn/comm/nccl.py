@@ -64,6 +64,9 @@ class NCCLComm(Communicator):
     def allgather_obj(self, obj):
         return self.world.allgather_obj(obj)
 
+    def gather_obj(self, obj, root=0):
+        return self.world.gather_obj(obj, root)
+
     def barrier(self):
         self.world.barrier()
 
