@@ -16,7 +16,7 @@ class TrainConfig:
     hflip: bool = False
     erase: float = 0.0
     # model (the command line builds it from these; a library user passes a built model)
-    model: str = "lenet"
+    model: str | None = None         # a name or FILE.toml; the CLI's None: lenet, or with --resume the checkpoint's
     dropout: bool = True
     dropout_rate: float | None = None
     batchnorm: bool = False

@@ -15,6 +15,7 @@ import argparse
 import math
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 try:
     import tomllib
@@ -23,8 +24,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import comm as comm_mod
 from . import model as model_mod
+from . import modelfile
 from . import optim
 from .backend import get_backend
+from . import checkpoint as ckpt
 from .config import TrainConfig
 from .splits import class_names_of, open_data
 from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
@@ -69,6 +72,13 @@ def fraction(text):
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def model_name(text):
+    if text in model_mod.ARCHITECTURES or modelfile.is_model_file(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                     f"{', '.join(sorted(model_mod.ARCHITECTURES))}, or a model file FILE.toml)")
 
 
 def weight(text):
@@ -123,7 +133,10 @@ def _data_flags(p):
 
 def _model_flags(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=D.model, choices=sorted(model_mod.ARCHITECTURES), help="architecture")
+    g.add_argument("--model", default=D.model, type=model_name, metavar="NAME|FILE.toml",
+                   help=f"architecture ({', '.join(sorted(model_mod.ARCHITECTURES))}), or a model file: one "
+                        "[[layers]] table per layer, e.g. models/small-cnn.toml (default: lenet; with --resume, "
+                        "the model the checkpoint holds)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="remove the dropout layers")
     g.add_argument("--dropout-rate", type=fraction, default=D.dropout_rate,
@@ -282,6 +295,8 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("distill_weight", "distill_temperature"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(D, name))
+    if args.model is None and not args.resume:  # a resume without --model takes the checkpoint's (build_model)
+        args.model = "lenet"
     try:
         args.fail_at = parse_fail_at(args.fail_at)
         args.inject_nan = parse_fail_at(args.inject_nan, env="DDP_CNN_NAN_AT", flag="--inject-nan")
@@ -291,7 +306,20 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def arch_kwargs(cfg: TrainConfig) -> dict:
-    """The architecture's keyword arguments from the model flags; ValueError for flags that do not fit it."""
+    """The architecture's keyword arguments from the model flags; ValueError for flags that do not fit it.
+
+    A model file, or the checkpoint's model (``--resume`` without ``--model``), brings its own layers:
+    every model flag is refused there, whether or not the checkpoint exists yet, so a requeued job
+    that repeats its command line gets the same answer each time.
+    """
+    if cfg.model not in model_mod.ARCHITECTURES:
+        owner = f"--model {cfg.model}" if cfg.model else "--resume without --model (the checkpoint's model)"
+        for flag, given in (("--no-dropout", not cfg.dropout), ("--dropout-rate", cfg.dropout_rate is not None),
+                            ("--activation", cfg.activation), ("--width", cfg.width is not None),
+                            ("--batchnorm", cfg.batchnorm)):
+            if given:
+                raise ValueError(f"{flag}: only for the named architectures; {owner} brings its own layers")
+        return {}
     kw = {"dropout": cfg.dropout}
     if cfg.dropout_rate is not None:
         if not cfg.dropout:
@@ -312,10 +340,34 @@ def arch_kwargs(cfg: TrainConfig) -> dict:
 
 
 def build_model(cfg: TrainConfig, backend, train_data):
-    """The named architecture for the data's image shape and classes."""
+    """The model for the data's image shape and classes: a named architecture, a model file, or
+    (``--resume`` without ``--model``) the one the checkpoint holds, rebuilt from its description."""
     shape = tuple(int(v) for v in train_data.images.shape[1:])
-    return model_mod.build(cfg.model, backend, seed=cfg.seed, input_shape=shape + (1,) if len(shape) == 2 else shape,
-                           num_classes=len(class_names_of(train_data)), **arch_kwargs(cfg))
+    shape = shape + (1,) if len(shape) == 2 else shape
+    classes, kw = len(class_names_of(train_data)), arch_kwargs(cfg)  # refuses model flags that do not fit
+    if cfg.model is None:
+        desc = resumed_description(cfg)
+        if desc is not None:
+            return model_mod.from_description(desc, backend, seed=cfg.seed)
+    if modelfile.is_model_file(cfg.model):
+        return modelfile.load(cfg.model, shape, backend, seed=cfg.seed, num_classes=classes)
+    return model_mod.build(cfg.model or "lenet", backend, seed=cfg.seed, input_shape=shape, num_classes=classes, **kw)
+
+
+def resumed_description(cfg: TrainConfig) -> dict | None:
+    """The model description of the checkpoint ``--resume`` continues; None when there is none yet.
+
+    ``latest`` looks where the Trainer will: --checkpoint-dir, else RUN_DIR/checkpoints, the run dir
+    defaulting to runs/lenet (the default model's) since there is no model name to go by.  Every
+    rank reads it; the Trainer reads it again on rank 0, and warns there about corrupt files.
+    """
+    if not cfg.resume:
+        return None
+    if cfg.resume != "latest":
+        return ckpt.load(cfg.resume)["meta"].get("model")
+    folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.run_dir or "runs/lenet") / "checkpoints"
+    state = ckpt.load_latest(folder, warn=lambda message: None)
+    return state["meta"].get("model") if state else None
 
 
 def main(argv=None) -> int:
