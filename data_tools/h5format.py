@@ -161,7 +161,8 @@ def read_rows(path: Path, start: int | None = None, stop: int | None = None):
             labels = f["labels"][rows]
             source_index = f["source_index"][rows]
         except OSError as exc:
-            raise DataError(f"{path}: cannot read rows {start}:{stop} (corrupt file?): {exc}") from None
+            rows = "its rows" if start is None and stop is None else f"rows {start}:{stop}"
+            raise DataError(f"{path}: cannot read {rows} (corrupt file?): {exc}") from None
     return images, labels, source_index, attrs
 
 

@@ -176,7 +176,7 @@ def read_npz(path: Path, size: tuple | None, channels: int | None):
                 raise DataError(f"{path}: no '{missing[0]}' array; expected 'images' (N, H, W[, C]) uint8 and "
                                 f"'labels' (N,) integers (has {', '.join(z.files) or 'nothing'})")
             images, labels = z["images"], z["labels"]
-            names = [str(n) for n in z["class_names"]] if "class_names" in z.files else None
+            names = z["class_names"] if "class_names" in z.files else None
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
@@ -184,6 +184,12 @@ def read_npz(path: Path, size: tuple | None, channels: int | None):
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 (N, H, W) or "
                         "(N, H, W, C) with C 1 or 3")
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise DataError(f"{path}: 'class_names' is {names.dtype} {names.shape}; expected strings of shape (K,)")
+        names = [str(n) for n in names]
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: 'class_names' repeats a name ({sorted(n for n in names if names.count(n) > 1)[0]!r})")
     if images.ndim == 3:
         images = images[..., None]
     if labels.ndim != 1 or labels.dtype.kind not in "iu":

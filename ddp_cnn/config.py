@@ -82,3 +82,32 @@ class TrainConfig:
     def record(self) -> dict:
         """Every setting, sorted, as JSON values (metrics, checkpoints, the ranks' identity check)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+
+
+def batch_sizes(cfg: TrainConfig, rank: int, size: int) -> tuple[int, int]:
+    """(global batch, this rank's batch); ValueError (one line) for sizes that cannot work.
+
+    ``--local-batch-size`` fixes each rank's; otherwise ``--batch-size`` is the
+    global batch, split evenly (it must divide) or, in the global data order,
+    as rows [r*G//N, (r+1)*G//N) of each batch (shares differ by at most one)."""
+    if cfg.local_batch_size:
+        global_batch, local = cfg.local_batch_size * size, cfg.local_batch_size
+    elif cfg.data_order == "global":
+        if cfg.batch_size < size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {size} ranks")
+        global_batch, local = cfg.batch_size, (rank + 1) * cfg.batch_size // size - rank * cfg.batch_size // size
+    elif cfg.batch_size % size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {size} ranks; "
+                         f"use a multiple of {size}, --local-batch-size or --data-order global")
+    else:
+        global_batch, local = cfg.batch_size, cfg.batch_size // size
+    if local < cfg.accumulate:
+        raise ValueError(f"--accumulate {cfg.accumulate}: more micro-batches than the {local} images of "
+                         f"rank {rank}'s batch")
+    return global_batch, local
+
+
+def batch_shares(global_batch: int, ranks: int) -> str:
+    """Images per rank: "32", or "42-43" where the global order cuts the batch unevenly."""
+    low, high = global_batch // ranks, -(-global_batch // ranks)
+    return str(low) if low == high else f"{low}-{high}"

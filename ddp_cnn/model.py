@@ -124,9 +124,11 @@ class Sequential:
             if on_layer_done is not None:
                 on_layer_done(i)
 
-    def check_trainable(self, image_shape, num_classes: int, local_batch: int, source: str) -> None:
+    def check_trainable(self, image_shape, num_classes: int, local_batch: int, source: str,
+                        batch_setting: str | None = None) -> None:
         """ValueError (one line) unless this model trains on ``source``'s images of ``image_shape``
-        ((H, W) grayscale or (H, W, C)) and ``num_classes`` classes, ``local_batch`` images per rank."""
+        ((H, W) grayscale or (H, W, C)) and ``num_classes`` classes, ``local_batch`` images per rank
+        (and per micro-batch); ``batch_setting`` names the flags that made that number."""
         shape = tuple(int(v) for v in image_shape)
         shape = shape + (1,) if len(shape) == 2 else shape
         if tuple(self.input_shape) != shape:
@@ -137,8 +139,8 @@ class Sequential:
                              f"{num_classes}")
         for layer in self.layers:  # training needs two values per channel (BatchNorm's variance)
             if isinstance(layer, L.BatchNorm) and local_batch * int(np.prod(layer.input_shape[:-1])) < 2:
-                raise ValueError(f"--local-batch-size {local_batch}: layer {layer.name!r} would train on one "
-                                 "value per channel; use 2 or more images per rank")
+                raise ValueError(f"{batch_setting or f'--local-batch-size {local_batch}'}: layer {layer.name!r} "
+                                 "would train on one value per channel; use 2 or more images per rank")
 
     def predict(self, x, batch_size: int = 1024):
         """Eval-mode logits for any number of samples, in batches."""

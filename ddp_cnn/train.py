@@ -170,13 +170,14 @@ def _optimisation_flags(p):
     g.add_argument("--max-steps", type=non_negative_int, default=D.max_steps,
                    help="stop after this many optimizer steps in total (0: no limit)")
     g.add_argument("--batch-size", type=positive_int, default=D.batch_size,
-                   help="global batch (summed over ranks); must be divisible by the number of ranks")
+                   help="global batch (summed over ranks); must be divisible by the number of ranks, except "
+                        "with --data-order global")
     g.add_argument("--local-batch-size", type=positive_int, default=D.local_batch_size,
                    help="per-rank batch; overrides --batch-size (global = local x ranks)")
     g.add_argument("--accumulate", type=positive_int, default=D.accumulate, metavar="K",
                    help="split each rank's batch into K micro-batches, forward and backward one at a time, and "
-                        "allreduce and step once (the same update with 1/K of the activation memory); the "
-                        "per-rank batch must be divisible by K")
+                        "allreduce and step once (the same update with 1/K of the activation memory); "
+                        "micro-batches differ by at most one image when K does not divide the batch")
     g.add_argument("--optimizer", default=D.optimizer, choices=optim.OPTIMIZERS, help="update rule")
     g.add_argument("--lr", type=positive_float, default=D.lr, help="base learning rate")
     g.add_argument("--scale-lr", action="store_true",

@@ -26,8 +26,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import comm as comm_mod
 from . import optim, rundir
-from .config import TrainConfig
-from .data import Augment, Loader
+from .config import TrainConfig, batch_shares, batch_sizes
+from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
@@ -69,7 +69,8 @@ class Trainer(RunState):
         self.metrics_path = Path(cfg.metrics) if cfg.metrics else self.run_dir / "metrics.jsonl"
         self.metrics = rundir.MetricsLog(self.metrics_path, self.world.is_root)
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
-        self.global_batch, self.local_batch = agreed(self.world, self._batch_sizes)
+        rank, size = self.world.rank, self.world.size
+        self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
         agreed(self.world, self._prepare_run_dir)
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
                                                           else open_data(cfg, self.world))
@@ -108,30 +109,16 @@ class Trainer(RunState):
         self.stop = StopFlag()
 
     # ---- setup (each step local, then agreed) ----------------------------
-    def _batch_sizes(self):
-        cfg, size, rank = self.config, self.world.size, self.world.rank
-        if cfg.local_batch_size:
-            global_batch, local = cfg.local_batch_size * size, cfg.local_batch_size
-        elif cfg.data_order == "global":  # rank r takes rows [r*G//N, (r+1)*G//N) of each global batch
-            if cfg.batch_size < size:
-                raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {size} ranks")
-            global_batch, local = cfg.batch_size, (rank + 1) * cfg.batch_size // size - rank * cfg.batch_size // size
-        else:
-            global_batch, local = self._even_batch_sizes()
-        if local < cfg.accumulate:
-            raise ValueError(f"--accumulate {cfg.accumulate}: more micro-batches than the {local} images of "
-                             f"rank {rank}'s batch")
-        return global_batch, local
-
-    def _even_batch_sizes(self):
-        cfg, size = self.config, self.world.size
-        if cfg.batch_size % size:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {size} ranks; "
-                             f"use a multiple of {size}, --local-batch-size or --data-order global")
-        return cfg.batch_size, cfg.batch_size // size
-
     def _prepare_run_dir(self):
         if self.world.is_root:
+            trace = self.config.trace
+            if trace and Path(trace).is_dir():
+                raise ValueError(f"--trace {trace}: is a folder; give the trace's file name")
+            if trace:
+                try:
+                    rundir.check_writable(Path(trace).parent)
+                except ValueError as exc:
+                    raise ValueError(f"--trace {trace}: {exc}") from None
             rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
                            overwrite=self.config.overwrite)
 
@@ -143,8 +130,11 @@ class Trainer(RunState):
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
-        model.check_trainable(self.train_data.images.shape[1:], len(self.class_names),
-                              self.local_batch // cfg.accumulate, cfg.data)
+        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
+        setting = (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of {smallest}"
+                   if cfg.accumulate > 1 else None if cfg.local_batch_size
+                   else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
+        model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), smallest, cfg.data, setting)
         if cfg.sync_bn and not any(isinstance(layer, BatchNorm) for layer in model.layers):
             raise ValueError(f"--sync-bn: model {model.name!r} has no batch norm layers")
         if cfg.ema and model.named_buffers():
@@ -232,7 +222,8 @@ class Trainer(RunState):
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
-        except CollectiveTimeout as exc:  # a rank stalled or lost its link: the job cannot go on
+        except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
+            # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
             abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
         finally:
             self.tracer.restore(self.model)
@@ -248,8 +239,11 @@ class Trainer(RunState):
         model, world, backend = self.model, self.world, self.model.backend
         self.log(f"ddp_cnn: {world.size} rank(s), {backend.name}, {np.dtype(backend.dtype).name}, "
                  f"comm={self.comm.name}, model={model.name} ({model.num_params:,} params), "
-                 f"global batch {self.global_batch} ({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, "
-                 f"{len(self.reducer.buckets)} gradient bucket(s)")
+                 f"global batch {self.global_batch} ({batch_shares(self.global_batch, world.size)}/rank"
+                 + (f", {self.config.accumulate} micro-batches" if self.config.accumulate > 1 else "")
+                 + f"), {self.steps_per_epoch} steps/epoch, {len(self.reducer.buckets)} gradient bucket(s)"
+                 + (", batch norm over the global batch" if self.config.sync_bn else "")
+                 + (", global data order" if self.config.data_order == "global" else ""))
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.val_loader is None and self.test_loader is not None:
@@ -310,7 +304,8 @@ class Trainer(RunState):
     def _after_step(self, loss):
         cfg, step = self.config, self.global_step
         if cfg.log_every and step % cfg.log_every == 0:
-            mean_loss = self.world.allreduce_scalar(float(loss), "sum") / self.world.size
+            # Each rank's mean weighted by its share (the global order may cut the batch unevenly).
+            mean_loss = self.world.allreduce_scalar(float(loss) * self.local_batch, "sum") / self.global_batch
             self.metrics.write({"kind": "step", "step": step, "epoch": self.epoch, "loss": mean_loss,
                                 "lr": self.schedule(step - 1)})
             self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")

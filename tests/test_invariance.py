@@ -233,6 +233,38 @@ def test_sigterm_on_4_ranks_then_resume_on_2_and_on_1_continues_the_4_rank_run(t
         assert relative(done["params"], reference["params"]) < 1e-10, f"resumed on {ranks} rank(s)"
 
 
+def test_dropout_masks_of_any_slice_are_the_whole_batch_masks_of_its_rows():
+    from ddp_cnn.kernels import dropout_mask
+    key, shape = (5, 2, 0, 7, 3), (7, 3, 5)  # 15 values a row: odd offsets too
+    whole = dropout_mask(shape, 0.4, key, np, np.float64)
+    for a in range(7):
+        for b in range(a + 1, 8):
+            part = dropout_mask((b - a,) + shape[1:], 0.4, key, np, np.float64, offset=a * 15)
+            assert np.array_equal(part, whole[a:b]), (a, b)
+    assert not np.array_equal(dropout_mask((3, 3, 5), 0.4, key, np, np.float64), whole[2:5])
+
+
+def test_a_damaged_chunk_met_in_the_global_order_ends_the_job_with_one_line(tmp_path):
+    """Only the labels are read at start in the global order: a chunk that fails to decompress is met
+    mid-run, by the ranks whose rows are in it, which end the job with one line each, not a traceback."""
+    import h5py
+    data = make_synthetic_shards(tmp_path / "data", 1)
+    shard = next(data.glob("train-*.h5"))
+    with h5py.File(shard, "r") as f:
+        info = f["images"].id.get_chunk_info(1)  # rows 512..1023
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset + 16)
+        fh.write(b"\xff" * 64)
+    proc = subprocess.run(launch(2, *COMMON, "--data", data, "--batch-size", 64, "--data-order", "global",
+                                 "--run-dir", tmp_path / "run", "--max-steps", 40), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert lines and all("global step" in l and f"{shard}: cannot read rows 512:1024" in l for l in lines), \
+        proc.stderr[-2000:]  # one line from each rank that met the chunk
+    assert "Traceback" not in proc.stderr
+
+
 # ---- what is refused -----------------------------------------------------------
 
 @pytest.mark.parametrize("flags, needle", [

@@ -225,6 +225,12 @@ BAD = {  # case: (make the input -> (flag, path), what the line names besides th
     "no labels": (lambda r: ("--from-npz", _npz(images=RGB)(r)), ("bad.npz", "'labels'")),
     "float images": (lambda r: ("--from-npz", _npz(images=RGB.astype(np.float32), labels=np.arange(6) % 2)(r)),
                      ("bad.npz", "uint8")),
+    "class names not a list": (lambda r: ("--from-npz", _npz(images=RGB, labels=np.arange(6) % 2,
+                                                             class_names=np.array("ab"))(r)),
+                               ("bad.npz", "'class_names'")),
+    "a class name twice": (lambda r: ("--from-npz", _npz(images=RGB, labels=np.arange(6) % 2,
+                                                         class_names=np.array(["a", "a"]))(r)),
+                           ("bad.npz", "repeats a name ('a')")),
     "not an npz": (lambda r: ("--from-npz", (r / "bad.npz", (r / "bad.npz").write_text("hi"))[0]),
                    ("bad.npz", "not a readable .npz")),
 }
