@@ -2,8 +2,9 @@
 
 The scratch folder holds what the README's commands expect to find: the shards in
 `data/fashion-mnist` (made by the README's own shard command from Debian's
-Fashion-MNIST, or a synthetic set where that is not installed), a checkpoint
-`ckpt.h5`, a picture `boot.png` and a batch `batch.npy`.  A block added to the
+Fashion-MNIST, or a synthetic set where that is not installed), the example model files `models/`, a checkpoint
+`ckpt.h5`, a picture `boot.png`, a batch `batch.npy`, and a folder of one's own pictures `photos/` (two
+classes) with a new picture `new-photo.jpg`.  A block added to the
 README without being runnable here, or listed below, fails `test_every_block_is_handled`.
 """
 import re
@@ -60,6 +61,7 @@ def test_every_block_is_handled():
 def sandbox(tmp_path_factory):
     """A folder laid out as the README's commands expect (see the module docstring)."""
     root = tmp_path_factory.mktemp("readme")
+    shutil.copytree(REPO / "models", root / "models")
     if not FMNIST.is_dir():  # the README's shard command needs Debian's folder; stand a synthetic set in
         make_synthetic_shards(root / "data" / "fashion-mnist", 4)
     run(root, "python -m data_tools.shard --out data/fashion-mnist --shards 4 --stratify --force"
@@ -70,6 +72,15 @@ def sandbox(tmp_path_factory):
     np.save(root / "batch.npy", np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
     from PIL import Image
     Image.fromarray(np.full((40, 30), 200, np.uint8)).save(root / "boot.png")
+    rng = np.random.default_rng(0)  # `photos/`: a folder of one's own pictures, a coloured square per class
+    for name, colour in (("cats", (220, 40, 40)), ("dogs", (40, 60, 230))):
+        (root / "photos" / name).mkdir(parents=True)
+        for i in range(40):
+            img = rng.integers(0, 60, (36, 36, 3)).astype(np.uint8)
+            y, x = rng.integers(0, 24, 2)
+            img[y:y + 12, x:x + 12] = colour
+            Image.fromarray(img).save(root / "photos" / name / f"{i:03d}.jpg")
+    shutil.copy(root / "photos" / "dogs" / "000.jpg", root / "new-photo.jpg")
     return root
 
 
