@@ -12,8 +12,10 @@ arguments, by the same names::
 
 The input shape is not in the file: it comes from the data (or summary's
 ``--input-shape``), so one file serves every image size its layers fit.
-Every mistake is a ValueError of one line naming the file and the layer's
-position (from 1): an unknown type or argument, a missing or mistyped one, a
+A Dense layer's ``units = "classes"`` gives one output per class of the data
+(10 where there is none, as for ``summary`` without ``--classes``), so one
+file serves every data set.  Every mistake is a ValueError of one line
+naming the file and the layer's position (from 1): an unknown type or argument, a missing or mistyped one, a
 value the layer refuses, a shape that does not fit, a last layer that does
 not give one logit per class.
 
@@ -55,11 +57,12 @@ def is_model_file(model: str | None) -> bool:
     return model is not None and model.endswith(".toml")
 
 
-def read(path) -> list:
+def read(path, num_classes: int | None = None) -> list:
     """The file's layers as (type as written, layer), constructed but not built (shapes depend on the input).
 
-    ValueError (one line naming ``path`` and the layer's position) on the
-    first mistake that does not depend on the input shape.
+    ``units = "classes"`` becomes ``num_classes`` (default 10).  ValueError
+    (one line naming ``path`` and the layer's position) on the first mistake
+    that does not depend on the input shape.
     """
     try:
         with open(path, "rb") as fh:
@@ -74,10 +77,10 @@ def read(path) -> list:
     specs = raw.get("layers")
     if not isinstance(specs, list) or not specs:
         raise ValueError(f"{path}: no layers; expected one [[layers]] table per layer, each with a type")
-    return [_layer(path, i, spec) for i, spec in enumerate(specs, 1)]
+    return [_layer(path, i, spec, 10 if num_classes is None else num_classes) for i, spec in enumerate(specs, 1)]
 
 
-def _layer(path, i: int, spec):
+def _layer(path, i: int, spec, num_classes: int):
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: layer {i}: expected a table with a type, got {spec!r}")
     kind = spec.get("type")
@@ -87,11 +90,14 @@ def _layer(path, i: int, spec):
     where = f"{path}: layer {i} ({kind})"
     params = dict(inspect.signature(TYPES[kind]).parameters)
     args = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "Dense" and args.get("units") == "classes":  # one logit per class of the data
+        args["units"] = num_classes
     for name, value in args.items():
         if name not in params:
             raise ValueError(f"{where}: unknown argument {name!r}; expected one of {', '.join(params) or 'none'}")
         fits, must = _KINDS.get("str" if name == "name" else _annotation(params[name]), (None, None))
         if fits is not None and not fits(value):
+            must += ' or "classes" (one per class of the data)' if (kind, name) == ("Dense", "units") else ""
             raise ValueError(f"{where}: {name} must be {must}, got {value!r}")
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in args]
     if missing:
@@ -115,7 +121,7 @@ def load(path, input_shape, backend: Backend | None = None, seed: int = 0, num_c
     ValueError (one line naming ``path``, the layer's position, and the
     image shape when it is the shape that does not fit) otherwise.
     """
-    kinds, layers = zip(*read(path))
+    kinds, layers = zip(*read(path, num_classes))
     backend = backend or get_backend("cpu")
     shape = out = tuple(int(v) for v in input_shape)
     for i, (kind, layer) in enumerate(zip(kinds, layers), 1):  # shapes first, so an error can name the position

@@ -168,8 +168,8 @@ def test_a_file_may_name_every_layer_of_the_python_api():
     ("layers = [{ type = [1] }]\n", f"layer 1: unknown type [1]; expected one of {TYPES}"),
     ("", "no layers; expected one [[layers]] table per layer, each with a type"),
     ('name = "x"\n' + DENSE + "units = 10\n", "unknown key 'name'; a model file holds only [[layers]] tables"),
-    (DENSE + 'units = "10"\n', "layer 2 (Dense): units must be an integer, got '10'"),
-    (DENSE + "units = 10.5\n", "layer 2 (Dense): units must be an integer, got 10.5"),
+    (DENSE + 'units = "10"\n', "layer 2 (Dense): units must be an integer or \"classes\" (one per class of the data), got '10'"),
+    (DENSE + "units = 10.5\n", "layer 2 (Dense): units must be an integer or \"classes\" (one per class of the data), got 10.5"),
     (DENSE + "units = 10\nbias = 1\n", "layer 2 (Dense): bias must be true or false, got 1"),
     (DENSE + "units = 0\n", "layer 2 (Dense): units must be >= 1, got 0"),
     (DENSE + 'units = 10\ninit = "gaussian"\n', "layer 2 (Dense): unknown initialiser 'gaussian'; expected one "
@@ -317,3 +317,20 @@ def test_a_named_model_trains_on_other_image_sizes_and_refuses_too_small_ones(tm
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: model 'lenet' does not fit images of shape (8, 8, 1) (too small: each side "
                              "must be at least 12): ")
+
+
+def test_units_classes_gives_one_logit_per_class_of_the_data(tmp_path):
+    path = write(tmp_path, """
+        [[layers]]
+        type = "Flatten"
+        [[layers]]
+        type = "Dense"
+        units = "classes"
+        """)
+    assert modelfile.load(path, (4, 4, 3), num_classes=3).output_shape == (3,)
+    assert modelfile.load(path, (4, 4, 3)).output_shape == (10,)  # no data: summary's default
+    assert modelfile.load(path, (4, 4, 3), num_classes=3).describe()["layers"][1]["units"] == 3
+    bad = write(tmp_path, '[[layers]]\ntype = "Flatten"\n[[layers]]\ntype = "Dense"\nunits = "class"\n', "bad.toml")
+    with pytest.raises(ValueError, match=r"bad.toml: layer 2 \(Dense\): units must be an integer or "
+                                         r"\"classes\" \(one per class of the data\), got 'class'"):
+        modelfile.load(bad, (4, 4, 3), num_classes=3)
