@@ -106,7 +106,12 @@ def _body(argv: Sequence[str] | None) -> int:
     if args.count < 1:
         raise DataError(f"--count must be at least 1, got {args.count}")
     images, labels, _, attrs = h5format.read_rows(args.file)
-    print(summarize(args.file, images, labels, attrs))
+    try:
+        print(summarize(args.file, images, labels, attrs), flush=True)
+    except BrokenPipeError:
+        # The reader left (`| head`): what it took is all it wanted.  Later output, and the
+        # interpreter's last flush, go to /dev/null instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.grid is not None:
         if not len(images):
             raise DataError(f"{args.file}: no images to draw")

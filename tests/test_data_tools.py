@@ -435,6 +435,17 @@ def test_inspect_summary_without_matplotlib(small, capsys, monkeypatch):
     assert "16 samples" in out and "classes (samples per class):" in out and "mean/std" in out
 
 
+def test_inspect_piped_into_head_is_no_error(small):
+    import subprocess
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.inspect", str(small / "test.h5")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=repo)
+    proc.stdout.close()  # the reader is gone before inspect writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == "", err
+
+
 def test_inspect_prints_the_class_and_pixel_histograms_of_the_file(small, capsys):
     images, labels, _, attrs = read_file(small / "test.h5")
     code, out, err = run(inspect_tool, [small / "test.h5"], capsys)
