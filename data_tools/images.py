@@ -33,11 +33,14 @@ def _pil():
     return Image, ImageOps
 
 
+MAX_SIDE = 4096  # pixels: a side beyond this is a typo (every image becomes H x W x C bytes in memory)
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'32x32' -> (32, 32) (height x width); DataError unless two positive integers."""
+    """'32x32' -> (32, 32) (height x width); DataError unless two integers in 1..MAX_SIDE."""
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise DataError(f"--size {text}: expected HEIGHTxWIDTH in pixels, e.g. 32x32")
+    if len(parts) != 2 or not all(p.strip().isdigit() and 0 < int(p) <= MAX_SIDE for p in parts):
+        raise DataError(f"--size {text}: expected HEIGHTxWIDTH in pixels, each 1..{MAX_SIDE}, e.g. 32x32")
     return int(parts[0]), int(parts[1])
 
 
@@ -169,6 +172,8 @@ def read_npz(path: Path, size: tuple | None, channels: int | None):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--from-npz {path}: no such file")
+    if not zipfile.is_zipfile(path):  # else np.load would speak of pickles
+        raise DataError(f"{path}: not an .npz archive (numpy.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("images", "labels") if k not in z.files]
@@ -205,6 +210,11 @@ def read_npz(path: Path, size: tuple | None, channels: int | None):
         raise DataError(f"{path}: label {bad} out of range; expected 0..{k - 1}"
                         + (f" (one per class name, {k} names)" if names is not None else "")
                         + (f", at most {MAX_CLASSES} classes" if k > MAX_CLASSES else ""))
+    empty = sorted(set(range(k)) - set(np.unique(labels).tolist()))
+    if empty:  # as a class folder without images: a class the model could never learn
+        raise DataError(f"{path}: no images of class{'es' if len(empty) > 1 else ''} "
+                        f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''} of 0..{k - 1}; "
+                        "number the labels 0..K-1 without gaps" + (", or drop those class names" if names else ""))
     want = channels or images.shape[3]
     if size is not None or want != images.shape[3]:
         Image, _ = _pil()

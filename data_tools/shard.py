@@ -76,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: RGB unless every image is grayscale; an .npz: as stored)")
     p.add_argument("--test-fraction", type=float, metavar="F",
                    help="with --from-folder/--from-npz: part of the images kept as test.h5, per class, "
-                        "chosen by --seed (default 0.2)")
+                        "chosen by --seed, in (0, 1) (default 0.2)")
     p.add_argument("--dataset", help="name stored in the files (default: recognised from content, else the folder name)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--shards", type=int, required=True, help="number of training shards (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
     p.add_argument("--stratify", action="store_true", help="same class balance in every shard (and in val)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="part of the training set kept as val.h5")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="part of the training set kept as val.h5 (default 0: none)")
     p.add_argument("--force", action="store_true", help="replace outputs already in --out")
     return p
 
@@ -97,6 +98,8 @@ def check_numbers(args) -> None:
     pooled = args.from_folder is not None or args.from_npz is not None
     if args.test_fraction is not None and not 0.0 < args.test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    if args.size:
+        images.parse_size(args.size)  # a typo is told before anything is read or checked on disk
     for flag, given in (("--size", args.size), ("--grayscale", args.grayscale), ("--rgb", args.rgb),
                         ("--test-fraction", args.test_fraction is not None)):
         if given and not pooled:

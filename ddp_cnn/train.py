@@ -244,7 +244,7 @@ def _output_flags(p):
     g.add_argument("--progress", default=D.progress, choices=MODES,
                    help="what rank 0 shows during an epoch: a tqdm bar (bar), a line every 5 s with loss, img/s "
                         "and time left (lines), nothing (off); auto: the bar on a terminal, else lines "
-                        "(as under mpirun)")
+                        "(as under mpirun); on: an older spelling of bar")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --run-dir (its metrics and checkpoints); without it a "
                         "run dir that holds a run is refused unless --resume")

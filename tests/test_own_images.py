@@ -232,7 +232,12 @@ BAD = {  # case: (make the input -> (flag, path), what the line names besides th
                                                          class_names=np.array(["a", "a"]))(r)),
                            ("bad.npz", "repeats a name ('a')")),
     "not an npz": (lambda r: ("--from-npz", (r / "bad.npz", (r / "bad.npz").write_text("hi"))[0]),
-                   ("bad.npz", "not a readable .npz")),
+                   ("bad.npz", "not an .npz archive")),
+    "a gap in the labels": (lambda r: ("--from-npz", _npz(images=RGB, labels=np.array([0, 1, 3, 0, 1, 3]))(r)),
+                            ("bad.npz", "no images of class 2 of 0..3")),
+    "a named class without images": (lambda r: ("--from-npz", _npz(images=RGB, labels=np.arange(6) % 2,
+                                                                   class_names=np.array(["a", "b", "c"]))(r)),
+                                     ("bad.npz", "no images of class 2 of 0..2", "drop those class names")),
 }
 
 
@@ -251,6 +256,7 @@ def test_bad_own_input_is_one_line_naming_the_file_and_writes_nothing(case, tmp_
 @pytest.mark.parametrize("args, needle", [
     (["--size", "32"], "--size 32: expected HEIGHTxWIDTH"),
     (["--size", "0x4"], "--size 0x4"),
+    (["--size", "100000x100000"], "each 1..4096"),
     (["--test-fraction", "1.0"], "--test-fraction must be in (0, 1)"),
     (["--test-fraction", "0.6", "--val-fraction", "0.5"], "leave no training images"),
     (["--test-fraction", "0.01"], "--test-fraction 0.01 of 9 samples selects no sample"),
@@ -262,6 +268,14 @@ def test_bad_own_flags_exit_2(args, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_size_is_told_before_the_output_folder_is_checked(tmp_path, capsys):
+    folder = _small_folder(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "test.h5").write_text("an earlier run")  # would be refused without --force
+    code = shard_main("--from-folder", folder, "--out", tmp_path / "out", "--shards", 1, "--size", "32,32")
+    assert code == 2 and "--size 32,32: expected HEIGHTxWIDTH" in capsys.readouterr().err
 
 
 def test_image_flags_without_an_image_source_are_refused(tmp_path, capsys):
