@@ -78,6 +78,10 @@ class RunState:
             buf[...] = self.xp.asarray(self.world.allreduce_host(to_host(buf)) / self.world.size)
 
     def save_checkpoint(self):
+        with self.tracer.span("checkpoint", "checkpoint"):  # --trace: every checkpoint, wherever it is asked for
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self):
         self.sync_buffers()
         totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
         if not self.world.is_root:

@@ -112,9 +112,9 @@ class Trainer(RunState):
     def _prepare_run_dir(self):
         if self.world.is_root:
             trace = self.config.trace
-            if trace and Path(trace).is_dir():
-                raise ValueError(f"--trace {trace}: is a folder; give the trace's file name")
             if trace:
+                if Path(trace).is_dir():
+                    raise ValueError(f"--trace {trace}: is a folder; give the trace's file name")
                 try:
                     rundir.check_writable(Path(trace).parent)
                 except ValueError as exc:
@@ -293,8 +293,7 @@ class Trainer(RunState):
         return None
 
     def _preempted(self) -> int:
-        with self.tracer.span("checkpoint", "checkpoint"):
-            self.save_checkpoint()
+        self.save_checkpoint()
         self.write_trace()
         self.world.barrier()
         self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
@@ -312,8 +311,7 @@ class Trainer(RunState):
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            with self.tracer.span("checkpoint", "checkpoint"):
-                self.save_checkpoint()
+            self.save_checkpoint()
 
     def _end_epoch(self):
         cfg = self.config
@@ -340,8 +338,7 @@ class Trainer(RunState):
                    f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
         improved = record.get("val_acc", -1.0) > self.best_val
         self.best_val = max(self.best_val, record.get("val_acc", -1.0))
-        with self.tracer.span("checkpoint", "checkpoint"):
-            path = self.save_checkpoint()
+        path = self.save_checkpoint()
         if improved and path is not None:  # root: the best so far by validation accuracy, kept apart
             ckpt.keep_as_best(path)
             self.log(f"best validation accuracy so far: {path.parent / ckpt.BEST_NAME}")
