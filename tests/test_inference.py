@@ -502,18 +502,18 @@ def test_modules_run_with_python_dash_m(trained, tmp_path):
         f"error: {tmp_path}: is a folder; expected the path of the .npz file to write"]
 
 
-# ---- the README's examples (keep in sync with README.md "Using a trained model, and the library") ----
+# ---- the guide's examples (keep in sync with docs/using-a-model.md) ----
 
 def test_readme_npz_snippet(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     export.export(trained, "fmnist.npz")
     images = band_images(4)
-    # --- begin README snippet
+    # --- begin the guide's snippet
     from ddp_cnn.inference import load, normalize, probabilities
     model, meta = load("fmnist.npz")  # meta: "class_names", "mean", "std", "model" (the description)
     x = normalize(images, meta["mean"], meta["std"], model.backend.dtype)  # (N, 28, 28) uint8 -> (N, 28, 28, 1)
     probs = probabilities(model.predict(x))  # (N, classes), float64; names: meta["class_names"]
-    # --- end README snippet
+    # --- end the guide's snippet
     assert normalize is loader_normalize  # the data loader's own, tested in test_data_reader
     assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1)
     assert np.array_equal(probs, reference_probs(trained, images))
