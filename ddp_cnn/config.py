@@ -66,6 +66,7 @@ class TrainConfig:
     metrics: str | None = None       # default RUN_DIR/metrics.jsonl
     checkpoint_dir: str | None = None  # default RUN_DIR/checkpoints
     checkpoint_every: int = 0
+    checkpoint_every_seconds: float = 0.0  # also checkpoint when rank 0's clock says this much time has passed
     keep: int = 3
     resume: str | None = None        # a checkpoint file, or "latest"
     eval_every: int = 1

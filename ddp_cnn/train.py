@@ -232,6 +232,10 @@ def _output_flags(p):
     g.add_argument("--checkpoint-dir", default=D.checkpoint_dir, help="checkpoint folder (default: RUN_DIR/checkpoints)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=D.checkpoint_every,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
+    g.add_argument("--checkpoint-every-seconds", type=non_negative_float, default=D.checkpoint_every_seconds,
+                   metavar="S", help="also checkpoint after the first step that ends S seconds or more after the "
+                        "last checkpoint (rank 0's clock, agreed by every rank through the gradient allreduce), so "
+                        "a restart loses at most S seconds plus a step of work (0: off)")
     g.add_argument("--keep", type=non_negative_int, default=D.keep, help="checkpoints to keep (0: all)")
     g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest",
                    help="continue from a checkpoint file, or the newest valid one in the checkpoint folder")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -31,8 +32,8 @@ from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
-                     maybe_fail, require_same)
+from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job, abort_lost_rank,
+                     agreed, install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
 from .reducer import GradReducer
@@ -92,6 +93,9 @@ class Trainer(RunState):
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self.sums, self.part_started = self._new_sums(), time.perf_counter()
         self.best_val = -1.0  # the best validation accuracy so far (-1: none yet)
+        # Which process is which rank, for a supervisor told only that a pid died (start/resume records)
+        self.processes = self.world.allgather_obj((comm_mod.hostname(), os.getpid()))
+        self.checkpoint_due, self.checkpoint_clock = False, time.monotonic()  # --checkpoint-every-seconds
         self.lock = rundir.RunLock(self.run_dir)  # from here on this job writes in the run dir
         agreed(self.world, self._lock_run_dir)
         try:
@@ -183,11 +187,13 @@ class Trainer(RunState):
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
             poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested,
+            checkpoint=self._checkpoint_due_here,
             micro_batches=cfg.accumulate, share=self.local_batch * self.world.size / self.global_batch,
             first_row=self.train_loader.start)
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)
+        stop, self.checkpoint_due = self.reducer.requests(flag)
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"non-finite loss or gradient at global step {self.global_step} "
@@ -197,11 +203,17 @@ class Trainer(RunState):
         else:
             with self.tracer.span("optimizer", "optimizer"):
                 self.opt.step(self.schedule(self.global_step))
-        return loss, correct, flag > 0
+        return loss, correct, stop
+
+    def _checkpoint_due_here(self) -> bool:
+        """--checkpoint-every-seconds: rank 0's clock alone decides (the flag carries it to every rank)."""
+        every = self.config.checkpoint_every_seconds
+        return bool(every) and self.world.is_root and time.monotonic() - self.checkpoint_clock >= every
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
-        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
+        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_DIVERGED."""
+        cfg = self.config
         self.stop.install()
         self.tracer.instrument(self.model)
         try:
@@ -221,10 +233,12 @@ class Trainer(RunState):
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-            return EXIT_FAILED
-        except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
-            # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
-            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
+            return EXIT_DIVERGED
+        except CollectiveTimeout as exc:  # a rank stalled, died or lost its link: name it, once
+            abort_lost_rank(self.world, exc.what, cfg.collective_timeout, step=self.global_step)
+        except DataError as exc:  # a shard chunk read by the global order turned out damaged (on this
+            # rank only): the job cannot go on, and a restart would meet it again
+            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}", EXIT_USAGE)
         finally:
             self.tracer.restore(self.model)
             self.reducer.close()
@@ -255,7 +269,7 @@ class Trainer(RunState):
             self.metrics.write({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,
                                 "global_batch": self.global_batch, "class_names": self.class_names,
-                                "config": self.record()})
+                                "config": self.record(), "processes": self.processes})
 
     def run_epoch(self):
         cfg, sums = self.config, self.sums
@@ -268,6 +282,7 @@ class Trainer(RunState):
         self.part_started = time.perf_counter()
         for x, y in self.tracer.iterate(self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch)):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
+            self.world.step = self.global_step  # named by a deadline's line
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
@@ -310,7 +325,7 @@ class Trainer(RunState):
             self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.checkpoint_due:
             self.save_checkpoint()
 
     def _end_epoch(self):
