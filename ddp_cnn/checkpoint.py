@@ -25,6 +25,8 @@ import numpy as np
 
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
+from .faults import PARTIAL_FILES
+
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)
 
@@ -59,6 +61,7 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, global_step)
     tmp = temp_path(final)
+    PARTIAL_FILES.add(tmp)  # an abort meanwhile (another rank failed) removes it: no partial checkpoint
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("params", data=params)
@@ -79,6 +82,8 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        PARTIAL_FILES.discard(tmp)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

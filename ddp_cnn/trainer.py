@@ -325,8 +325,9 @@ class Trainer(RunState):
             self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.checkpoint_due:
-            self.save_checkpoint()
+        ends_epoch = self.step_in_epoch >= self.steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (self.checkpoint_due and not ends_epoch):
+            self.save_checkpoint()  # a time-based one waits for the epoch's own when that comes next
 
     def _end_epoch(self):
         cfg = self.config

@@ -215,3 +215,45 @@ def test_bad_supervisor_flags_are_one_line(tmp_path):
                               text=True, timeout=60)
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_stop_and_checkpoint_requests_agree_in_the_flag_on_3_ranks(tmp_path):
+    """Every combination of the ranks' stop requests and rank 0's checkpoint request, decoded alike on
+    every rank from the one flag that rides in the gradient allreduce."""
+    script = tmp_path / "flags.py"
+    script.write_text(
+        "import itertools, numpy as np\n"
+        "from ddp_cnn import comm\n"
+        "from ddp_cnn.reducer import GradReducer\n"
+        "world = comm.create()\n"
+        "buffer = np.zeros(5, np.float32)\n"
+        "reducer = GradReducer(world, buffer, [(0, 4)], bucket_mb=0)\n"
+        "for stops in itertools.product([False, True], repeat=world.size):\n"
+        "    for due in (False, True):\n"
+        "        reducer.begin(stop=stops[world.rank], checkpoint=due and world.rank == 0)\n"
+        "        reducer.layer_done(0)\n"
+        "        reducer.finish()\n"
+        "        got = reducer.requests(float(reducer.flag))\n"
+        "        assert got == (any(stops), due), (stops, due, got, float(reducer.flag))\n"
+        "reducer.close()\n"
+        "print('checked', world.rank)\n")
+    proc = subprocess.run([LAUNCH, "-n", "3", sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("checked") == 3, proc.stderr[-3000:]
+
+
+def test_checkpoint_every_seconds_saves_between_epochs_on_every_rank_alike(data, tmp_path):
+    # 600 steps of 75-step epochs; a checkpoint at least every 0.2 s of rank 0's clock, at a step every rank
+    # agreed on (--check-replicas would catch ranks that disagreed on anything).
+    flags = ["--epochs", 8, "--max-steps", 600, "--checkpoint-every-seconds", 0.2, "--keep", 0, "--check-replicas", 25]
+    proc = subprocess.run([LAUNCH, "-n", "2", *train_flags(data, tmp_path, *flags)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = records(tmp_path, "checkpoint")
+    between = [r["step"] for r in saved if r["step"] % 75]  # not at an epoch's end
+    assert between, "no time-based checkpoint was written"
+    times = [r["time"] for r in saved]
+    assert all(r["write_seconds"] >= 0 for r in saved)
+    assert len(set(r["step"] for r in saved)) == len(saved) and times == sorted(times)
+    for r in saved:
+        assert ckpt.load(r["path"])["meta"]["global_step"] == r["step"]
