@@ -202,6 +202,11 @@ def cause(code: int, output: list[str], ranks: list) -> dict:
     m = re.search(r"error: (?:global step \d+: )?every rank reached (.+?), which did not complete", text)
     if m:
         return {"reason": f"{m.group(1)} did not complete (a lost or slow network link)"}
+    m = re.search(r"\[rank (\d+)\] uncaught exception", text)
+    if m:
+        rank = int(m.group(1))
+        return {"reason": f"rank {rank} raised an exception (its traceback is above)", "rank": rank,
+                "host": _host(ranks, rank)}
     m = re.search(r"PID (\d+) RUNNING AT (\S+)\s*=\s*(?:EXIT CODE: (\d+)|KILLED BY SIGNAL: (\d+))", text)  # MPICH
     if m:
         pid, host = int(m.group(1)), m.group(2)
@@ -215,11 +220,6 @@ def cause(code: int, output: list[str], ranks: list) -> dict:
     if m:
         return {"reason": f"rank {m.group(1)} on {m.group(2)} was killed by signal {m.group(3)}",
                 "rank": int(m.group(1)), "host": m.group(2)}
-    m = re.search(r"\[rank (\d+)\] uncaught exception", text)
-    if m:
-        rank = int(m.group(1))
-        return {"reason": f"rank {rank} raised an exception (its traceback is above)", "rank": rank,
-                "host": _host(ranks, rank)}
     return {"reason": f"the job ended with exit code {code}"}
 
 

@@ -257,3 +257,17 @@ def test_checkpoint_every_seconds_saves_between_epochs_on_every_rank_alike(data,
     assert len(set(r["step"] for r in saved)) == len(saved) and times == sorted(times)
     for r in saved:
         assert ckpt.load(r["path"])["meta"]["global_step"] == r["step"]
+
+
+def test_a_rank_that_raises_is_restarted_and_named(data, tmp_path):
+    # --fail-at 1:3 raises on rank 1 at global step 3 of every attempt (the checkpoints are taken after
+    # step 3): one restart, then the restarts are spent and the job's own code (1) is returned.
+    proc = subprocess.run(supervise(2, train_flags(data, tmp_path, "--max-steps", 10, "--checkpoint-every", 1,
+                                                   "--fail-at", "1:3"), "--max-restarts", 1),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("supervise:")]
+    assert len(lines) == 2 and lines[0].startswith("supervise: restart 1/1: rank 1 raised an exception") \
+        and "resuming from step 3 (ckpt-00000003.h5)" in lines[0], proc.stderr[-3000:]
+    assert "no restart left (1 of --max-restarts 1 used): exit 1" in lines[1]
+    assert [r["from_step"] for r in records(tmp_path, "restart")] == [3]
