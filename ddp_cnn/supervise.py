@@ -196,9 +196,10 @@ def cause(code: int, output: list[str], ranks: list) -> dict:
     m = re.search(r"error: (?:global step \d+: )?(ranks? [\d, ]+?) did not reach (.+?) within ([\d.]+) s", text)
     if m:
         who = [int(r) for r in re.findall(r"\d+", m.group(1))]
-        return {"reason": f"{m.group(1)} did not reach {m.group(2)} within {m.group(3)} s "
-                          "(stalled, dead or unreachable)", "rank": who[0] if len(who) == 1 else who,
-                "host": _host(ranks, who[0])}
+        hosts = sorted({_host(ranks, r) for r in who} - {None})
+        return {"reason": f"{m.group(1)}{' on ' + ', '.join(hosts) if hosts else ''} did not reach {m.group(2)} "
+                          f"within {m.group(3)} s (stalled, dead or unreachable)",
+                "rank": who[0] if len(who) == 1 else who, "host": hosts[0] if len(hosts) == 1 else hosts or None}
     m = re.search(r"error: (?:global step \d+: )?every rank reached (.+?), which did not complete", text)
     if m:
         return {"reason": f"{m.group(1)} did not complete (a lost or slow network link)"}

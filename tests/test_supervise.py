@@ -146,7 +146,7 @@ def test_a_stopped_rank_is_named_and_the_run_goes_on(data, tmp_path):
     assert len(errors) == 1 and "rank 1 did not reach" in errors[0] and "within 4 s (stalled, dead or " \
         "unreachable)" in errors[0], err[-3000:]
     restart = [line for line in err.splitlines() if line.startswith("supervise: restart 1/1")]
-    assert len(restart) == 1 and "rank 1 did not reach" in restart[0], err[-3000:]
+    assert len(restart) == 1 and "rank 1 on " in restart[0] and " did not reach" in restart[0], err[-3000:]
     assert final(tmp_path)["meta"]["global_step"] == 60
     assert not new_leftovers(before), new_leftovers(before)
 

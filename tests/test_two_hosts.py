@@ -232,7 +232,7 @@ def test_the_supervisor_goes_on_without_a_host_that_stays_cut_off(hosts, data, t
     assert job.returncode == 0, err[-3000:]
     restarts = [line for line in err.splitlines() if line.startswith("supervise: restart")]
     second = list(HOSTS)[1]
-    assert len(restarts) == 1 and "ranks 2, 3 did not reach the gradient allreduce" in restarts[0] \
+    assert len(restarts) == 1 and f"ranks 2, 3 on {HOSTS[second]} did not reach the gradient allreduce" in restarts[0] \
         and f"on 2 rank(s), without {second} (unreachable)" in restarts[0], err[-3000:]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     restart = [r for r in records if r["kind"] == "restart"]
