@@ -15,7 +15,7 @@ import pytest
 
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.faults import EXIT_DIVERGED, EXIT_PREEMPTED
-from helpers import make_synthetic_shards
+from helpers import HANG_S, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "mpirun.sh")
@@ -51,7 +51,7 @@ def records(run_dir, kind=None):
     return [r for r in found if kind is None or r["kind"] == kind]
 
 
-def wait_for(predicate, proc, timeout=180):
+def wait_for(predicate, proc, timeout=HANG_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -95,7 +95,7 @@ GLOBAL = ["--data-order", "global", "--batch-size", 16, "--epochs", 200, "--max-
 
 def test_a_killed_worker_is_survived_and_the_run_equals_an_uninterrupted_one(data, tmp_path):
     whole = subprocess.run([LAUNCH, "-n", "2", *train_flags(data, tmp_path / "whole", *GLOBAL)], cwd=REPO,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=HANG_S)
     assert whole.returncode == 0, whole.stderr[-3000:]
     before = leftovers.present()
     run_dir = tmp_path / "supervised"
@@ -105,7 +105,7 @@ def test_a_killed_worker_is_survived_and_the_run_equals_an_uninterrupted_one(dat
         pid = rank_pid(run_dir, 1)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        out, err = job.communicate(timeout=600)
+        out, err = job.communicate(timeout=HANG_S)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -135,7 +135,7 @@ def test_a_stopped_rank_is_named_and_the_run_goes_on(data, tmp_path):
         wait_for(lambda: steps_logged(tmp_path) >= 15, job)
         pid = rank_pid(tmp_path, 1)
         os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
-        out, err = job.communicate(timeout=600)
+        out, err = job.communicate(timeout=HANG_S)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -169,7 +169,7 @@ def test_a_usage_error_bad_data_or_a_divergence_is_not_retried(data, tmp_path, c
         flags += ["--optimizer", "sgd", "--lr", "1e6"]
         code = EXIT_DIVERGED
     proc = subprocess.run(supervise(2, train_flags(data_dir, tmp_path / "run", *flags), "--max-restarts", 3),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == code, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
@@ -183,7 +183,7 @@ def test_sigterm_to_the_supervisor_checkpoints_and_exits_75_without_restart(data
     try:
         wait_for(lambda: steps_logged(tmp_path) >= 10, job)
         os.kill(job.pid, signal.SIGTERM)
-        out, err = job.communicate(timeout=300)
+        out, err = job.communicate(timeout=HANG_S)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -197,7 +197,7 @@ def test_once_the_restarts_are_spent_the_jobs_own_code_is_returned(data, tmp_pat
     try:
         wait_for(lambda: steps_logged(tmp_path) >= 5, job)
         os.kill(rank_pid(tmp_path, 1), signal.SIGKILL)
-        out, err = job.communicate(timeout=300)
+        out, err = job.communicate(timeout=HANG_S)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -212,7 +212,7 @@ def test_bad_supervisor_flags_are_one_line(tmp_path):
                          (["-n", "2", "--hostfile", str(tmp_path / "none"), "--", "python", "-m", "ddp_cnn.train"],
                           "--hostfile")):
         proc = subprocess.run([sys.executable, "-m", "ddp_cnn.supervise", *argv], cwd=REPO, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=HANG_S)
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr
 
@@ -238,7 +238,7 @@ def test_stop_and_checkpoint_requests_agree_in_the_flag_on_3_ranks(tmp_path):
         "reducer.close()\n"
         "print('checked', world.rank)\n")
     proc = subprocess.run([LAUNCH, "-n", "3", sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_S)
     assert proc.returncode == 0 and proc.stdout.count("checked") == 3, proc.stderr[-3000:]
 
 
@@ -247,7 +247,7 @@ def test_checkpoint_every_seconds_saves_between_epochs_on_every_rank_alike(data,
     # agreed on (--check-replicas would catch ranks that disagreed on anything).
     flags = ["--epochs", 8, "--max-steps", 600, "--checkpoint-every-seconds", 0.2, "--keep", 0, "--check-replicas", 25]
     proc = subprocess.run([LAUNCH, "-n", "2", *train_flags(data, tmp_path, *flags)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = records(tmp_path, "checkpoint")
     between = [r["step"] for r in saved if r["step"] % 75]  # not at an epoch's end
@@ -264,7 +264,7 @@ def test_a_rank_that_raises_is_restarted_and_named(data, tmp_path):
     # step 3): one restart, then the restarts are spent and the job's own code (1) is returned.
     proc = subprocess.run(supervise(2, train_flags(data, tmp_path, "--max-steps", 10, "--checkpoint-every", 1,
                                                    "--fail-at", "1:3"), "--max-restarts", 1),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("supervise:")]
     assert len(lines) == 2 and lines[0].startswith("supervise: restart 1/1: rank 1 raised an exception") \
