@@ -222,8 +222,8 @@ class MPIComm(Communicator):
         if not self.multiple:
             return None
         others = [r for r in range(self.size) if r != self.rank]
-        for r in others:
-            self.census_comm.isend(position, dest=r, tag=7)  # small: sent eagerly, never waited for
+        # Never waited for (a silent rank never receives); kept, so their buffers outlive the sends
+        self._census_sends = [self.census_comm.isend(position, dest=r, tag=7) for r in others]
         pending = {r: self.census_comm.irecv(source=r, tag=7) for r in others}
         answered = {self.rank: position}
         end = time.monotonic() + grace
