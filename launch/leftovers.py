@@ -10,6 +10,7 @@ held, so another job's are never touched.  Standard library only.
     python leftovers.py list    the candidates present now, one a line
     python leftovers.py clean   remove the new, unheld ones; stdin: what `list` printed before the job
 """
+import fnmatch
 import glob
 import os
 import sys
@@ -39,6 +40,27 @@ def held() -> set:
         except OSError:
             continue  # ended meanwhile, or not ours to read
     return paths
+
+
+def held_by(pids) -> set:
+    """The candidate files that these processes map or hold open, or their parents (MPICH's launcher
+    proxies) hold: what a test watches a job of its own by, while other jobs run beside it."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        for proc in (f"/proc/{pid}", f"/proc/{parent}"):
+            try:
+                names = [os.readlink(f"{proc}/fd/{fd}") for fd in os.listdir(f"{proc}/fd")]
+                with open(f"{proc}/maps") as fh:
+                    names += [line.split(maxsplit=5)[5].strip() for line in fh if len(line.split(maxsplit=5)) == 6]
+            except OSError:
+                continue
+            found.update(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in PATTERNS))
+    return found
 
 
 def clean(before: set) -> list:

@@ -80,9 +80,41 @@ def final(run_dir):
     return ckpt.load(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")[-1])
 
 
-def new_leftovers(before):
-    """MPI segments and launcher files that appeared since ``before`` and no process holds."""
-    return sorted(leftovers.present() - before - leftovers.held())
+def ranks_of(run_dir):
+    """The pids of every rank of the job writing in run_dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"--run-dir {run_dir} " in cmdline + " " and "ddp_cnn.train" in cmdline \
+                and not any(word in cmdline for word in ("ddp_cnn.supervise", "mpirun", "mpiexec")):
+            pids.append(int(entry.name))
+    return pids
+
+
+class Watched:
+    """The MPI segments and launcher files a job's ranks and proxies hold, gathered while it runs
+    (other jobs on the machine make their own): none may outlive the job."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.files = run_dir, set()
+
+    def look(self):
+        self.files |= leftovers.held_by(ranks_of(self.run_dir))
+        return True
+
+    def until_end(self, job):
+        deadline = time.time() + HANG_S
+        while job.poll() is None and time.time() < deadline:
+            self.look()
+            time.sleep(0.1)
+        return job.communicate(timeout=HANG_S)
+
+    def left(self):
+        assert any("mpich_shm" in f for f in self.files), "the job's shared memory was never seen"
+        return sorted(f for f in self.files if os.path.exists(f))
 
 
 def steps_logged(run_dir):
@@ -97,15 +129,15 @@ def test_a_killed_worker_is_survived_and_the_run_equals_an_uninterrupted_one(dat
     whole = subprocess.run([LAUNCH, "-n", "2", *train_flags(data, tmp_path / "whole", *GLOBAL)], cwd=REPO,
                            capture_output=True, text=True, timeout=HANG_S)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    before = leftovers.present()
     run_dir = tmp_path / "supervised"
+    watched = Watched(run_dir)
     job = start(supervise(2, train_flags(data, run_dir, *GLOBAL), "--max-restarts", 2))
     try:
-        wait_for(lambda: steps_logged(run_dir) >= 25, job)
+        wait_for(lambda: watched.look() and steps_logged(run_dir) >= 25, job)
         pid = rank_pid(run_dir, 1)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        out, err = job.communicate(timeout=HANG_S)
+        out, err = watched.until_end(job)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -121,21 +153,21 @@ def test_a_killed_worker_is_survived_and_the_run_equals_an_uninterrupted_one(dat
     a, b = final(tmp_path / "whole"), final(run_dir)
     assert a["meta"]["global_step"] == b["meta"]["global_step"] == 400
     assert np.array_equal(a["params"], b["params"]), "the restarted run left the uninterrupted run's trajectory"
-    assert not new_leftovers(before), new_leftovers(before)
+    assert not watched.left(), watched.left()
     assert not list((run_dir / "checkpoints").glob("*.tmp-*")), "a partial checkpoint was left"
     assert rank_pid(run_dir, 0) is None and rank_pid(run_dir, 1) is None
 
 
 def test_a_stopped_rank_is_named_and_the_run_goes_on(data, tmp_path):
-    before = leftovers.present()
     flags = ["--epochs", 200, "--max-steps", 60, "--checkpoint-every", 10, "--log-every", 1,
              "--collective-timeout", 4]
+    watched = Watched(tmp_path)
     job = start(supervise(2, train_flags(data, tmp_path, *flags), "--max-restarts", 1))
     try:
-        wait_for(lambda: steps_logged(tmp_path) >= 15, job)
+        wait_for(lambda: watched.look() and steps_logged(tmp_path) >= 15, job)
         pid = rank_pid(tmp_path, 1)
         os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
-        out, err = job.communicate(timeout=HANG_S)
+        out, err = watched.until_end(job)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -148,7 +180,7 @@ def test_a_stopped_rank_is_named_and_the_run_goes_on(data, tmp_path):
     restart = [line for line in err.splitlines() if line.startswith("supervise: restart 1/1")]
     assert len(restart) == 1 and "rank 1 on " in restart[0] and " did not reach" in restart[0], err[-3000:]
     assert final(tmp_path)["meta"]["global_step"] == 60
-    assert not new_leftovers(before), new_leftovers(before)
+    assert not watched.left(), watched.left()
 
 
 @pytest.mark.parametrize("case", ["indivisible batch", "corrupt shard", "divergence"])
