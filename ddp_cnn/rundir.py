@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import BEST_NAME, list_checkpoints
+from .checkpoint import BEST_NAME, CORRUPT_SUFFIX, list_checkpoints
 
 
 def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -25,8 +25,10 @@ def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: boo
 
 
 def clear(checkpoint_dir: Path) -> None:
-    """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go."""
-    for path in list_checkpoints(checkpoint_dir) + [checkpoint_dir / BEST_NAME]:
+    """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go
+    (with those that failed to verify and were moved aside)."""
+    aside = sorted(checkpoint_dir.glob(f"ckpt-*.h5{CORRUPT_SUFFIX}")) if checkpoint_dir.is_dir() else []
+    for path in list_checkpoints(checkpoint_dir) + aside + [checkpoint_dir / BEST_NAME]:
         path.unlink(missing_ok=True)
 
 

@@ -101,7 +101,7 @@ class RunState:
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
-                         buffers, meta, keep=self.config.keep)
+                         buffers, meta, keep=self.config.keep, warn=self.log)
         self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
         return path
 
