@@ -26,6 +26,8 @@ import numpy as np
 
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
+from .nospace import naming
+
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)
 
@@ -61,26 +63,27 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, global_step)
     tmp = temp_path(final)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("params", data=params)
-            for name, value in optim_state.items():
-                if np.ndim(value) == 0:
-                    f.attrs[f"optim.{name}"] = value
-                else:
-                    f.create_dataset(f"optim/{name}", data=value)
-            for name, value in buffers.items():
-                f.create_dataset(f"buffers/{name}", data=value)
-            for key, value in meta.items():
-                f.attrs[key] = json.dumps(value)
-            f.attrs["params_sha256"] = params_digest(params)
-            f.attrs["optim_sha256"] = optim_digest(optim_state)
-        fsync_file(tmp)
-        os.replace(tmp, final)
-        fsync_dir(directory)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with naming(final):  # no space: DiskFull naming the checkpoint, the partial file removed
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("params", data=params)
+                for name, value in optim_state.items():
+                    if np.ndim(value) == 0:
+                        f.attrs[f"optim.{name}"] = value
+                    else:
+                        f.create_dataset(f"optim/{name}", data=value)
+                for name, value in buffers.items():
+                    f.create_dataset(f"buffers/{name}", data=value)
+                for key, value in meta.items():
+                    f.attrs[key] = json.dumps(value)
+                f.attrs["params_sha256"] = params_digest(params)
+                f.attrs["optim_sha256"] = optim_digest(optim_state)
+            fsync_file(tmp)
+            os.replace(tmp, final)
+            fsync_dir(directory)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     _verified[final] = _identity(final)  # written from these very arrays: no need to read it back
     if keep > 0:
         prune(directory, keep, warn=warn)
@@ -240,6 +243,6 @@ def keep_as_best(path) -> Path:
     """Copy checkpoint ``path`` to best.h5 beside it, atomically; ``--keep`` never removes it."""
     import shutil
     best = Path(path).with_name(BEST_NAME)
-    with AtomicOutput(best.parent) as out:  # temp file, fsync, rename, fsync the folder
+    with naming(best), AtomicOutput(best.parent) as out:  # temp file, fsync, rename, fsync the folder
         shutil.copyfile(path, out.temp(BEST_NAME))
     return best

@@ -31,10 +31,11 @@ from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
+from .faults import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
                      maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
+from .nospace import DiskFull
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
@@ -222,6 +223,13 @@ class Trainer(RunState):
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
+        except DiskFull as exc:  # rank 0 alone writes; the other ranks wait in the next collective
+            message = self._disk_full_message(exc)
+            if self.world.size > 1:
+                abort_job(self.world, message, EXIT_DISK_FULL)
+            else:
+                print(message, file=sys.stderr, flush=True)
+            return EXIT_DISK_FULL
         except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
             # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
             abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
@@ -299,6 +307,21 @@ class Trainer(RunState):
         self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
                  "continue with --resume latest")
         return EXIT_PREEMPTED
+
+    def _disk_full_message(self, exc: DiskFull) -> str:
+        """Rank 0: one line naming what could not be written, the checkpoint that survives, the way on."""
+        newest = None
+        for path in reversed(ckpt.list_checkpoints(self.checkpoint_dir)):
+            try:
+                ckpt.verify(path)
+                newest = path
+                break
+            except ckpt.CheckpointError:
+                continue
+        kept = (f"the earlier checkpoints are intact (newest: {newest})" if newest is not None
+                else "no checkpoint was written before it")
+        return (f"error: global step {self.global_step}: {exc}; nothing half-written is left, {kept}; free space "
+                f"there (or move the run dir), then run the same command with --resume latest")
 
     def _after_step(self, loss):
         cfg, step = self.config, self.global_step

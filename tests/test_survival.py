@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.faults import EXIT_DISK_FULL
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +82,101 @@ def test_a_resume_past_two_corrupt_checkpoints_keeps_the_one_it_resumed_from(dat
     for name in ("ckpt-00000016.h5", "ckpt-00000020.h5"):
         assert (folder / (name + ckpt.CORRUPT_SUFFIX)).is_file()
         assert f"{folder / name}" in proc.stdout and "moved aside" in proc.stdout
+
+
+# ---- item 4: a full disk while training ------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of 1500 KiB (two lenet checkpoints and a little), mounted for the test (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Take every free byte of ``folder``'s file system."""
+    with open(folder / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                if not fh.write(b"\0" * 4096):
+                    return
+        except OSError:
+            pass
+
+
+def assert_nothing_half_written(run_dir: Path) -> None:
+    assert not list(run_dir.rglob("*.tmp-*")), list(run_dir.rglob("*"))
+    for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+        ckpt.load(path)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_disk_full_while_training_is_one_line_and_the_run_continues_once_there_is_space(
+        small_disk, tmp_path_factory, ranks):
+    data_dir = make_synthetic_shards(tmp_path_factory.mktemp("full") / f"d{ranks}", ranks)
+    run_dir = small_disk / "run"
+    flags = ["--model", "lenet", "--epochs", 2, "--max-steps", 40, "--checkpoint-every", 4, "--keep", 0,
+             "--eval-every", 0]
+    launch = [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks)] if ranks > 1 else []
+    cmd = [*launch, sys.executable, "-m", "ddp_cnn.train", "--data", str(data_dir), "--run-dir", str(run_dir),
+           "--device", "cpu", "--progress", "off", "--local-batch-size", "8", *map(str, flags)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_DISK_FULL, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    saved = ckpt.list_checkpoints(run_dir / "checkpoints")
+    assert saved, "the disk holds at least one checkpoint before it is full"
+    failed = ckpt.checkpoint_path(run_dir / "checkpoints", int(saved[-1].name[5:13]) + 4)
+    assert f"{failed}: cannot be written (no space left on device)" in errors[0]
+    assert f"the earlier checkpoints are intact (newest: {saved[-1]})" in errors[0]
+    assert "--resume latest" in errors[0]
+    assert_nothing_half_written(run_dir)
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
+    again = subprocess.run(cmd + ["--resume", "latest"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {saved[-1]}" in again.stdout
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_disk_full_at_start_names_the_file_it_could_not_write(data, small_disk):
+    fill(small_disk)
+    proc = train(data, small_disk / "run", "--model", "lenet", "--epochs", 1, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {small_disk / 'run' / '.lock'}: cannot be written (no space left on device)"], proc.stderr
+
+
+def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
+    from ddp_cnn.nospace import DiskFull
+    from ddp_cnn.rundir import MetricsLog
+    path = small_disk / "metrics.jsonl"
+    path.write_text('{"kind": "start"}'.ljust(4090) + "\n")  # one page, all but a few bytes
+    fill(small_disk)
+    with pytest.raises(DiskFull, match="metrics.jsonl: cannot be written"):
+        MetricsLog(path, is_root=True).write({"kind": "step", "step": 1, "loss": 0.5})
+    assert path.stat().st_size == 4091  # the partial line is gone
+    json.loads(path.read_text())
+
+
+def test_a_checkpoint_write_that_finds_no_space_names_the_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: ENOSPC injected at the checkpoint's fsync."""
+    import errno
+    from ddp_cnn.nospace import DiskFull
+
+    def no_space(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "fsync_file", no_space)
+    with pytest.raises(DiskFull) as caught:
+        small_save(tmp_path, 7, keep=0, warn=print)
+    assert str(caught.value) == f"{tmp_path / 'ckpt-00000007.h5'}: cannot be written (no space left on device)"
+    assert list(tmp_path.iterdir()) == []
