@@ -180,3 +180,96 @@ def test_a_checkpoint_write_that_finds_no_space_names_the_checkpoint_and_leaves_
         small_save(tmp_path, 7, keep=0, warn=print)
     assert str(caught.value) == f"{tmp_path / 'ckpt-00000007.h5'}: cannot be written (no space left on device)"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- item 3: a model that does not fit in memory is refused before allocation --------------
+
+def model_file(folder: Path, text: str) -> Path:
+    path = folder / "net.toml"
+    path.write_text(text)
+    return path
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_model_file_with_a_dense_of_a_billion_units_is_refused_naming_the_layer(data, tmp_path):
+    path = model_file(tmp_path, '[[layers]]\ntype = "Flatten"\n[[layers]]\ntype = "Dense"\nunits = 1000000000\n'
+                                '[[layers]]\ntype = "Dense"\nunits = "classes"\n')
+    line = one_error_line(train(data, tmp_path / "run", "--model", path, "--epochs", 1, timeout=120))
+    assert line.startswith(f"error: {path}: model 'net' does not fit in memory: layer 2 'dense' (Dense) has "
+                           "785,000,000,000 parameters; the model needs at least "), line
+
+
+def test_a_named_model_whose_flags_make_it_too_large_is_refused_naming_the_layer(data, tmp_path):
+    line = one_error_line(train(data, tmp_path / "run", "--model", "fmnist-vgg", "--width", 1000000, "--epochs", 1,
+                                timeout=120))
+    assert "model 'fmnist-vgg' does not fit in memory: layer " in line and "(Conv2D) has " in line, line
+
+
+def test_one_batch_of_activations_past_the_memory_limit_is_refused_before_the_first_step(data, tmp_path):
+    """An address-space limit (ulimit -v 4 GiB) makes the limit known and keeps the machine safe either way:
+    128 images of 20,000 26x26 feature maps need more than 4 GiB, the parameters 1.5 MB."""
+    import resource
+    path = model_file(tmp_path, '[[layers]]\ntype = "Conv2D"\nfilters = 20000\nkernel_size = 3\n'
+                                '[[layers]]\ntype = "GlobalAvgPool2D"\n[[layers]]\ntype = "Dense"\nunits = "classes"\n')
+    limit = 4 << 30
+    cmd = [sys.executable, "-m", "ddp_cnn.train", "--data", str(data), "--run-dir", str(tmp_path / "run"),
+           "--device", "cpu", "--progress", "off", "--local-batch-size", "128", "--model", str(path), "--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = one_error_line(proc)
+    assert line.startswith("error: --local-batch-size 128: one batch of model 'net' needs at least ") and \
+        "(layer 1 'conv2d' (Conv2D): 13,526,084 values per image)" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def stored(folder: Path, description: dict, class_names=None, params=None) -> Path:
+    """A checkpoint whose stored model description (and class names) are as given."""
+    params = np.zeros(1, np.float32) if params is None else params
+    meta = {"model": description, "class_names": class_names or [str(i) for i in range(10)], "mean": [0.3],
+            "std": [0.3], "global_step": 1}
+    return ckpt.save(folder, 1, params, {}, {}, meta)
+
+
+def predict(checkpoint: Path, folder: Path):
+    image = folder / "x.npy"
+    np.save(image, np.zeros((1, 28, 28), np.uint8))
+    return subprocess.run([sys.executable, "-m", "ddp_cnn.predict", "--checkpoint", str(checkpoint), str(image)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def lenet_description():
+    from ddp_cnn import model as model_mod
+    model = model_mod.build("lenet", input_shape=(28, 28, 1), num_classes=10)
+    return model.describe(), model.params
+
+
+def test_a_checkpoint_whose_stored_model_is_too_large_is_refused_naming_the_layer(data, tmp_path):
+    desc, _ = lenet_description()
+    desc["layers"][-1]["units"] = 10 ** 9  # the last Dense: (84 + 1) x 10^9 parameters
+    path = stored(tmp_path / "ck", desc)
+    line = one_error_line(predict(path, tmp_path))
+    assert line.startswith(f"error: checkpoint {path}: model 'lenet' does not fit in memory: layer ") and \
+        "layer 13 'dense_2' (Dense) has 85,000,000,000 parameters" in line, line
+    resumed = train(data, tmp_path / "run", "--resume", path, "--epochs", 1, timeout=120)
+    assert "does not fit in memory" in one_error_line(resumed)
+
+
+def test_a_stored_layer_argument_of_the_wrong_type_is_a_bad_description_not_a_crash(tmp_path):
+    desc, params = lenet_description()
+    desc["layers"][-1]["init"] = {"name": "classifier"}
+    line = one_error_line(predict(stored(tmp_path / "ck", desc, params=params), tmp_path))
+    assert "bad model description (layer 13 (Dense): AttributeError: " in line, line
+
+
+def test_a_checkpoint_with_more_class_names_than_logits_is_refused(tmp_path):
+    desc, params = lenet_description()
+    path = stored(tmp_path / "ck", desc, class_names=[f"c{i}" for i in range(200000)], params=params)
+    line = one_error_line(predict(path, tmp_path))
+    assert line == (f"error: checkpoint {path}: lists 200,000 class names for a model of 10 logits "
+                    "(a damaged or edited file)"), line
