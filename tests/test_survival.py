@@ -273,3 +273,15 @@ def test_a_checkpoint_with_more_class_names_than_logits_is_refused(tmp_path):
     line = one_error_line(predict(path, tmp_path))
     assert line == (f"error: checkpoint {path}: lists 200,000 class names for a model of 10 logits "
                     "(a damaged or edited file)"), line
+
+
+# ---- item 5: the small things a new user met --------------------------------------------------
+
+def test_inspect_grid_without_matplotlib_names_the_extra_to_install(data, tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None  # as if not installed\n"
+            "from data_tools.inspect import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(data / "test.h5"), "--grid", str(tmp_path / "g.png")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = one_error_line(proc)
+    assert "matplotlib" in line and "pip install 'ddp_cnn[report]'" in line, line
+    assert proc.stdout == "" and not list(tmp_path.iterdir())  # refused before any work
