@@ -268,8 +268,9 @@ class Trainer(RunState):
     def run_epoch(self):
         cfg, sums = self.config, self.sums
         self.reducer.comm_seconds, self.reducer.exposed_seconds = sums["comm"], sums["exposed"]
+        end = self.step_in_epoch + cfg.max_steps - self.global_step if cfg.max_steps else None  # where it stops
         progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
-                            self.steps_per_epoch, self.step_in_epoch, self.world.size)
+                            self.steps_per_epoch, self.step_in_epoch, self.world.size, end=end)
         # The epoch's sample order, to look the cached soft targets up by row.
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None

@@ -285,3 +285,22 @@ def test_inspect_grid_without_matplotlib_names_the_extra_to_install(data, tmp_pa
     line = one_error_line(proc)
     assert "matplotlib" in line and "pip install 'ddp_cnn[report]'" in line, line
     assert proc.stdout == "" and not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_the_time_left_with_max_steps_covers_the_steps_that_will_run(monkeypatch, capsys):
+    """A clock that moves 1 s per step: 2 steps done of the 10 that --max-steps lets run, 8 s left (not the 98 s
+    of the whole 100-step epoch)."""
+    import types
+    from ddp_cnn import progress as progress_mod
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    progress = progress_mod.Progress("lines", 0, 2, steps=100, start_step=0, world_size=1, every_s=0.0, end=10)
+    for _ in range(2):
+        clock["t"] += 1.0
+        progress.update(0.5, 8)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("step 2/100: loss 0.5000, 8 img/s, 0:00:08 left until --max-steps (step 10 of the epoch)"), last
+    whole = progress_mod.Progress("lines", 0, 2, steps=100, start_step=0, world_size=1, every_s=0.0)
+    clock["t"] += 1.0
+    whole.update(0.5, 8)
+    assert capsys.readouterr().out.strip().endswith("0:01:39 left in the epoch")
