@@ -304,3 +304,25 @@ def test_the_time_left_with_max_steps_covers_the_steps_that_will_run(monkeypatch
     clock["t"] += 1.0
     whole.update(0.5, 8)
     assert capsys.readouterr().out.strip().endswith("0:01:39 left in the epoch")
+
+
+@pytest.mark.parametrize("model_channels,picture_mode,said", [
+    (3, "L", "a grayscale picture, converted to RGB (three equal channels) for a model of colour images"),
+    (1, "RGB", "a colour picture, converted to grayscale for a model of grayscale images")])
+def test_predict_says_what_it_converted_when_the_picture_has_other_colours_than_the_model(
+        tmp_path, model_channels, picture_mode, said):
+    Image = pytest.importorskip("PIL.Image", reason="needs Pillow (the images extra)")
+    from ddp_cnn import model as model_mod
+    model = model_mod.build("lenet", input_shape=(28, 28, model_channels), num_classes=10)
+    meta = {"model": model.describe(), "class_names": [str(i) for i in range(10)], "mean": [0.3] * model_channels,
+            "std": [0.3] * model_channels, "global_step": 1}
+    checkpoint = ckpt.save(tmp_path / "ck", 1, model.params, {}, {}, meta)
+    picture = tmp_path / "photo.png"
+    Image.new(picture_mode, (40, 30), 90).save(picture)
+    same = tmp_path / "same.png"
+    Image.new("L" if model_channels == 1 else "RGB", (40, 30), 90).save(same)
+    proc = subprocess.run([sys.executable, "-m", "ddp_cnn.predict", "--checkpoint", str(checkpoint), str(picture),
+                           str(same)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"note: {picture}: {said}"]  # the matching picture: nothing said
+    assert len(proc.stdout.strip().splitlines()) == 2
