@@ -143,8 +143,6 @@ class Sequential:
             if isinstance(layer, L.BatchNorm) and local_batch * int(np.prod(layer.input_shape[:-1])) < 2:
                 raise ValueError(f"{batch_setting or f'--local-batch-size {local_batch}'}: layer {layer.name!r} "
                                  "would train on one value per channel; use 2 or more images per rank")
-        memory.check_batch(self.name, self.layers, self.backend, local_batch,
-                           batch_setting or f"--local-batch-size {local_batch}")
 
     def predict(self, x, batch_size: int = 1024):
         """Eval-mode logits for any number of samples, in batches."""

@@ -326,3 +326,43 @@ def test_predict_says_what_it_converted_when_the_picture_has_other_colours_than_
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"note: {picture}: {said}"]  # the matching picture: nothing said
     assert len(proc.stdout.strip().splitlines()) == 2
+
+
+def test_a_one_process_run_reports_no_communication_and_one_epoch_numbering(data, tmp_path):
+    """Two epochs in one process: the epoch lines and records say nothing of communication (none happens),
+    the test record names the last epoch as the epoch records do (index 1), and report titles its matrix
+    "epoch 2"."""
+    pytest.importorskip("matplotlib", reason="report draws with matplotlib (the report extra)")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ddp_cnn.report import confusion_figure, read_metrics, summary_markdown
+    run_dir = tmp_path / "run"
+    proc = train(data, run_dir, "--model", "mlp", "--epochs", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and not any("comm" in line for line in epoch_lines), epoch_lines
+    records = read_metrics(run_dir / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    test = [r for r in records if r["kind"] == "test"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and test[0]["epoch"] == 1
+    assert not any(k.startswith("comm") for r in epochs for k in r)
+    assert "communication" not in summary_markdown(records, run_dir)
+    assert confusion_figure(records, plt).axes[0].get_title() == "Confusion matrix, test set, epoch 2"
+    plt.close("all")
+
+
+def test_report_reads_a_log_whose_test_record_counted_epochs_from_1(tmp_path):
+    """Logs written before the numbering was made one: the test record after 2 epochs said epoch 2."""
+    pytest.importorskip("matplotlib", reason="report draws with matplotlib (the report extra)")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ddp_cnn.report import confusion_figure
+    epoch = {"kind": "epoch", "complete": True, "train_loss": 1.0, "train_acc": 0.5, "images_per_s": 10.0,
+             "seconds": 1.0}
+    records = [{"kind": "start", "step": 0, "world_size": 2, "class_names": ["a", "b"]},
+               {**epoch, "epoch": 0, "step": 5}, {**epoch, "epoch": 1, "step": 10},
+               {"kind": "test", "step": 10, "epoch": 2, "test_acc": 0.5, "test_confusion": [[1, 1], [1, 1]]}]
+    assert confusion_figure(records, plt).axes[0].get_title() == "Confusion matrix, test set, epoch 2"
+    plt.close("all")
