@@ -53,18 +53,24 @@ def available_bytes(backend) -> int | None:
 
 
 def _host_available() -> int | None:
-    found = None
+    """MemAvailable, lowered by this process's cgroup (v2) limit and its address-space limit."""
+    bounds = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    try:  # a cgroup (v2) limit below the machine's: what a SLURM job or a container may use
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            found = min(found, int(limit) - used) if found is not None else int(limit) - used
+        meminfo = Path("/proc/meminfo").read_text()
+        bounds.append(int(next(l for l in meminfo.splitlines() if l.startswith("MemAvailable:")).split()[1]) * 1024)
+    except (OSError, ValueError, StopIteration):
+        pass
+    try:  # a cgroup limit below the machine's: what a SLURM job or a container may use (v2, else v1)
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, where = line.split(":", 2)
+            v2 = controllers == ""
+            if v2 or "memory" in controllers.split(","):
+                group = Path("/sys/fs/cgroup") / ("" if v2 else "memory") / where.strip().lstrip("/")
+                names = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+                if (group / names[0]).is_file():
+                    limit = (group / names[0]).read_text().strip()
+                    if limit != "max" and int(limit) < 2 ** 60:  # v1 writes "no limit" as a huge number
+                        bounds.append(int(limit) - int((group / names[1]).read_text()))
     except (OSError, ValueError):
         pass
     try:  # an address-space limit (ulimit -v, as some clusters set): what is left of it
@@ -72,11 +78,10 @@ def _host_available() -> int | None:
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
         if limit != resource.RLIM_INFINITY:
             status = Path("/proc/self/status").read_text()
-            used = int(next(l for l in status.splitlines() if l.startswith("VmSize:")).split()[1]) * 1024
-            found = min(found, limit - used) if found is not None else limit - used
+            bounds.append(limit - int(next(l for l in status.splitlines() if l.startswith("VmSize:")).split()[1]) * 1024)
     except (ImportError, OSError, ValueError, StopIteration):
         pass
-    return found
+    return min(bounds) if bounds else None
 
 
 def size_text(nbytes: float) -> str:
@@ -126,8 +131,8 @@ def check_batch(name: str, layers, backend, batch: int, setting: str, available:
         return
     big = max(range(len(layers)), key=lambda i: _produced(layers[i]))
     raise TooLarge(f"{setting}: one batch of model {name!r} needs at least {size_text(need)} of activations "
-                   f"({_layer_text(layers, big)}: {_produced(layers[big]):,} values per image), {size_text(available)} is "
-                   f"available on {backend.name}; use a smaller batch per rank (--accumulate, more ranks) or a "
+                   f"({_layer_text(layers, big)}: {_produced(layers[big]):,} values per image), "
+                   f"{size_text(available)} is available on {backend.name}; use a smaller batch per rank (--accumulate, more ranks) or a "
                    "smaller model")
 
 

@@ -31,8 +31,8 @@ from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
-                     maybe_fail, require_same)
+from .faults import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed,
+                     install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
 from .nospace import DiskFull

@@ -6,6 +6,7 @@ by a timeout sized to catch a hang on a loaded machine."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,19 @@ def fill(folder: Path) -> None:
             pass
 
 
+def processes_naming(run_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names ``run_dir`` (a rank of the job, left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(run_dir).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
 def assert_nothing_half_written(run_dir: Path) -> None:
     assert not list(run_dir.rglob("*.tmp-*")), list(run_dir.rglob("*"))
     for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
@@ -141,6 +155,10 @@ def test_a_disk_full_while_training_is_one_line_and_the_run_continues_once_there
     assert f"the earlier checkpoints are intact (newest: {saved[-1]})" in errors[0]
     assert "--resume latest" in errors[0]
     assert_nothing_half_written(run_dir)
+    deadline = time.monotonic() + 30  # ranks killed as the launcher ends may take a moment to go on a busy machine
+    while processes_naming(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_naming(run_dir), "a rank outlived the job"
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
     again = subprocess.run(cmd + ["--resume", "latest"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
