@@ -214,7 +214,8 @@ class Trainer(RunState):
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
-        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
+        by a signal after a checkpoint; resume with ``resume="latest"``), EXIT_DISK_FULL (74: no space
+        for a checkpoint or the metrics; the earlier checkpoints are intact) or EXIT_FAILED."""
         self.stop.install()
         self.tracer.instrument(self.model)
         try:
