@@ -66,16 +66,27 @@ def test_keep_counts_only_checkpoints_that_verify_and_moves_corrupt_ones_aside(t
         ckpt.load(path)
 
 
-def test_a_resume_past_two_corrupt_checkpoints_keeps_the_one_it_resumed_from(data, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_resume_past_two_corrupt_checkpoints_keeps_the_one_it_resumed_from(data, tmp_path, ranks):
     common = ["--model", "lenet", "--epochs", 2, "--checkpoint-every", 4, "--eval-every", 0]
-    first = train(data, tmp_path, *common, "--max-steps", 20, "--keep", 0)
+    if ranks > 1:
+        data = make_synthetic_shards(tmp_path / f"d{ranks}", ranks)
+    launch = [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks)] if ranks > 1 else []
+    run_dir = tmp_path / "run"
+
+    def run(*flags):  # under the launcher for 2 ranks
+        cmd = [*launch, sys.executable, "-m", "ddp_cnn.train", "--data", str(data), "--run-dir", str(run_dir),
+               "--device", "cpu", "--progress", "off", "--local-batch-size", "8", *map(str, common), *map(str, flags)]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    first = run("--max-steps", 20, "--keep", 0)
     assert first.returncode == 0, first.stderr[-2000:]
-    folder = tmp_path / "checkpoints"
+    folder = run_dir / "checkpoints"
     names = [p.name for p in ckpt.list_checkpoints(folder)]
     assert names[-3:] == ["ckpt-00000012.h5", "ckpt-00000016.h5", "ckpt-00000020.h5"], names
     truncate(folder / "ckpt-00000020.h5")
     flip_params(folder / "ckpt-00000016.h5")
-    proc = train(data, tmp_path, *common, "--max-steps", 13, "--keep", 3, "--resume", "latest")
+    proc = run("--max-steps", 13, "--keep", 3, "--resume", "latest")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {folder / 'ckpt-00000012.h5'}" in proc.stdout
     kept = [p.name for p in ckpt.list_checkpoints(folder)]
