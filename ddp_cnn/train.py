@@ -232,7 +232,9 @@ def _output_flags(p):
     g.add_argument("--checkpoint-dir", default=D.checkpoint_dir, help="checkpoint folder (default: RUN_DIR/checkpoints)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=D.checkpoint_every,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
-    g.add_argument("--keep", type=non_negative_int, default=D.keep, help="checkpoints to keep (0: all)")
+    g.add_argument("--keep", type=non_negative_int, default=D.keep,
+                   help="checkpoints to keep: the newest that verify (0: all); a corrupt one is renamed .corrupt, "
+                        "never counted")
     g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest",
                    help="continue from a checkpoint file, or the newest valid one in the checkpoint folder")
     g.add_argument("--eval-every", type=non_negative_int, default=D.eval_every,

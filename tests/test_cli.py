@@ -274,7 +274,7 @@ def test_metrics_hold_typed_values_and_a_time(data, tmp_path):
     times = [r["time"] for r in records]
     assert times == sorted(times) and all(isinstance(t, float) for t in times)
     epoch = [r for r in records if r["kind"] == "epoch"][0]
-    assert 0 <= epoch["comm_exposed_seconds"] <= epoch["comm_seconds"]
+    assert "comm_seconds" not in epoch and "comm_exposed_seconds" not in epoch  # one process communicates nothing
 
 
 @pytest.mark.parametrize("argv", [
