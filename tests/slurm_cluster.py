@@ -57,7 +57,8 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
 class Cluster:
     """The daemons, their folder and the commands' environment (``SLURM_CONF``)."""
 
-    def __init__(self):
+    def __init__(self, *extra_config: str):
+        self.extra_config = list(extra_config)  # more slurm.conf lines, e.g. "RequeueExit=75"
         self.dir = Path(tempfile.mkdtemp(prefix="ddp_cnn-slurm-"))
         self.dir.chmod(0o755)  # munged runs as the munge user and must reach its socket
         self.conf = self.dir / "slurm.conf"
@@ -98,8 +99,7 @@ class Cluster:
             "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=2,bf_interval=2",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2",
-            "KillWait=30", "MinJobAge=600",
-            # A default SLURM: no RequeueExit, so the script's own requeue on exit 75 is what is tested.
+            "KillWait=30", "MinJobAge=600", *self.extra_config,
             f"NodeName={self.host} CPUs={cpus} RealMemory=1000 State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP", ""])
 
