@@ -5,6 +5,7 @@ requeue (the job comes back and ends on the same parameters as a run never stopp
 
 Every wait on SLURM has a deadline; the daemons stop in the fixture's finally, and each test looks
 for the job's processes once SLURM says it is over."""
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -43,11 +44,15 @@ def data(tmp_path_factory):
     return make_synthetic_shards(tmp_path_factory.mktemp("slurm") / "data", 2)
 
 
-def submit(cluster, data: Path, work: Path, *flags) -> str:
-    """sbatch the script as a user would (2 ranks on the one node, its #SBATCH lines); the job's id."""
+def submit(cluster, data: Path, work: Path, *flags, mpich=False) -> str:
+    """sbatch the script as a user would (2 ranks on the one node, its #SBATCH lines) on the system
+    Open MPI, or on the `mpich` wheel (srun --mpi=pmi2); the job's id."""
     work.mkdir(parents=True, exist_ok=True)
     env = system_openmpi.env(SLURM_CONF=cluster.env["SLURM_CONF"], DATA=str(data), CONFIG="",
                              RUN_DIR=str(work / "run"))
+    if mpich:
+        del env["MPI4PY_LIBMPI"]
+        env["SRUN_MPI"] = "pmi2"
     proc = cluster.run("sbatch", "--parsable", "--job-name", work.name, "--chdir", work,
                        "--output", work / "job-%j.out", SCRIPT, *TRAIN_FLAGS, *flags, env=env)
     return proc.stdout.strip().split(";")[0]
@@ -103,6 +108,21 @@ def test_the_script_trains_to_completion_on_a_cpu_node(cluster, uninterrupted):
     assert f"--resume auto: nothing to resume in {work / 'run' / 'checkpoints'} yet; starting a new run" in text
     assert "ddp_cnn: 2 rank(s)" in text  # one job of 2 ranks under srun, not 2 jobs of 1
     assert steps_logged(work) == STEPS and (work / "run" / "checkpoints" / f"ckpt-{STEPS:08d}.h5").exists()
+    assert_no_process_left(cluster, job)
+
+
+def test_the_script_runs_on_the_mpich_wheel_with_srun_mpi_pmi2(cluster, data, uninterrupted):
+    try:
+        importlib.metadata.version("mpich")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs the mpich wheel (pip install mpich)")
+    work = data.parent / "mpich"
+    job = submit(cluster, data, work, "--max-steps", STEPS, mpich=True)
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT)
+    text = output(work, job)
+    assert state["JobState"] == "COMPLETED" and "ddp_cnn: 2 rank(s)" in text, text[-3000:]
+    # Two ranks' sums are one addition each, so the MPI library cannot change a bit.
+    assert np.array_equal(final_params(work, STEPS), final_params(uninterrupted[0], STEPS))
     assert_no_process_left(cluster, job)
 
 
