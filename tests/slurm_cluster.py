@@ -54,6 +54,31 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_entries() -> set[str]:
+    return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
+
+
+def orphaned_shm(before: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Shared-memory segments of an MPI (named by ``prefixes``) made since ``before`` that no live
+    process maps or holds open: what a job left behind."""
+    new = [name for name in shm_entries() - before if name.startswith(prefixes)]
+    if not new:
+        return []
+    held = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            held.update(name for name in new if name in (proc / "maps").read_text())
+            held.update(name for fd in (proc / "fd").iterdir() for name in new if name in os.readlink(fd))
+        except OSError:
+            pass
+    return sorted(set(new) - held)
+
+
 class Cluster:
     """The daemons, their folder and the commands' environment (``SLURM_CONF``)."""
 

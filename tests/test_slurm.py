@@ -69,8 +69,13 @@ def steps_logged(work: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["kind"] == "step")
 
 
-def assert_no_process_left(cluster, job_id: str):
-    """The job's ranks, srun and batch shell (all carry SLURM_JOB_ID in their environment) are gone."""
+OPEN_MPI_SHM = ("sm_segment.", "vader_segment.")
+MPICH_SHM = ("mpich_shm_",)
+
+
+def assert_nothing_left(cluster, job_id: str, shm_before: set, shm_prefixes=OPEN_MPI_SHM):
+    """The job's ranks, srun and batch shell (all carry SLURM_JOB_ID in their environment) are gone,
+    and its MPI left no shared-memory segment in /dev/shm."""
     tag = f"SLURM_JOB_ID={job_id}\0".encode()
 
     def left():
@@ -86,6 +91,8 @@ def assert_no_process_left(cluster, job_id: str):
         slurm_cluster.wait_until(lambda: not left(), 60, "the job's processes to end")
     except TimeoutError:
         raise AssertionError(f"job {job_id} is over but its processes are not: {left()}") from None
+    orphaned = slurm_cluster.orphaned_shm(shm_before, shm_prefixes)
+    assert not orphaned, f"job {job_id} left shared memory in /dev/shm: {orphaned}"
 
 
 def final_params(work: Path, step: int):
@@ -96,19 +103,20 @@ def final_params(work: Path, step: int):
 def uninterrupted(cluster, data):
     """A job run to completion: the reference for the stopped ones."""
     work = data.parent / "uninterrupted"
+    shm = slurm_cluster.shm_entries()
     job = submit(cluster, data, work, "--max-steps", STEPS)
     state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT)
-    return work, job, state
+    return work, job, state, shm
 
 
 def test_the_script_trains_to_completion_on_a_cpu_node(cluster, uninterrupted):
-    work, job, state = uninterrupted
+    work, job, state, shm = uninterrupted
     text = output(work, job)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
     assert f"--resume auto: nothing to resume in {work / 'run' / 'checkpoints'} yet; starting a new run" in text
     assert "ddp_cnn: 2 rank(s)" in text  # one job of 2 ranks under srun, not 2 jobs of 1
     assert steps_logged(work) == STEPS and (work / "run" / "checkpoints" / f"ckpt-{STEPS:08d}.h5").exists()
-    assert_no_process_left(cluster, job)
+    assert_nothing_left(cluster, job, shm)
 
 
 def test_the_script_runs_on_the_mpich_wheel_with_srun_mpi_pmi2(cluster, data, uninterrupted):
@@ -117,23 +125,25 @@ def test_the_script_runs_on_the_mpich_wheel_with_srun_mpi_pmi2(cluster, data, un
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("needs the mpich wheel (pip install mpich)")
     work = data.parent / "mpich"
+    shm = slurm_cluster.shm_entries()
     job = submit(cluster, data, work, "--max-steps", STEPS, mpich=True)
     state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT)
     text = output(work, job)
     assert state["JobState"] == "COMPLETED" and "ddp_cnn: 2 rank(s)" in text, text[-3000:]
     # Two ranks' sums are one addition each, so the MPI library cannot change a bit.
     assert np.array_equal(final_params(work, STEPS), final_params(uninterrupted[0], STEPS))
-    assert_no_process_left(cluster, job)
+    assert_nothing_left(cluster, job, shm, MPICH_SHM)
 
 
 def test_scancel_stops_with_a_checkpoint_and_a_clean_exit(cluster, data):
     work = data.parent / "cancelled"
+    shm = slurm_cluster.shm_entries()
     job = submit(cluster, data, work, "--max-steps", 100000)
     slurm_cluster.wait_until(lambda: steps_logged(work) >= 3 or cluster.job(job).get("JobState") not in
                              ("PENDING", "RUNNING"), JOB_TIMEOUT, "3 steps of the job")
     cluster.run("scancel", job)
     state = cluster.wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, JOB_TIMEOUT)
-    assert_no_process_left(cluster, job)
+    assert_nothing_left(cluster, job, shm)
     text = output(work, job)
     assert state["JobState"] == "CANCELLED", text[-3000:]  # scancel ends the job: no requeue
     stopped = re.findall(r"^stopped by a signal at global step (\d+); checkpoint written", text, re.M)
@@ -150,6 +160,7 @@ def test_a_stopped_job_comes_back_and_ends_as_if_never_stopped(how, cluster, dat
     checkpoint, exit 75 and the script requeues the job itself (this SLURM has no RequeueExit).
     scontrol requeue (an admin, a preemption): SLURM requeues it.  Either way it resumes exactly."""
     work = data.parent / how.replace(" ", "-")
+    shm = slurm_cluster.shm_entries()
     job = submit(cluster, data, work, "--max-steps", STEPS)
     slurm_cluster.wait_until(lambda: steps_logged(work) >= 3 or cluster.job(job).get("JobState") not in
                              ("PENDING", "RUNNING"), JOB_TIMEOUT, "3 steps of the job")
@@ -167,4 +178,4 @@ def test_a_stopped_job_comes_back_and_ends_as_if_never_stopped(how, cluster, dat
         assert f"slurm.sbatch: the ranks stopped with a checkpoint (exit 75); requeueing job {job}" in text
     assert uninterrupted[2]["JobState"] == "COMPLETED"
     assert np.array_equal(final_params(work, STEPS), final_params(uninterrupted[0], STEPS))
-    assert_no_process_left(cluster, job)
+    assert_nothing_left(cluster, job, shm)
