@@ -17,6 +17,7 @@ from pathlib import Path
 
 BINARIES = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch")
 MUNGE_KEY = Path("/etc/munge/munge.key")
+NEVER_STARTS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit"}  # pending reasons that stay
 REQUEUE_WAIT = 10  # cred_expire: seconds a requeued job waits before it may start again
 
 
@@ -52,31 +53,6 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
             return value
         time.sleep(poll)
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-
-
-SHM = Path("/dev/shm")
-
-
-def shm_entries() -> set[str]:
-    return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
-
-
-def orphaned_shm(before: set[str], prefixes: tuple[str, ...]) -> list[str]:
-    """Shared-memory segments of an MPI (named by ``prefixes``) made since ``before`` that no live
-    process maps or holds open: what a job left behind."""
-    new = [name for name in shm_entries() - before if name.startswith(prefixes)]
-    if not new:
-        return []
-    held = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            held.update(name for name in new if name in (proc / "maps").read_text())
-            held.update(name for fd in (proc / "fd").iterdir() for name in new if name in os.readlink(fd))
-        except OSError:
-            pass
-    return sorted(set(new) - held)
 
 
 class Cluster:
@@ -204,12 +180,15 @@ class Cluster:
         return fields
 
     def wait_state(self, job_id: str, states, timeout: float) -> dict:
-        """Poll until the job is in one of ``states``; TimeoutError naming the state it stayed in."""
+        """Poll until the job is in one of ``states``; TimeoutError naming the state it stayed in,
+        at once for a job that SLURM will never start (it would pend forever, silently)."""
         last = {}
 
         def reached():
             nonlocal last
             last = self.job(job_id)
+            if last.get("JobState") == "PENDING" and last.get("Reason") in NEVER_STARTS:
+                raise AssertionError(f"job {job_id} can never start here: Reason={last['Reason']}")
             return last if last.get("JobState") in states else None
         try:
             return wait_until(reached, timeout, f"job {job_id} in {states}", poll=0.5)

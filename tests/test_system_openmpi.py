@@ -17,8 +17,8 @@ from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "mpirun.sh")
-PROBE = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-         "print(f'rank {c.rank} of {c.size}:', MPI.Get_library_version().splitlines()[0])")
+PROBE = ("import sys; from mpi4py import MPI; c = MPI.COMM_WORLD; "  # a file per rank: no interleaved lines
+         "open(f'{sys.argv[1]}/rank{c.rank}', 'w').write(f'{c.size} ' + MPI.Get_library_version())")
 
 pytestmark = pytest.mark.skipif(system_openmpi.why_not() is not None, reason=str(system_openmpi.why_not()))
 
@@ -30,12 +30,12 @@ def launch(ranks, *cmd, timeout):
                           text=True, timeout=timeout)
 
 
-def test_the_ranks_run_on_the_system_open_mpi():
-    proc = launch(2, sys.executable, "-c", PROBE, timeout=120)
+def test_the_ranks_run_on_the_system_open_mpi(tmp_path):
+    proc = launch(2, sys.executable, "-c", PROBE, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(proc.stdout.splitlines())
-    assert [line.split(":")[0] for line in lines] == ["rank 0 of 2", "rank 1 of 2"]
-    assert all("Open MPI v4" in line for line in lines), lines  # not the mpich wheel's library
+    said = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert sorted(said) == ["rank0", "rank1"]  # one job of 2 ranks, not 2 jobs of 1
+    assert all(text.startswith("2 Open MPI v4") for text in said.values()), said  # not the mpich wheel's
 
 
 def test_the_multi_rank_tests_pass_at_2_ranks():
@@ -48,11 +48,13 @@ def test_the_multi_rank_tests_pass_at_2_ranks():
 
 def test_a_4_rank_training_ends_where_one_process_ends(tmp_path):
     data = make_synthetic_shards(tmp_path / "data", 4)
+    shm = system_openmpi.shm_entries()
     flags = ["-m", "ddp_cnn.train", "--data", data, "--model", "lenet", "--dtype", "float64", "--device", "cpu",
              "--data-order", "global", "--batch-size", 32, "--max-steps", 12, "--eval-every", 0, "--progress", "off"]
     proc = launch(4, sys.executable, *flags, "--run-dir", tmp_path / "four", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ddp_cnn: 4 rank(s)" in proc.stdout
+    assert not system_openmpi.orphaned_shm(shm, system_openmpi.OPEN_MPI_SHM), "segments left in /dev/shm"
     one = subprocess.run([sys.executable, *map(str, flags), "--comm", "single", "--run-dir", tmp_path / "one"],
                          cwd=REPO, env=system_openmpi.env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
