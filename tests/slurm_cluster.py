@@ -78,13 +78,26 @@ class Cluster:
                        check=True, timeout=30, capture_output=True)
         wait_until(lambda: (d / "munge" / "munge.socket").exists(), 30, "munged's socket")
         self.conf.write_text(self._config())
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], env=self.env, check=True, timeout=60,
-                           capture_output=True)
-        wait_until(lambda: self.run("scontrol", "ping", check=False).returncode == 0, 60, "slurmctld answering")
-        wait_until(lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60,
-                   f"the node idle (slurmd log: {d}/log/slurmd.log)")
+        try:
+            for daemon in ("slurmctld", "slurmd"):
+                subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], env=self.env, check=True,
+                               timeout=60, capture_output=True)
+            wait_until(lambda: self.run("scontrol", "ping", check=False).returncode == 0, 60, "slurmctld answering")
+            wait_until(lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60,
+                       "the node idle")
+        except (subprocess.SubprocessError, TimeoutError) as exc:
+            said = getattr(exc, "stderr", None) or b""
+            said = said.decode(errors="replace") if isinstance(said, bytes) else said
+            raise RuntimeError(f"SLURM did not start: {exc}\n{said}{self.log_tails()}") from None
         return self
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The end of each daemon's log (the folder goes with stop())."""
+        tails = []
+        for log in sorted(self.dir.glob("log/*.log")) + [self.dir / "munge" / "munged.log"]:
+            if log.exists():
+                tails.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(tails)
 
     def _config(self) -> str:
         d, ctld, slurmd = self.dir, *free_ports(2)
