@@ -121,6 +121,8 @@ class Trainer(RunState):
                     rundir.check_writable(Path(trace).parent)
                 except ValueError as exc:
                     raise ValueError(f"--trace {trace}: {exc}") from None
+            if self.config.resume == "latest":
+                rundir.check_resumable(self.run_dir, self.checkpoint_dir, bool(self.config.checkpoint_dir))
             rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
                            overwrite=self.config.overwrite)
 
