@@ -137,6 +137,17 @@ def test_resume_auto_starts_a_new_run_saying_so_first_then_resumes_exactly(data,
     assert np.array_equal(final(run_dir), final(tmp_path / "straight"))
 
 
+def test_a_run_resumed_at_its_max_steps_trains_no_further_step(data, tmp_path, capsys):
+    flags = [str(a) for a in ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0,
+                              "--progress", "off", "--max-steps", 3, "--run-dir", tmp_path]]
+    assert train_main(flags) == 0
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert train_main(flags + ["--resume", "latest"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: 3 steps")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # no ckpt-00000004.h5
+
+
 def test_corrupt_checkpoint_given_by_path_exits_2(data, tmp_path, capsys):
     bad = tmp_path / "ckpt-00000001.h5"
     bad.write_bytes(b"not an hdf5 file at all")
