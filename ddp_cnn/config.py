@@ -68,7 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_every_seconds: float = 0.0  # also checkpoint when rank 0's clock says this much time has passed
     keep: int = 3
-    resume: str | None = None        # a checkpoint file, or "latest"
+    resume: str | None = None        # a checkpoint file, "latest" or "auto" (see --resume)
     eval_every: int = 1
     eval_batch_size: int = 1000
     log_every: int = 0

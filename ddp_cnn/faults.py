@@ -30,8 +30,10 @@ EXIT_USAGE = 2          # bad flags, config, data or checkpoint: nothing was tra
 EXIT_DIVERGED = 65      # the loss or gradient became non-finite (EX_DATAERR): a retry would diverge again
 EXIT_RANK_LOST = 69     # a rank did not reach a collective by its deadline (EX_UNAVAILABLE): restartable
 EXIT_PREEMPTED = 75     # stopped by a signal after writing a checkpoint (EX_TEMPFAIL): resume with --resume latest
+EXIT_DISK_FULL = 74     # no space (or quota) for a checkpoint or the metrics while training (EX_IOERR): the
+                        # earlier checkpoints are intact; free space, then --resume latest
 NOT_RETRIED = {EXIT_OK: "completed", EXIT_USAGE: "a usage or data error", EXIT_DIVERGED: "diverged",
-               EXIT_PREEMPTED: "stopped by a signal"}
+               EXIT_DISK_FULL: "disk full", EXIT_PREEMPTED: "stopped by a signal"}
 ABORT_GRACE = 10.0      # seconds MPI_Abort gets to end this process before it ends itself
 PARTIAL_FILES: set = set()  # files being written (a checkpoint's temp file): removed when the job aborts
 

@@ -17,7 +17,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import rundir
 from .backend import to_host
-from .faults import SetupError
+from .faults import SetupError, agreed
 
 
 class RunState:
@@ -40,8 +40,7 @@ class RunState:
         if "optim" not in state:
             if self.config.overwrite and self.world.is_root:
                 rundir.clear(self.checkpoint_dir)
-            self.metrics.start()
-            self._record_restart()
+            agreed(self.world, lambda: (self.metrics.start(), self._record_restart()))
             return
         if "ema" in state["optim"] and not self.opt.ema:
             self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
@@ -67,12 +66,11 @@ class RunState:
                      "keeps it on any rank count)")
         self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
                  f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
-        self.metrics.truncate_after(self.global_step)
-        self._record_restart()
-        self.metrics.write({"kind": "resume", "step": self.global_step, "epoch": self.epoch,
-                            "step_in_epoch": self.step_in_epoch, "from": state["path"],
-                            "world_size": self.world.size, "saved_by_world_size": meta["world_size"],
-                            "processes": self.processes})
+        record = {"kind": "resume", "step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                  "from": state["path"], "world_size": self.world.size, "saved_by_world_size": meta["world_size"],
+                  "processes": self.processes}
+        agreed(self.world, lambda: (self.metrics.truncate_after(self.global_step), self._record_restart(),
+                                    self.metrics.write(record)))
 
     def _record_restart(self):
         """Started again by ddp_cnn.supervise: its account of why ($DDP_CNN_RESTART, JSON) as a
@@ -120,7 +118,7 @@ class RunState:
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         started = time.perf_counter()
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
-                         buffers, meta, keep=self.config.keep)
+                         buffers, meta, keep=self.config.keep, warn=self.log)
         self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path),
                             "write_seconds": round(time.perf_counter() - started, 4)})
         return path

@@ -4,7 +4,7 @@ Starts the training job through launch/mpirun.sh (whatever MPI launcher it
 finds), passes its output through, and reads how it ended from its exit code
 (:mod:`ddp_cnn.faults`): a rank that died, stalled or lost its link (the job
 aborted, a rank was killed, a deadline passed) ends the job, and the job is
-started again with ``--resume latest`` from the newest valid checkpoint; a
+started again from the newest valid checkpoint (``--resume auto``); a
 usage error, bad data or a divergence would only happen again, and end the
 supervision with the job's code.  With ``--hostfile`` every host is probed
 before a restart (a one-process launch on it), and the job goes on without
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ddp_cnn.supervise",
         usage="python -m ddp_cnn.supervise -n N [options] -- python -m ddp_cnn.train [train flags]",
         description="Run a training job under launch/mpirun.sh and restart it from its newest checkpoint "
-                    "(--resume latest) when a rank dies, stalls or loses its link; a usage error, bad data or a "
+                    "(--resume auto) when a rank dies, stalls or loses its link; a usage error, bad data or a "
                     "divergence is not retried. Exit 0 when the run completes, the job's code once the restarts "
                     "are spent, 75 after SIGTERM/SIGINT (the job checkpoints first).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -100,7 +100,8 @@ def split_command(command: list[str]) -> tuple[list[str], list[str]]:
 
 
 def resumed_flags(flags: list[str]) -> list[str]:
-    """The train flags of a restart: ``--resume latest`` instead of any --resume or --overwrite."""
+    """The train flags of a restart: ``--resume auto`` (the newest valid checkpoint, or a new run when the
+    job died before writing any) instead of any --resume or --overwrite."""
     out, i = [], 0
     while i < len(flags):
         flag = flags[i]
@@ -111,7 +112,7 @@ def resumed_flags(flags: list[str]) -> list[str]:
         else:
             out.append(flag)
             i += 1
-    return out + ["--resume", "latest"]
+    return out + ["--resume", "auto"]
 
 
 def run_paths(flags: list[str]) -> tuple[Path, Path]:

@@ -26,16 +26,17 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import comm as comm_mod
-from . import optim, rundir
+from . import memory, optim, rundir
 from .config import TrainConfig, batch_shares, batch_sizes
 from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job, abort_lost_rank,
-                     agreed, install_abort_hook, maybe_fail, require_same)
+from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
+                     abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
+from .nospace import DiskFull
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
@@ -80,6 +81,7 @@ class Trainer(RunState):
         self._check_same_everywhere()
         self.augment = agreed(self.world, lambda: Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase))
         self.train_loader, self.val_loader, self.test_loader = agreed(self.world, self._loaders)
+        agreed(self.world, self._check_batch_memory)
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
         if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
             self.log(f"comm: {reason}")
@@ -123,6 +125,8 @@ class Trainer(RunState):
                     rundir.check_writable(Path(trace).parent)
                 except ValueError as exc:
                     raise ValueError(f"--trace {trace}: {exc}") from None
+            if self.config.resume == "latest":
+                rundir.check_resumable(self.run_dir, self.checkpoint_dir, bool(self.config.checkpoint_dir))
             rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
                            overwrite=self.config.overwrite)
 
@@ -134,10 +138,7 @@ class Trainer(RunState):
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
-        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
-        setting = (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of {smallest}"
-                   if cfg.accumulate > 1 else None if cfg.local_batch_size
-                   else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
+        smallest, setting = self._micro_batch()
         model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), smallest, cfg.data, setting)
         if cfg.sync_bn and not any(isinstance(layer, BatchNorm) for layer in model.layers):
             raise ValueError(f"--sync-bn: model {model.name!r} has no batch norm layers")
@@ -155,6 +156,20 @@ class Trainer(RunState):
                "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
                                          self.distiller.record if self.distiller else None, run, warn=self.log)
+
+    def _micro_batch(self):
+        """(images per rank in one forward, the flags that made it: None for --local-batch-size)."""
+        cfg = self.config
+        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
+        return smallest, (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of "
+                          f"{smallest}" if cfg.accumulate > 1 else None if cfg.local_batch_size
+                          else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
+
+    def _check_batch_memory(self) -> None:
+        """TooLarge (one line) when one batch's activations cannot fit: before the first step allocates them."""
+        smallest, setting = self._micro_batch()
+        memory.check_batch(self.model.name, self.model.layers, self.model.backend, smallest,
+                           setting or f"--local-batch-size {smallest}")
 
     def _check_same_everywhere(self) -> None:
         """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
@@ -212,7 +227,8 @@ class Trainer(RunState):
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
-        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_DIVERGED."""
+        by a signal after a checkpoint; resume with ``resume="latest"``), EXIT_DISK_FULL (74: no space
+        for a checkpoint or the metrics; the earlier checkpoints are intact) or EXIT_DIVERGED (65)."""
         cfg = self.config
         self.stop.install()
         self.tracer.instrument(self.model)
@@ -222,18 +238,24 @@ class Trainer(RunState):
                 distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
                                             dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
             self._log_start()
-            while self.epoch < self.config.epochs:
+            # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
+            while self.epoch < self.config.epochs and not self._max_steps_reached():
                 status = self.run_epoch()
                 if status is not None:
                     return status
-                if self.config.max_steps and self.global_step >= self.config.max_steps:
-                    break
             self._final_test()
             self.write_trace()
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
+        except DiskFull as exc:  # rank 0 alone writes; the other ranks wait in the next collective
+            message = self._disk_full_message(exc)
+            if self.world.size > 1:
+                abort_job(self.world, message, EXIT_DISK_FULL)
+            else:
+                print(message, file=sys.stderr, flush=True)
+            return EXIT_DISK_FULL
         except CollectiveTimeout as exc:  # a rank stalled, died or lost its link: name it, once
             abort_lost_rank(self.world, exc.what, cfg.collective_timeout, step=self.global_step)
         except DataError as exc:  # a shard chunk read by the global order turned out damaged (on this
@@ -274,8 +296,9 @@ class Trainer(RunState):
     def run_epoch(self):
         cfg, sums = self.config, self.sums
         self.reducer.comm_seconds, self.reducer.exposed_seconds = sums["comm"], sums["exposed"]
+        end = self.step_in_epoch + cfg.max_steps - self.global_step if cfg.max_steps else None  # where it stops
         progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
-                            self.steps_per_epoch, self.step_in_epoch, self.world.size)
+                            self.steps_per_epoch, self.step_in_epoch, self.world.size, end=end)
         # The epoch's sample order, to look the cached soft targets up by row.
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None
@@ -297,7 +320,7 @@ class Trainer(RunState):
             self._after_step(loss)
             if stop:  # agreed inside the gradient allreduce: every rank stops at this step
                 return self._preempted()
-            if cfg.max_steps and self.global_step >= cfg.max_steps:
+            if self._max_steps_reached():
                 break
         progress.close()
         # A signal that came after the last step's flag went out: agreed here, once an epoch,
@@ -307,6 +330,9 @@ class Trainer(RunState):
         self._end_epoch()
         return None
 
+    def _max_steps_reached(self) -> bool:
+        return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
+
     def _preempted(self) -> int:
         self.save_checkpoint()
         self.write_trace()
@@ -314,6 +340,21 @@ class Trainer(RunState):
         self.log(f"stopped by a signal at global step {self.global_step}; checkpoint written; "
                  "continue with --resume latest")
         return EXIT_PREEMPTED
+
+    def _disk_full_message(self, exc: DiskFull) -> str:
+        """Rank 0: one line naming what could not be written, the checkpoint that survives, the way on."""
+        newest = None
+        for path in reversed(ckpt.list_checkpoints(self.checkpoint_dir)):
+            try:
+                ckpt.verify(path)
+                newest = path
+                break
+            except ckpt.CheckpointError:
+                continue
+        kept = (f"the earlier checkpoints are intact (newest: {newest})" if newest is not None
+                else "no checkpoint was written before it")
+        return (f"error: global step {self.global_step}: {exc}; nothing half-written is left, {kept}; free space "
+                f"there (or move the run dir), then run the same command with --resume latest")
 
     def _after_step(self, loss):
         cfg, step = self.config, self.global_step
@@ -336,9 +377,11 @@ class Trainer(RunState):
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "complete": epoch_done,
                   "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
                   "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
-                  "comm_seconds": self.reducer.comm_seconds, "comm_exposed_seconds": self.reducer.exposed_seconds,
-                  "compute_seconds": elapsed - self.reducer.exposed_seconds, "lr": self.schedule(self.global_step - 1),
-                  "skipped_steps": self.skipped}
+                  "lr": self.schedule(self.global_step - 1), "skipped_steps": self.skipped}
+        if self.world.size > 1:  # one process communicates nothing: no comm figures, rather than a misnamed one
+            record.update({"comm_seconds": self.reducer.comm_seconds,
+                           "comm_exposed_seconds": self.reducer.exposed_seconds,
+                           "compute_seconds": elapsed - self.reducer.exposed_seconds})
         if self.val_loader is not None and ((self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
             record.update(self.score("val", self.val_loader))
         if epoch_done:
@@ -350,8 +393,10 @@ class Trainer(RunState):
                  f"acc {record['train_acc'] * 100:.2f}%"
                  + (f", val loss {record['val_loss']:.4f} acc {record['val_acc'] * 100:.2f}%"
                     if "val_acc" in record else "")
-                 + f", {record['images_per_s']:.0f} img/s, comm {record['comm_seconds']:.2f}s "
-                   f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
+                 + f", {record['images_per_s']:.0f} img/s, "
+                 + (f"comm {record['comm_seconds']:.2f}s (exposed {record['comm_exposed_seconds']:.2f}s) of "
+                    if "comm_seconds" in record else "")
+                 + f"{elapsed:.2f}s")
         improved = record.get("val_acc", -1.0) > self.best_val
         self.best_val = max(self.best_val, record.get("val_acc", -1.0))
         path = self.save_checkpoint()
@@ -377,7 +422,8 @@ class Trainer(RunState):
         """Collective: the test set, scored once, on the final model."""
         if self.test_loader is None:
             return
-        record = {"kind": "test", "step": self.global_step, "epoch": self.epoch, **self.score("test", self.test_loader)}
+        last = self.epoch - 1 if self.step_in_epoch == 0 and self.epoch > 0 else self.epoch  # as its epoch record says
+        record = {"kind": "test", "step": self.global_step, "epoch": last, **self.score("test", self.test_loader)}
         self.metrics.write(record)
         self.log(f"test (final model, scored once): loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}% "
                  f"({record['test_count']} images)")
