@@ -76,6 +76,14 @@ def rank_pid(run_dir, rank):
     return None
 
 
+def alive(pid):
+    """Whether the process runs (a zombie waiting for its parent does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def final(run_dir):
     return ckpt.load(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")[-1])
 
@@ -168,12 +176,17 @@ def test_a_stopped_rank_is_named_and_the_run_goes_on(data, tmp_path):
         pid = rank_pid(tmp_path, 1)
         os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
         out, err = watched.until_end(job)
+        gone = time.time() + 30
+        while alive(pid) and time.time() < gone:
+            time.sleep(0.1)
+        stopped_rank_left = alive(pid)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         if pid and Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
     assert job.returncode == 0, err[-3000:]
+    assert not stopped_rank_left, "the stopped rank outlived its job"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank 1 did not reach" in errors[0] and "within 4 s (stalled, dead or " \
         "unreachable)" in errors[0], err[-3000:]
