@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from .faults import EXIT_PREEMPTED, NOT_RETRIED
+from .rundir import remove_dead_temps
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "mpirun.sh"
 TRAIN_MODULE = "ddp_cnn.train"
@@ -252,7 +253,6 @@ class Supervisor:
         flags = self.flags
         while True:
             code, output = self.launch(ranks, hostfile, flags, env)
-            from .rundir import remove_dead_temps
             remove_dead_temps(self.checkpoint_dir)  # a checkpoint a killed rank 0 left half written
             if self.stop_signal:  # told to stop: the job checkpointed and exited 75 (or ended otherwise)
                 return code
