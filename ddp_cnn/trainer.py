@@ -38,6 +38,7 @@ from .layers.normalization import SyncStatistics
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
+from .shrink import LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from .step import compute_gradients
 from .trace import Tracer
 
@@ -71,6 +72,10 @@ class Trainer(RunState):
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         rank, size = self.world.rank, self.world.size
         self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
+        # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.shrink).
+        on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
+            cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size))
+        self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)
         agreed(self.world, self._prepare_run_dir)
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
                                                           else open_data(cfg, self.world))
@@ -210,14 +215,9 @@ class Trainer(RunState):
                 distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
                                             dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
             self._log_start()
-            while self.epoch < self.config.epochs:
-                status = self.run_epoch()
-                if status is not None:
-                    return status
-                if self.config.max_steps and self.global_step >= self.config.max_steps:
-                    break
-            self._final_test()
-            self.write_trace()
+            status = self.recovery.run(self._train_to_end)  # again from the agreed step after a shrink
+            if status is not None:
+                return status
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -230,10 +230,67 @@ class Trainer(RunState):
             self.reducer.close()
             self.stop.uninstall()
             self.lock.release()
-        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
         self.world.set_timeout(None)  # the caller's communicator, as it was given
         self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
         return 0
+
+    def _train_to_end(self):
+        """The epochs, the final test and the trace, from wherever the run stands; None or an exit status."""
+        while self.epoch < self.config.epochs:
+            if self.config.max_steps and self.global_step >= self.config.max_steps:
+                break
+            status = self.run_epoch()
+            if status is not None:
+                return status
+        self._final_test()
+        self.write_trace()
+        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
+        return None
+
+    # ---- after a shrink (ddp_cnn.shrink): the survivors' state and what depends on the rank count ----
+    def state_for_peers(self) -> dict:
+        """Everything a survivor needs to continue from this rank's position (host arrays)."""
+        from .backend import to_host
+        return {"params": to_host(self.model.params), "optim": {k: to_host(v) for k, v in self.opt.state_dict().items()},
+                "buffers": {k: to_host(v) for k, v in self.model.named_buffers().items()},
+                "position": (self.epoch, self.step_in_epoch, self.global_step), "skipped": self.skipped,
+                "best_val": self.best_val}
+
+    def adopt_state(self, state: dict) -> None:
+        self.model.params[...] = self.xp.asarray(state["params"])
+        self.opt.load_state_dict(state["optim"])
+        for name, buf in self.model.named_buffers().items():
+            buf[...] = self.xp.asarray(state["buffers"][name])
+        self.epoch, self.step_in_epoch, self.global_step = state["position"]
+        self.skipped, self.best_val = state["skipped"], state["best_val"]
+
+    def rebuild(self) -> None:
+        """Collective over the new communicator ``self.world``: each rank's share of the global batch
+        and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
+        cfg, world, model = self.config, self.world, self.model
+        install_abort_hook(world)
+        if isinstance(self.log, RootLog):
+            self.log.root = world.is_root
+        self.metrics.is_root = world.is_root
+        self.global_batch, self.local_batch = batch_sizes(cfg, world.rank, world.size)
+        self.train_data, self.val_data, self.test_data = open_data(cfg, world)
+        self.train_loader, self.val_loader, self.test_loader = self._loaders()
+        if self.train_loader.steps_per_epoch != self.steps_per_epoch:
+            raise RuntimeError(f"after the shrink an epoch has {self.train_loader.steps_per_epoch} steps, "
+                               f"not {self.steps_per_epoch}")
+        self.comm, _ = comm_mod.for_device(world, model.backend, cfg.comm)
+        comm_seconds, exposed = self.reducer.comm_seconds, self.reducer.exposed_seconds
+        self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
+                                   cfg.bucket_mb, tracer=self.tracer)
+        self.reducer.comm_seconds, self.reducer.exposed_seconds = comm_seconds, exposed
+        for layer in model.layers:
+            if cfg.sync_bn and isinstance(layer, BatchNorm):
+                layer.sync = SyncStatistics(self.comm, cfg.collective_timeout)
+        if world.is_root and self.lock.fd is None:  # rank 0 died: its successor holds the run dir now
+            self.lock.acquire(warn=self.log)
+            for path in rundir.remove_dead_temps(self.checkpoint_dir):
+                self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
+            self.metrics.truncate_after(self.global_step)  # what the dead rank 0 logged of a step redone
 
     def _log_start(self):
         model, world, backend = self.model, self.world, self.model.backend
@@ -244,6 +301,8 @@ class Trainer(RunState):
                  + f"), {self.steps_per_epoch} steps/epoch, {len(self.reducer.buckets)} gradient bucket(s)"
                  + (", batch norm over the global batch" if self.config.sync_bn else "")
                  + (", global data order" if self.config.data_order == "global" else ""))
+        if world.size > 1:
+            self.log(self.recovery.describe())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.val_loader is None and self.test_loader is not None:
@@ -268,6 +327,7 @@ class Trainer(RunState):
         self.part_started = time.perf_counter()
         for x, y in self.tracer.iterate(self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch)):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
+            maybe_die("step", self.recovery.world_rank, self.global_step)
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
@@ -345,6 +405,7 @@ class Trainer(RunState):
 
     def score(self, split: str, loader) -> dict:
         """Collective: the model (the --ema average, if kept) on one split, as ``{split}_*`` metrics."""
+        maybe_die("evaluation", self.recovery.world_rank, self.global_step)
         with self.tracer.span("evaluation", "evaluation", split=split):
             self.sync_buffers()
             with self.opt.averaged_weights():
