@@ -154,6 +154,7 @@ class LiveRecovery:
                 source, state = self._agree_state(world)
                 t.adopt_state(state)
                 t.rebuild()
+                self._checkpoint_if_missed(world)
                 break
             except Exception as exc:
                 if not ulfm.is_rank_loss(exc):
@@ -173,6 +174,16 @@ class LiveRecovery:
                          "world_ranks": self.world_ranks, "state_from": self.world_ranks[source],
                          "recovery_ms": round(seconds * 1e3, 3)})
         return None
+
+    def _checkpoint_if_missed(self, world) -> None:
+        """The --checkpoint-every checkpoint of the agreed step, when the loss interrupted its writing."""
+        t = self.trainer
+        every, step = t.config.checkpoint_every, t.global_step
+        if not (every and step and step % every == 0):
+            return
+        from . import checkpoint as ckpt
+        if not world.bcast_obj(ckpt.checkpoint_path(t.checkpoint_dir, step).exists() if world.is_root else None):
+            t.save_checkpoint()
 
     def _agree_state(self, world):
         """The survivors agree on the newest state one of them holds complete, and each takes it.
