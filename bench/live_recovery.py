@@ -91,11 +91,12 @@ def step_ms(recs: list[dict], lo: int, hi: int) -> float:
 def shrink_round(args, run_dir: Path) -> dict:
     job = launch(args, run_dir, "shrink")
     t_kill, seen = kill_at_step(args, run_dir, job)
-    job.wait(timeout=600)
+    job.wait(timeout=args.timeout)
     recs = records(run_dir)
     shrink = next(r for r in recs if r["kind"] == "shrink")
     after = min(r["time"] for r in recs if r["kind"] == "step" and r["step"] > shrink["step"])
     return {"exit": job.returncode, "kill_to_next_step_ms": (after - t_kill) * 1e3,
+            "seen_after_ms": (shrink["failure_seen_at"] - t_kill) * 1e3,
             "recovery_ms": shrink["recovery_ms"], "steps_redone": seen + 1 - (shrink["step"] + 1),
             "step_ms": step_ms(recs, 2, args.kill_at)}
 
@@ -135,18 +136,22 @@ def main() -> int:
     p.add_argument("--after", type=int, default=15, help="steps to train after the kill")
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=600, help="seconds a job may take (a hang raises)")
     p.add_argument("--out", default="/tmp/live_recovery", help="scratch folder for the run dirs")
+    p.add_argument("--modes", default="shrink,restart", help="which paths to measure (default: both)")
     args = p.parse_args()
     out = Path(args.out)
     results = {"shrink": [], "restart": []}
     for k in range(args.rounds):
         for mode, fn in (("shrink", shrink_round), ("restart", restart_round)):
+            if mode not in args.modes.split(","):
+                continue
             run_dir = out / f"{mode}-{k}"
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
             results[mode].append(fn(args, run_dir))
             print(mode, json.dumps({key: round(v, 1) if isinstance(v, float) else v
                                     for key, v in results[mode][-1].items()}), flush=True)
-    for mode, rows in results.items():
+    for mode, rows in filter(lambda item: item[1], results.items()):
         print(f"{mode}: kill -> next step median {statistics.median(r['kill_to_next_step_ms'] for r in rows):.0f} ms, "
               f"steps redone {[r['steps_redone'] for r in rows]}, step {statistics.median(r['step_ms'] for r in rows):.0f} ms")
     return 0

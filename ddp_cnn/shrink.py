@@ -123,6 +123,21 @@ class LiveRecovery:
         """This process's rank in the job as launched (the rank numbers change after a shrink)."""
         return self.world_ranks[self.trainer.world.rank]
 
+    def leave(self, status: int) -> None:
+        """After a shrink: end this process now with ``status``, without MPI_Finalize.
+
+        Open MPI 5.0.11's MPI_Finalize was seen spinning forever on the survivors of a rank killed in
+        the middle of an allreduce (its finalize still waits for the dead process), which keeps
+        mpirun from ending.  Everything of ours is on disk by now (the Trainer's last barrier); the
+        launcher removes the job's shared memory and session files when its processes are gone.
+        """
+        if not self.shrinks:
+            return
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
     def describe(self) -> str:
         return f"on a lost rank: {self.mode} ({self.why})"
 
@@ -135,12 +150,12 @@ class LiveRecovery:
             except Exception as exc:
                 if self.mode != "shrink" or not ulfm.is_rank_loss(exc):
                     raise
-                failed_at = time.perf_counter()
-            status = self.recover(failed_at)
+                failed_at, seen_at = time.perf_counter(), time.time()
+            status = self.recover(failed_at, seen_at)
             if status is not None:
                 return status
 
-    def recover(self, failed_at: float):
+    def recover(self, failed_at: float, seen_at: float):
         """Collective over the survivors: shrink, agree on the state, rebuild; None to go on, or an exit status."""
         from .comm import ulfm
         t = self.trainer
@@ -172,7 +187,7 @@ class LiveRecovery:
         t.metrics.write({"kind": "shrink", "step": t.global_step, "epoch": t.epoch, "lost_ranks": lost,
                          "lost_hosts": [self.hosts[r] for r in lost], "world_size": world.size,
                          "world_ranks": self.world_ranks, "state_from": self.world_ranks[source],
-                         "recovery_ms": round(seconds * 1e3, 3)})
+                         "recovery_ms": round(seconds * 1e3, 3), "failure_seen_at": round(seen_at, 6)})
         return None
 
     def _checkpoint_if_missed(self, world) -> None:

@@ -400,7 +400,9 @@ def main(argv=None) -> int:
         if world.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    return trainer.fit()
+    status = trainer.fit()
+    trainer.recovery.leave(status)  # after a shrink: ends here, without MPI_Finalize (ddp_cnn.shrink)
+    return status
 
 
 if __name__ == "__main__":
