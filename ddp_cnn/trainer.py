@@ -273,7 +273,9 @@ class Trainer(RunState):
             self.log.root = world.is_root
         self.metrics.is_root = world.is_root
         self.global_batch, self.local_batch = batch_sizes(cfg, world.rank, world.size)
-        self.train_data, self.val_data, self.test_data = open_data(cfg, world)
+        train, self.val_data, self.test_data = open_data(cfg, world)
+        if cfg.data_order != "global":  # the global order's rows are every rank's: kept, with their read cache
+            self.train_data = train
         self.train_loader, self.val_loader, self.test_loader = self._loaders()
         if self.train_loader.steps_per_epoch != self.steps_per_epoch:
             raise RuntimeError(f"after the shrink an epoch has {self.train_loader.steps_per_epoch} steps, "
