@@ -4,7 +4,7 @@
     python bench/live_recovery.py /tmp/fm4 --venv .venv-ompi --rounds 3
 
 One training run (4 ranks, --data-order global, --checkpoint-every C) is started under the Open MPI
-wheel's ``mpirun --with-ft ulfm``; once step K is logged, world rank 3 gets SIGKILL from outside.
+wheel's ``mpirun --with-ft ulfm``; once step K is logged, world rank 3 (--victim) gets SIGKILL from outside.
 
 * shrink (--on-rank-loss shrink): the survivors go on; measured from the kill to the next step's
   metrics record, and the recovery the job itself reports (its shrink record).
@@ -73,7 +73,7 @@ def kill_at_step(args, run_dir: Path, job: subprocess.Popen) -> tuple[float, int
     while True:
         steps = [r["step"] for r in records(run_dir) if r["kind"] == "step"]
         if steps and max(steps) >= args.kill_at:
-            pid = rank_pid(str(run_dir), args.ranks - 1)
+            pid = rank_pid(str(run_dir), args.victim)
             t = time.time()
             os.kill(pid, signal.SIGKILL)
             return t, max(steps)
@@ -132,6 +132,7 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--model", default="lenet")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--victim", type=int, default=3, help="the world rank killed (default: 3)")
     p.add_argument("--kill-at", type=int, default=40, help="kill once this step is logged")
     p.add_argument("--after", type=int, default=15, help="steps to train after the kill")
     p.add_argument("--checkpoint-every", type=int, default=25)

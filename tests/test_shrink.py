@@ -82,9 +82,10 @@ def processes_of(marker: str) -> list[int]:
     return found
 
 
-def ompi_job(ranks, run_dir, data_dir, *flags, kill_at="", tmp):
+def ompi_job(ranks, run_dir, data_dir, *flags, kill_at="", tmp, external_kill=None):
     """A job under the Open MPI wheel's mpirun with ULFM on; returns the CompletedProcess after
-    checking that it left no process, no /dev/shm segment and nothing in its launcher's temp folder."""
+    checking that it left no process, no /dev/shm segment and nothing in its launcher's temp folder.
+    ``external_kill(job)``: called once the job runs (to kill a rank from outside)."""
     launcher_tmp = Path(tmp) / "launcher-tmp"
     launcher_tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(launcher_tmp),
@@ -94,7 +95,13 @@ def ompi_job(ranks, run_dir, data_dir, *flags, kill_at="", tmp):
            str(OMPI_PYTHON), *train_flags(data_dir, run_dir, *flags)]
     before = shm_segments()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+        if external_kill is None:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+        else:
+            job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            external_kill(job)
+            out, err = job.communicate(timeout=HANG_S)
+            proc = subprocess.CompletedProcess(cmd, job.returncode, out, err)
     finally:
         deadline = time.monotonic() + 30  # a rank may still be tearing down as the launcher returns
         while (left := processes_of(str(run_dir))) and time.monotonic() < deadline:
@@ -115,6 +122,18 @@ def ompi_job(ranks, run_dir, data_dir, *flags, kill_at="", tmp):
 def records(run_dir, kind=None):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, filter(str.strip, lines)) if kind is None or r["kind"] == kind]
+
+
+def logged_step(run_dir) -> int:
+    """The newest step in metrics.jsonl so far (a line being written is not read yet)."""
+    path, newest = Path(run_dir) / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        newest = max(newest, record["step"] if record["kind"] == "step" else 0)
+    return newest
 
 
 def final_params(run_dir):
@@ -168,6 +187,36 @@ def test_a_killed_worker_leaves_3_ranks_on_the_uninterrupted_trajectory(data, re
     line = [l for l in proc.stdout.splitlines() if l.startswith("lost ")]
     assert len(line) == 1 and "lost rank 3 on " in line[0] and "3 ranks go on from global step 7" in line[0]
     assert "recovered in" in line[0]
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    for pid in processes_of(marker):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and b"ddp_cnn.train" in Path(
+                f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    return None
+
+
+@openmpi
+def test_kill_9_from_outside_at_whatever_moment_it_lands(data, reference, tmp_path):
+    """SIGKILL from another process once step 9 is logged: the rank dies wherever it is (in backward,
+    in an allreduce, in the optimizer), and a survivor may have applied an update the others have not."""
+    run_dir = tmp_path / "run"
+
+    def kill_rank_2(job):
+        deadline = time.monotonic() + HANG_S
+        while logged_step(run_dir) < 9:
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or hung before step 9"
+            time.sleep(0.005)
+        os.kill(rank_pid(str(run_dir), 2), 9)
+
+    proc = ompi_job(4, run_dir, data, tmp=tmp_path, external_kill=kill_rank_2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_same_run(run_dir, reference, [[2]])
 
 
 @openmpi
