@@ -22,6 +22,8 @@ import os
 import signal
 import time
 
+from .backend import to_host
+
 from .comm import hostname
 
 # Exit status of the survivors when a loss leaves fewer than --min-ranks ranks: they wrote a
@@ -63,6 +65,65 @@ def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=N
             raise ValueError(f"--on-rank-loss shrink: {why}")
         return "restart", why
     return "shrink", why + ", --data-order global"
+
+
+class AfterShrink:
+    """The Trainer's side of a shrink: its state for the other survivors, and what it rebuilds on the
+    new communicator (a mixin of :class:`ddp_cnn.trainer.Trainer`: the methods use its attributes)."""
+
+    def state_for_peers(self) -> dict:
+        """Everything a survivor needs to continue from this rank's position (host arrays)."""
+        return {"params": to_host(self.model.params), "optim": {k: to_host(v) for k, v in self.opt.state_dict().items()},
+                "buffers": {k: to_host(v) for k, v in self.model.named_buffers().items()},
+                "position": (self.epoch, self.step_in_epoch, self.global_step), "skipped": self.skipped,
+                "best_val": self.best_val}
+
+    def adopt_state(self, state: dict) -> None:
+        self.model.params[...] = self.xp.asarray(state["params"])
+        self.opt.load_state_dict(state["optim"])
+        for name, buf in self.model.named_buffers().items():
+            buf[...] = self.xp.asarray(state["buffers"][name])
+        self.epoch, self.step_in_epoch, self.global_step = state["position"]
+        self.skipped, self.best_val = state["skipped"], state["best_val"]
+
+    def rebuild(self) -> None:
+        """Collective over the new communicator ``self.world``: each rank's share of the global batch
+        and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
+        from . import comm as comm_mod
+        from . import rundir
+        from .config import batch_sizes
+        from .faults import install_abort_hook
+        from .layers import BatchNorm
+        from .layers.normalization import SyncStatistics
+        from .progress import RootLog
+        from .reducer import GradReducer
+        from .splits import open_data
+        cfg, world, model = self.config, self.world, self.model
+        install_abort_hook(world)
+        if isinstance(self.log, RootLog):
+            self.log.root = world.is_root
+        self.metrics.is_root = world.is_root
+        self.global_batch, self.local_batch = batch_sizes(cfg, world.rank, world.size)
+        train, self.val_data, self.test_data = open_data(cfg, world)
+        if cfg.data_order != "global":  # the global order's rows are every rank's: kept, with their read cache
+            self.train_data = train
+        self.train_loader, self.val_loader, self.test_loader = self._loaders()
+        if self.train_loader.steps_per_epoch != self.steps_per_epoch:
+            raise RuntimeError(f"after the shrink an epoch has {self.train_loader.steps_per_epoch} steps, "
+                               f"not {self.steps_per_epoch}")
+        self.comm, _ = comm_mod.for_device(world, model.backend, cfg.comm)
+        comm_seconds, exposed = self.reducer.comm_seconds, self.reducer.exposed_seconds
+        self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
+                                   cfg.bucket_mb, tracer=self.tracer)
+        self.reducer.comm_seconds, self.reducer.exposed_seconds = comm_seconds, exposed
+        for layer in model.layers:
+            if cfg.sync_bn and isinstance(layer, BatchNorm):
+                layer.sync = SyncStatistics(self.comm, cfg.collective_timeout)
+        if world.is_root and self.lock.fd is None:  # rank 0 died: its successor holds the run dir now
+            self.lock.acquire(warn=self.log)
+            for path in rundir.remove_dead_temps(self.checkpoint_dir):
+                self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
+            self.metrics.truncate_after(self.global_step)  # what the dead rank 0 logged of a step redone
 
 
 # ---- fault injection for the tests: this process kills itself with SIGKILL, as kill -9 would ------

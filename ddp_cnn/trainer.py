@@ -38,12 +38,12 @@ from .layers.normalization import SyncStatistics
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
-from .shrink import LiveRecovery, choose as choose_on_rank_loss, maybe_die
+from .shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from .step import compute_gradients
 from .trace import Tracer
 
 
-class Trainer(RunState):
+class Trainer(RunState, AfterShrink):
     """Trains ``model`` data-parallel over the ranks of ``comm`` (default: MPI under mpirun, else one process).
 
     ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
@@ -246,53 +246,6 @@ class Trainer(RunState):
         self.write_trace()
         self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
         return None
-
-    # ---- after a shrink (ddp_cnn.shrink): the survivors' state and what depends on the rank count ----
-    def state_for_peers(self) -> dict:
-        """Everything a survivor needs to continue from this rank's position (host arrays)."""
-        from .backend import to_host
-        return {"params": to_host(self.model.params), "optim": {k: to_host(v) for k, v in self.opt.state_dict().items()},
-                "buffers": {k: to_host(v) for k, v in self.model.named_buffers().items()},
-                "position": (self.epoch, self.step_in_epoch, self.global_step), "skipped": self.skipped,
-                "best_val": self.best_val}
-
-    def adopt_state(self, state: dict) -> None:
-        self.model.params[...] = self.xp.asarray(state["params"])
-        self.opt.load_state_dict(state["optim"])
-        for name, buf in self.model.named_buffers().items():
-            buf[...] = self.xp.asarray(state["buffers"][name])
-        self.epoch, self.step_in_epoch, self.global_step = state["position"]
-        self.skipped, self.best_val = state["skipped"], state["best_val"]
-
-    def rebuild(self) -> None:
-        """Collective over the new communicator ``self.world``: each rank's share of the global batch
-        and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
-        cfg, world, model = self.config, self.world, self.model
-        install_abort_hook(world)
-        if isinstance(self.log, RootLog):
-            self.log.root = world.is_root
-        self.metrics.is_root = world.is_root
-        self.global_batch, self.local_batch = batch_sizes(cfg, world.rank, world.size)
-        train, self.val_data, self.test_data = open_data(cfg, world)
-        if cfg.data_order != "global":  # the global order's rows are every rank's: kept, with their read cache
-            self.train_data = train
-        self.train_loader, self.val_loader, self.test_loader = self._loaders()
-        if self.train_loader.steps_per_epoch != self.steps_per_epoch:
-            raise RuntimeError(f"after the shrink an epoch has {self.train_loader.steps_per_epoch} steps, "
-                               f"not {self.steps_per_epoch}")
-        self.comm, _ = comm_mod.for_device(world, model.backend, cfg.comm)
-        comm_seconds, exposed = self.reducer.comm_seconds, self.reducer.exposed_seconds
-        self.reducer = GradReducer(self.comm, model.grad_buffer, list(zip(model.layer_offsets, model.layer_ends)),
-                                   cfg.bucket_mb, tracer=self.tracer)
-        self.reducer.comm_seconds, self.reducer.exposed_seconds = comm_seconds, exposed
-        for layer in model.layers:
-            if cfg.sync_bn and isinstance(layer, BatchNorm):
-                layer.sync = SyncStatistics(self.comm, cfg.collective_timeout)
-        if world.is_root and self.lock.fd is None:  # rank 0 died: its successor holds the run dir now
-            self.lock.acquire(warn=self.log)
-            for path in rundir.remove_dead_temps(self.checkpoint_dir):
-                self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
-            self.metrics.truncate_after(self.global_step)  # what the dead rank 0 logged of a step redone
 
     def _log_start(self):
         model, world, backend = self.model, self.world, self.model.backend
