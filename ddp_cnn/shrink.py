@@ -33,7 +33,8 @@ EXIT_BELOW_MIN_RANKS = 76
 MODES = ("auto", "shrink", "restart")
 
 
-def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=None) -> tuple[str, str]:
+def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=None,
+           gpu: bool = False) -> tuple[str, str]:
     """(shrink|restart, why) for ``--on-rank-loss mode``; ValueError (one line, the same on every rank)
     for a choice that cannot work here.  Local: every rank decides alike from the same launcher."""
     if mode not in MODES:
@@ -52,6 +53,11 @@ def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=N
     if not ok:
         if mode == "shrink":
             raise ValueError(f"--on-rank-loss shrink: needs an MPI with ULFM; {why}")
+        return "restart", why
+    if gpu:
+        why = "GPU ranks: NCCL cannot be shrunk by the MPI, and the host-staged path is untested"
+        if mode == "shrink":
+            raise ValueError(f"--on-rank-loss shrink: {why}")
         return "restart", why
     if local_batch_size:
         why = "--local-batch-size makes the global batch depend on the rank count"

@@ -74,7 +74,7 @@ class Trainer(RunState, AfterShrink):
         self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
         # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.shrink).
         on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
-            cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size))
+            cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size, model.backend.is_gpu))
         self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)
         agreed(self.world, self._prepare_run_dir)
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None

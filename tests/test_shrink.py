@@ -220,6 +220,17 @@ def test_kill_9_from_outside_at_whatever_moment_it_lands(data, reference, tmp_pa
 
 
 @openmpi
+def test_in_float32_a_killed_worker_stays_within_1e_5_of_the_uninterrupted_run(data, tmp_path):
+    runs = {}
+    for name, kill_at in (("whole", ""), ("shrunk", "1:7:step")):
+        proc = ompi_job(4, tmp_path / name, data, "--dtype", "float32", kill_at=kill_at, tmp=tmp_path / f"t-{name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = final_params(tmp_path / name)
+    assert [s["lost_ranks"] for s in records(tmp_path / "shrunk", "shrink")] == [[1]]
+    assert rel(runs["shrunk"], runs["whole"]) < 1e-5
+
+
+@openmpi
 def test_a_killed_rank_0_hands_its_role_to_the_next_rank(data, reference, tmp_path):
     proc = ompi_job(4, tmp_path / "run", data, kill_at="0:7:step", tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
