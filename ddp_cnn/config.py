@@ -58,6 +58,8 @@ class TrainConfig:
     comm: str = "auto"
     bucket_mb: float = 4.0
     collective_timeout: float = 600.0
+    on_rank_loss: str = "auto"       # shrink (ULFM: the survivors go on) | restart (the supervisor) | auto
+    min_ranks: int = 1               # fewer survivors after a shrink: checkpoint, exit for the supervisor
     check_replicas: int = 0
     fail_at: tuple | None = None     # testing: (rank, step) that raises
     inject_nan: tuple | None = None  # testing: (rank, step) whose gradient turns NaN

@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from . import rundir
 from .backend import to_host
 from .faults import SetupError, agreed
+from .shrink import maybe_die
 
 
 class RunState:
@@ -100,6 +101,7 @@ class RunState:
     def _save_checkpoint(self):
         self.sync_buffers()
         totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
+        maybe_die("checkpoint", self.recovery.world_rank, self.global_step)  # tests: lost while rank 0 writes
         if not self.world.is_root:
             return None
         attrs = self.train_data.attrs

@@ -40,11 +40,12 @@ from .nospace import DiskFull
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
+from .shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from .step import compute_gradients
 from .trace import Tracer
 
 
-class Trainer(RunState):
+class Trainer(RunState, AfterShrink):
     """Trains ``model`` data-parallel over the ranks of ``comm`` (default: MPI under mpirun, else one process).
 
     ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
@@ -73,6 +74,10 @@ class Trainer(RunState):
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         rank, size = self.world.rank, self.world.size
         self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
+        # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.shrink).
+        on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
+            cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size, model.backend.is_gpu))
+        self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)
         agreed(self.world, self._prepare_run_dir)
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
                                                           else open_data(cfg, self.world))
@@ -238,13 +243,9 @@ class Trainer(RunState):
                 distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
                                             dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
             self._log_start()
-            # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
-            while self.epoch < self.config.epochs and not self._max_steps_reached():
-                status = self.run_epoch()
-                if status is not None:
-                    return status
-            self._final_test()
-            self.write_trace()
+            status = self.recovery.run(self._train_to_end)  # again from the agreed step after a shrink
+            if status is not None:
+                return status
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -266,10 +267,21 @@ class Trainer(RunState):
             self.reducer.close()
             self.stop.uninstall()
             self.lock.release()
-        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
         self.world.set_timeout(None)  # the caller's communicator, as it was given
         self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
         return 0
+
+    def _train_to_end(self):
+        """The epochs, the final test and the trace, from wherever the run stands; None or an exit status."""
+        # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
+        while self.epoch < self.config.epochs and not self._max_steps_reached():
+            status = self.run_epoch()
+            if status is not None:
+                return status
+        self._final_test()
+        self.write_trace()
+        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
+        return None
 
     def _log_start(self):
         model, world, backend = self.model, self.world, self.model.backend
@@ -280,6 +292,8 @@ class Trainer(RunState):
                  + f"), {self.steps_per_epoch} steps/epoch, {len(self.reducer.buckets)} gradient bucket(s)"
                  + (", batch norm over the global batch" if self.config.sync_bn else "")
                  + (", global data order" if self.config.data_order == "global" else ""))
+        if world.size > 1:
+            self.log(self.recovery.describe())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.val_loader is None and self.test_loader is not None:
@@ -306,6 +320,7 @@ class Trainer(RunState):
         for x, y in self.tracer.iterate(self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch)):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
             self.world.step = self.global_step  # named by a deadline's line
+            maybe_die("step", self.recovery.world_rank, self.global_step)
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
@@ -406,6 +421,7 @@ class Trainer(RunState):
 
     def score(self, split: str, loader) -> dict:
         """Collective: the model (the --ema average, if kept) on one split, as ``{split}_*`` metrics."""
+        maybe_die("evaluation", self.recovery.world_rank, self.global_step)
         with self.tracer.span("evaluation", "evaluation", split=split):
             self.sync_buffers()
             with self.opt.averaged_weights():
