@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from .argtypes import non_negative_int, positive_float, positive_int
 from .faults import EXIT_PREEMPTED, NOT_RETRIED
 from .rundir import remove_dead_temps
 
@@ -48,42 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "divergence is not retried. Exit 0 when the run completes, the job's code once the restarts "
                     "are spent, 75 after SIGTERM/SIGINT (the job checkpoints first).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("-n", dest="ranks", type=_positive, required=True, metavar="N", help="ranks to run")
-    p.add_argument("--max-restarts", type=_non_negative, default=3, metavar="K",
+    p.add_argument("-n", dest="ranks", type=positive_int, required=True, metavar="N", help="ranks to run")
+    p.add_argument("--max-restarts", type=non_negative_int, default=3, metavar="K",
                    help="restarts allowed over the whole run")
     p.add_argument("--hostfile", metavar="FILE",
                    help="the launcher's host file (MPICH: HOST:SLOTS, Open MPI: HOST slots=N, one host a line); "
                         "before a restart each host is probed and the unreachable ones are left out")
-    p.add_argument("--min-ranks", type=_positive, default=1, metavar="M",
+    p.add_argument("--min-ranks", type=positive_int, default=1, metavar="M",
                    help="with --hostfile: the fewest ranks a restart may run on when hosts stay unreachable")
-    p.add_argument("--probe-timeout", type=_positive_float, default=20.0, metavar="S",
+    p.add_argument("--probe-timeout", type=positive_float, default=20.0, metavar="S",
                    help="with --hostfile: seconds a host has to run one process before it counts as unreachable")
     p.add_argument("--launcher", default=str(LAUNCH), metavar="SCRIPT",
                    help="the launch script, called as SCRIPT -n N [--hostfile FILE] COMMAND (MPIRUN=... in the "
                         "environment picks its MPI launcher)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- python -m ddp_cnn.train [flags]")
     return p
-
-
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
 
 
 def say(message: str) -> None:

@@ -12,7 +12,6 @@ errors agreed by every rank) -> :class:`~ddp_cnn.trainer.Trainer`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -33,59 +32,18 @@ from .splits import class_names_of, open_data
 from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from .progress import MODES, RootLog
 from .trainer import Trainer
+from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
 
 D = TrainConfig()
 
 
 # ---- flags and config ---------------------------------------------------
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def model_name(text):
     if text in model_mod.ARCHITECTURES or modelfile.is_model_file(text):
         return text
     raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
                                      f"{', '.join(sorted(model_mod.ARCHITECTURES))}, or a model file FILE.toml)")
-
-
-def weight(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -269,7 +227,6 @@ def _output_flags(p):
                         "https://ui.perfetto.dev): data wait, forward and backward per layer, each gradient "
                         "bucket's allreduce, optimizer, checkpoints, evaluation; python -m ddp_cnn.report "
                         "--trace FILE draws one step")
-
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
