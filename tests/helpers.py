@@ -109,3 +109,19 @@ def make_synthetic_shards(out, shards, seed=0, **kw):
     code = shard_main([str(src), "--out", str(out), "--shards", str(shards), "--dataset", "synthetic"])
     assert code in (0, None), f"sharding the synthetic set failed with {code}"
     return Path(out)
+
+
+def ranks_of(run_dir) -> list[int]:
+    """The pids of the rank processes of the job writing in run_dir: not its launcher, supervisor or shell."""
+    from pathlib import Path
+    marker = f"--run-dir {run_dir} "
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if entry.name.isdigit() and "ddp_cnn.train" in cmdline and marker in cmdline + " " \
+                and not any(word in cmdline for word in ("ddp_cnn.supervise", "mpirun", "mpiexec", "/bin/sh")):
+            pids.append(int(entry.name))
+    return pids

@@ -15,7 +15,7 @@ import pytest
 
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.faults import EXIT_DIVERGED, EXIT_PREEMPTED
-from helpers import HANG_S, make_synthetic_shards
+from helpers import HANG_S, make_synthetic_shards, ranks_of
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "mpirun.sh")
@@ -86,20 +86,6 @@ def alive(pid):
 
 def final(run_dir):
     return ckpt.load(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")[-1])
-
-
-def ranks_of(run_dir):
-    """The pids of every rank of the job writing in run_dir."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"--run-dir {run_dir} " in cmdline + " " and "ddp_cnn.train" in cmdline \
-                and not any(word in cmdline for word in ("ddp_cnn.supervise", "mpirun", "mpiexec")):
-            pids.append(int(entry.name))
-    return pids
 
 
 class Watched:

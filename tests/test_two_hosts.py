@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import checkpoint as ckpt
-from helpers import make_synthetic_shards
+from helpers import make_synthetic_shards, ranks_of
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -106,20 +106,6 @@ def two_host_job(ssh, run_dir, data_dir, *flags):
            f"-hosts {hosts} -n 4 -launcher ssh -launcher-exec {ssh} {train}")
     return subprocess.Popen(["ip", "netns", "exec", first, "unshare", "--uts", "/bin/sh", "-c", cmd], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def ranks_of(run_dir) -> list[int]:
-    marker = f"--run-dir {run_dir} "
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if entry.name.isdigit() and "ddp_cnn.train" in cmdline and marker in cmdline + " " \
-                and "mpiexec" not in cmdline and "/bin/sh" not in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def test_four_ranks_on_two_hosts_train_as_on_one(hosts, data, tmp_path):
