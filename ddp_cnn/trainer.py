@@ -167,7 +167,8 @@ class Trainer(RunState):
     def _loaders(self):
         cfg, dtype = self.config, self.model.backend.dtype
         train = Loader(self.train_data, batch_size=self.local_batch, comm=self.world, seed=cfg.seed, xp=self.xp,
-                       dtype=dtype, augment=self.augment, data_order=cfg.data_order, global_batch=self.global_batch)
+                       dtype=dtype, augment=self.augment, data_order=cfg.data_order, global_batch=self.global_batch,
+                       window=cfg.shuffle_window)
 
         def scoring(data):  # every row once, normalised with the training statistics
             return None if data is None else Loader(
@@ -244,6 +245,7 @@ class Trainer(RunState):
                  + f"), {self.steps_per_epoch} steps/epoch, {len(self.reducer.buckets)} gradient bucket(s)"
                  + (", batch norm over the global batch" if self.config.sync_bn else "")
                  + (", global data order" if self.config.data_order == "global" else ""))
+        self.log(self.train_loader.describe())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.val_loader is None and self.test_loader is not None:
@@ -322,7 +324,10 @@ class Trainer(RunState):
                   "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
                   "comm_seconds": self.reducer.comm_seconds, "comm_exposed_seconds": self.reducer.exposed_seconds,
                   "compute_seconds": elapsed - self.reducer.exposed_seconds, "lr": self.schedule(self.global_step - 1),
-                  "skipped_steps": self.skipped}
+                  "skipped_steps": self.skipped,
+                  # the longest any rank's steps waited for their batches (data not ready in time)
+                  "data_wait_seconds": self.world.allreduce_scalar(self.train_loader.wait_seconds, "max")}
+        self.train_loader.wait_seconds = 0.0
         if self.val_loader is not None and ((self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
             record.update(self.score("val", self.val_loader))
         if epoch_done:
