@@ -31,8 +31,8 @@ from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, SetupError, StopFlag, abort_job, agreed, install_abort_hook,
-                     maybe_fail, require_same)
+from .faults import (EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job, agreed,
+                     install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
 from .reducer import GradReducer
@@ -225,7 +225,8 @@ class Trainer(RunState):
             return EXIT_FAILED
         except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
             # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
-            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}")
+            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}",
+                      EXIT_USAGE if isinstance(exc, DataError) else EXIT_FAILED)
         finally:
             self.tracer.restore(self.model)
             self.reducer.close()
