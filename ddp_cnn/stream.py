@@ -123,12 +123,14 @@ class ChunkCache:
 
 def block_order(rng: np.random.Generator, chunk_of_row: np.ndarray, window: int) -> np.ndarray:
     """A permutation of the rows: chunks in a random order, rows shuffled within each group of ``window``
-    consecutive chunks of that order (0: one group, a full shuffle)."""
+    consecutive chunks of that order.  A window that takes in every chunk (0, or a small data set) is a
+    full shuffle, the very permutation the in-memory loader draws from the same generator."""
     chunks, chunk_index = np.unique(chunk_of_row, return_inverse=True)
+    if not window or len(chunks) <= window:
+        return rng.permutation(len(chunk_of_row))
     place = np.empty(len(chunks), np.int64)
     place[rng.permutation(len(chunks))] = np.arange(len(chunks))
-    group = place[chunk_index] // window if window else np.zeros(len(chunk_of_row), np.int64)
-    return np.lexsort((rng.permutation(len(chunk_of_row)), group))
+    return np.lexsort((rng.permutation(len(chunk_of_row)), place[chunk_index] // window))
 
 
 class ChunkedRows:
