@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -260,6 +261,36 @@ def _npy_header(fh):
     return read(fh, max_header_size=100_000) if version == (2, 0) else read(fh)
 
 
+def _read_rows(source: Path, offset: int, shape: tuple, fortran: bool, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted) of an .npy array that starts at ``offset`` of ``source``.
+
+    C-ordered arrays are read with one ``pread`` per run of consecutive rows: a
+    memory map would be lighter to write but maps whole blocks of pages around
+    every row it touches, so a random selection of rows made the process
+    hold most of the file.  Fortran order (rare) goes through a map, unmapped
+    after each call."""
+    if fortran:
+        mapped = np.memmap(source, np.uint8, "r", offset, shape, order="F")
+        try:
+            return np.ascontiguousarray(mapped[rows])
+        finally:
+            del mapped
+    row_bytes = int(np.prod(shape[1:]))
+    out = np.empty((len(rows),) + tuple(shape[1:]), np.uint8)
+    flat = out.reshape(len(rows), row_bytes)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(source, "rb") as fh:
+        fd, done = fh.fileno(), 0
+        for run in np.split(rows, breaks):
+            want = len(run) * row_bytes
+            data = os.pread(fd, want, offset + int(run[0]) * row_bytes)
+            if len(data) != want:
+                raise ValueError(f"rows {run[0]}:{run[-1] + 1} lie beyond the end of the file")
+            flat[done:done + len(run)] = np.frombuffer(data, np.uint8).reshape(len(run), row_bytes)
+            done += len(run)
+    return out
+
+
 def _extracted(z: zipfile.ZipFile, member: str, scratch: Path) -> Path:
     """A compressed member inflated to a file in ``scratch`` a block at a time (memory: one block)."""
     import shutil
@@ -284,10 +315,11 @@ def read_npz(path: Path, size: tuple | None, channels: int | None, scratch: Path
     ``labels`` integers 0..K-1 (N,); optionally ``class_names`` (K strings),
     else the names are "0".."K-1".  ``size``/``channels`` convert through
     Pillow as for a folder; without them the pixels are taken as they are.
-    The images are memory-mapped where ``numpy.savez`` stored them
-    uncompressed; a compressed member (``savez_compressed``) is first inflated
-    into ``scratch`` (a folder on disk) a block at a time.  Only the rows asked
-    for are mapped, and unmapped again, so memory does not grow with the file."""
+    The images are read in place where ``numpy.savez`` stored them
+    uncompressed (the .npy member's rows at their offset in the archive); a
+    compressed member (``savez_compressed``) is first inflated into
+    ``scratch`` (a folder on disk) a block at a time.  Only the rows asked for
+    are read, so memory does not grow with the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--from-npz {path}: no such file")
@@ -354,12 +386,9 @@ def read_npz(path: Path, size: tuple | None, channels: int | None, scratch: Path
 
     def read(rows):
         try:
-            mapped = np.memmap(source, np.uint8, "r", offset, stored, order="F" if fortran else "C")
-            pixels = np.asarray(mapped[rows])
-        except (OSError, ValueError) as exc:  # a file cut short: mmap length beyond its size
+            pixels = _read_rows(source, offset, stored, fortran, rows)
+        except (OSError, ValueError) as exc:  # a file cut short
             raise DataError(f"{path}: cannot read images ({exc})") from None
-        finally:
-            del mapped  # unmapped: the pages read leave this process
         if not convert:
             return pixels
         Image, _ = _pil()

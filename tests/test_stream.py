@@ -183,3 +183,72 @@ def test_a_damaged_chunk_is_named_and_the_job_exits_2_without_hanging(tmp_path, 
     if how == "corrupt":
         assert all("cannot read rows 512:600" in line for line in lines), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ---- sharding a set larger than memory -----------------------------------------------
+
+SHARD_PEAK = r"""
+import json, sys
+from data_tools.shard import main
+code = main(sys.argv[1:])
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0] * 1024
+print(json.dumps({"code": code, "peak": peak}))
+"""
+
+
+def npz_of(path, n, size=48, compressed=False, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 5
+    images = rng.integers(0, 40, (n, size, size), dtype=np.uint8)
+    images[np.arange(n), labels * 5 + 2] = 250  # a bright row per class
+    (np.savez_compressed if compressed else np.savez)(path, images=images, labels=labels)
+    return path
+
+
+def shard_peak(npz, out, *flags):
+    proc = subprocess.run([sys.executable, "-c", SHARD_PEAK, "--from-npz", str(npz), "--out", str(out),
+                           "--shards", "2", *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["code"] == 0
+    return result["peak"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc (Linux)")
+def test_sharding_an_npz_8_times_larger_keeps_the_peak_memory_bounded(tmp_path):
+    small, large = npz_of(tmp_path / "small.npz", 4000), npz_of(tmp_path / "large.npz", 32000)
+    growth = 28000 * 48 * 48
+    grew = shard_peak(large, tmp_path / "large") - shard_peak(small, tmp_path / "small")
+    assert grew < 0.25 * growth, grew
+    # What it wrote is the whole set: every image once, byte for byte.
+    import h5py
+    with np.load(large) as z:
+        source = z["images"]
+    rows = []
+    for path in sorted((tmp_path / "large").glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            assert np.array_equal(f["images"][:][..., 0], source[f["source_index"][:]])
+            rows.append(f["source_index"][:])
+    assert np.array_equal(np.sort(np.concatenate(rows)), np.arange(32000))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+def test_a_compressed_npz_read_member_wise_gives_the_same_shards_and_the_trainer_streams_them(tmp_path, compression):
+    import h5py
+    stored = npz_of(tmp_path / "stored.npz", 1500, size=28)
+    packed = npz_of(tmp_path / "packed.npz", 1500, size=28, compressed=True)
+    from data_tools.shard import main
+    for npz, out in ((stored, "a"), (packed, "b")):
+        assert main(["--from-npz", str(npz), "--out", str(tmp_path / out), "--shards", "2",
+                     "--compression", compression]) == 0
+    assert not list(tmp_path.glob(".shard-scratch-*"))  # the inflated member is gone
+    for name in ("train-00000-of-00002.h5", "train-00001-of-00002.h5", "test.h5"):
+        with h5py.File(tmp_path / "a" / name, "r") as a, h5py.File(tmp_path / "b" / name, "r") as b:
+            assert np.array_equal(a["images"][:], b["images"][:])
+            assert a["images"].compression == (None if compression == "none" else compression)
+    whole = open_rank_data(tmp_path / "b", "train", SingleComm())
+    data = streamed(tmp_path / "b", mb=4)
+    loader = Loader(data, batch_size=100, comm=SingleComm(), seed=1, window=1, drop_last=False, dtype=np.float64)
+    for step, (x, _) in enumerate(loader.epoch(0)):
+        rows = loader.rows(loader.order(0), step)
+        assert np.array_equal(x, loader.to_device(whole.images[rows], whole.labels[rows])[0])
