@@ -30,11 +30,21 @@ READ_THREADS = 4
 
 
 def machine_memory() -> int:
-    """Bytes of memory this process may use: the cgroup limit when there is one, else physical memory."""
+    """Bytes of memory this process may use: its cgroup's limit when there is one, else physical memory."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    places = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, where = line.split(":", 2)
+            if controllers == "":  # cgroup v2
+                places.append(Path("/sys/fs/cgroup") / where.lstrip("/") / "memory.max")
+            elif "memory" in controllers.split(","):  # cgroup v1
+                places.append(Path("/sys/fs/cgroup/memory") / where.lstrip("/") / "memory.limit_in_bytes")
+    except (OSError, ValueError):
+        pass
+    for limit in places:
         try:
-            text = Path(limit).read_text().strip()
+            text = limit.read_text().strip()
         except OSError:
             continue
         if text.isdigit():
@@ -64,14 +74,10 @@ class ChunkCache:
         self.lock = threading.Lock()
         self.threads, self.origin = threads, "given"
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ddp_cnn-read")
-        self.peak = 0
-
-    @property
-    def used(self) -> int:
-        return sum(self.sizes.values())
+        self.used = self.pinned = self.peak = 0  # bytes held, of them pinned, most held at once
 
     def pinned_bytes(self) -> int:
-        return sum(self.sizes[k] for k in self.pins)
+        return self.pinned
 
     def room_for(self, keys, size_of) -> bool:
         """Whether pinning ``keys`` keeps the pinned chunks within the limit."""
@@ -82,21 +88,21 @@ class ChunkCache:
     def request(self, key, size: int, read) -> None:
         """Pin ``key``; start reading it on the pool unless it is held already."""
         with self.lock:
-            self.pins[key] = self.pins.get(key, 0) + 1
-            self.released.pop(key, None)
             if key not in self.blocks:
                 self.sizes[key] = size
+                self.used += size
                 self.blocks[key] = self.pool.submit(read)
-                self._evict()
+            if key not in self.pins:
+                self.pinned += self.sizes[key]
+            self.pins[key] = self.pins.get(key, 0) + 1
+            self.released.pop(key, None)
+            self._evict()
 
     def get(self, key) -> np.ndarray:
         """The block of a requested key (waits for its read; re-raises its error)."""
         with self.lock:
             future: Future = self.blocks[key]
-        block = future.result()
-        with self.lock:
-            self.sizes[key] = block.nbytes
-        return block
+        return future.result()
 
     def release(self, key) -> None:
         with self.lock:
@@ -104,18 +110,18 @@ class ChunkCache:
             if left > 0:
                 self.pins[key] = left
                 return
-            self.pins.pop(key, None)
+            if self.pins.pop(key, None) is not None:
+                self.pinned -= self.sizes[key]
             if key in self.blocks:
                 self.released[key] = None
             self._evict()
 
     def _evict(self) -> None:
-        used = self.used
-        self.peak = max(self.peak, used)
-        while used > self.limit and self.released:
+        self.peak = max(self.peak, self.used)
+        while self.used > self.limit and self.released:
             key, _ = self.released.popitem(last=False)
             self.blocks.pop(key).cancel()
-            used -= self.sizes.pop(key)
+            self.used -= self.sizes.pop(key)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
