@@ -17,6 +17,11 @@ uint8 (N, H, W[, C]), ``labels``, optionally ``class_names``) are one set:
 ``--test-fraction`` of it (default 0.2) becomes test.h5 first, taken per
 class from the front of the same permutation, so it is stratified and fixed
 by ``--seed``; validation and shards come from the rest.
+
+Images are read and written a block of HDF5 chunks at a time, so a folder or
+an .npz far larger than memory is sharded in bounded memory (an .npz saved
+compressed is first inflated into a scratch folder beside --out); the
+trainer streams the chunks (docs/data.md).
 """
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own images: DIR/CLASS/*.png|jpg (one subfolder per class, any depth below it)")
     p.add_argument("--from-npz", type=Path, metavar="FILE",
                    help="your own arrays: 'images' uint8 (N, H, W) or (N, H, W, C), 'labels' 0..K-1, "
-                        "optionally 'class_names'")
+                        "optionally 'class_names'; read a block of rows at a time (a compressed .npz is first "
+                        "inflated into a scratch folder beside --out: it needs that much free disk)")
     p.add_argument("--size", metavar="HxW", help="with --from-folder/--from-npz: fit every image into HxW "
                    "(aspect ratio kept, centred on black); without it all images must be of one size")
     mode = p.add_mutually_exclusive_group()
