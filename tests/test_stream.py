@@ -252,3 +252,41 @@ def test_a_compressed_npz_read_member_wise_gives_the_same_shards_and_the_trainer
     for step, (x, _) in enumerate(loader.epoch(0)):
         rows = loader.rows(loader.order(0), step)
         assert np.array_equal(x, loader.to_device(whole.images[rows], whole.labels[rows])[0])
+
+
+# ---- the block-shuffled stream on N ranks against one (mpirun -n N python -m pytest --only-mpi) ----------
+
+BLOCKS = ["--shuffle-window", 1, "--data-cache-mb", 4]  # 3 shards of one chunk each: a block shuffle
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_block_shuffled_global_stream_on_n_ranks_equals_one_rank(tmp_path_factory):
+    from ddp_cnn.comm import MPIComm
+    from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
+    comm = MPIComm()
+    base = shared_data(comm, tmp_path_factory, "stream-global")
+    flags = COMMON + AUGMENT + ["--data", base / "data", "--batch-size", 96, "--max-steps", 20,
+                                "--data-order", "global"]
+    assert on_one_rank(comm, flags + BLOCKS + ["--run-dir", base / "one"]) == 0
+    assert train(flags + BLOCKS + ["--run-dir", base / "many"]) == 0
+    one, many = final(base / "one"), final(base / "many")
+    assert many["meta"]["world_size"] == comm.size and many["meta"]["global_step"] == 20
+    assert relative(many["params"], one["params"]) < 1e-10
+    # A full shuffle draws another order: the block shuffle was in force, so the comparison can fail.
+    assert on_one_rank(comm, flags + ["--shuffle-window", 0, "--run-dir", base / "full"]) == 0
+    assert relative(final(base / "full")["params"], one["params"]) > 1e-6
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_block_shuffled_stream_stopped_mid_epoch_on_n_ranks_continues_on_one(tmp_path_factory):
+    from ddp_cnn.comm import MPIComm
+    from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
+    comm = MPIComm()
+    base = shared_data(comm, tmp_path_factory, "stream-elastic")
+    flags = COMMON + AUGMENT + BLOCKS + ["--data", base / "data", "--batch-size", 96, "--data-order", "global"]
+    assert train(flags + ["--run-dir", base / "whole", "--max-steps", 20]) == 0
+    assert train(flags + ["--run-dir", base / "parts", "--max-steps", 5]) == 0  # 12 steps an epoch: mid-epoch
+    assert on_one_rank(comm, flags + ["--run-dir", base / "parts", "--max-steps", 20, "--resume"]) == 0
+    whole, parts = final(base / "whole"), final(base / "parts")
+    assert parts["meta"]["global_step"] == 20 and parts["meta"]["world_size"] == 1
+    assert relative(parts["params"], whole["params"]) < 1e-10
