@@ -231,9 +231,12 @@ class ChunkedRows:
     def _gather(self, rows) -> np.ndarray:
         where, keys = self.where[rows], self.chunk_of_row[rows]
         out = np.empty((len(rows),) + self.image_shape, np.uint8)
-        for key in np.unique(keys):
-            picked = np.flatnonzero(keys == key)
-            first = (key & 0xFFFFFFFF) * self.chunk_rows[key >> 32]
+        by_chunk = np.argsort(keys, kind="stable")  # the rows of one chunk side by side
+        starts = np.flatnonzero(np.r_[True, keys[by_chunk][1:] != keys[by_chunk][:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(rows)]):
+            picked = by_chunk[start:stop]
+            key = int(keys[picked[0]])
+            first = (key & 0xFFFFFFFF) * int(self.chunk_rows[key >> 32])
             out[picked] = self.cache.get((self._token, key))[where[picked, 1] - first]
         return out
 
