@@ -146,6 +146,9 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
                             "(an empty shard, or more ranks than rows with --slice-data); re-shard")
     except DataError as exc:
         data, error = None, str(exc)
+    except MemoryError as exc:  # --data-in-memory with more rows than this rank can hold
+        data, error = None, (f"{data_dir}: the {split} rows do not fit in this rank's memory ({exc}); "
+                             "stream them (leave out --data-in-memory)")
     outcomes = comm.allgather_obj((error, data.attrs["sharding_id"] if data is not None else None))
     failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e]
     if failed:  # the same line on every rank: the first failing rank's
