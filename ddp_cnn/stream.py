@@ -142,25 +142,24 @@ def block_order(rng: np.random.Generator, chunk_of_row: np.ndarray, window: int)
 class ChunkedRows:
     """The images of rows of HDF5 files, read a chunk at a time: ``rows[idx]`` -> uint8 (len(idx), *image_shape).
 
-    ``where`` maps each row to (file number, row in that file); :meth:`subset`
+    ``row_key`` gives each row as file number << 32 | row in that file (8 bytes a row); :meth:`subset`
     keeps a selection without reading anything (the validation hold-out).
     Subsets share the open files and the cache.
     """
 
-    def __init__(self, paths, where: np.ndarray, image_shape: tuple, files=None, cache: ChunkCache | None = None):
+    def __init__(self, paths, row_key: np.ndarray, image_shape: tuple, files=None, cache: ChunkCache | None = None):
         import h5py
-        self.paths, self.where, self.image_shape = list(paths), np.asarray(where, np.int64), tuple(image_shape)
+        self.paths, self.row_key, self.image_shape = list(paths), np.asarray(row_key, np.int64), tuple(image_shape)
         self._files = files if files is not None else [h5py.File(p, "r") for p in self.paths]
         self._images = [f["images"] for f in self._files]
         self.chunk_rows = np.array([(ds.chunks or (len(ds),))[0] or 1 for ds in self._images], np.int64)
         self.row_bytes = int(np.prod(self.image_shape))
         self.cache = cache if cache is not None else ChunkCache(1 << 30)
         self._token = id(self._files)  # the cache's keys are (token, chunk key): splits share one cache
-        self.chunk_of_row = self.where[:, 0] * (1 << 32) + self.where[:, 1] // self.chunk_rows[self.where[:, 0]]
 
     @property
     def shape(self) -> tuple:
-        return (len(self.where),) + self.image_shape
+        return (len(self.row_key),) + self.image_shape
 
     @property
     def dtype(self):
@@ -171,11 +170,21 @@ class ChunkedRows:
         return 1 + len(self.image_shape)
 
     def __len__(self) -> int:
-        return len(self.where)
+        return len(self.row_key)
 
     def subset(self, selector) -> "ChunkedRows":
         """The rows picked by ``selector`` (a boolean mask or indices), sharing the open files and the cache."""
-        return ChunkedRows(self.paths, self.where[selector], self.image_shape, self._files, self.cache)
+        return ChunkedRows(self.paths, self.row_key[selector], self.image_shape, self._files, self.cache)
+
+    def chunk_keys(self, rows=slice(None)) -> np.ndarray:
+        """The chunk of each of ``rows`` (default all) as file number << 32 | chunk number in that file."""
+        key = self.row_key[rows]
+        files = key >> 32
+        return (files << 32) | ((key & 0xFFFFFFFF) // self.chunk_rows[files])
+
+    @property
+    def chunk_of_row(self) -> np.ndarray:
+        return self.chunk_keys()
 
     def chunk_bytes(self, key=None) -> int:
         f = 0 if key is None else int(key >> 32)
@@ -219,7 +228,7 @@ class ChunkedRows:
     def __getitem__(self, rows) -> np.ndarray:
         """Any rows, read through the cache (pinned for the call only)."""
         rows = np.asarray(rows)
-        keys = np.unique(self.chunk_of_row[rows])
+        keys = np.unique(self.chunk_keys(rows))
         for key in keys:
             self.cache.request((self._token, key), self.chunk_bytes(key), lambda k=key: self._read_chunk(k))
         try:
@@ -229,7 +238,7 @@ class ChunkedRows:
                 self.cache.release((self._token, key))
 
     def _gather(self, rows) -> np.ndarray:
-        where, keys = self.where[rows], self.chunk_of_row[rows]
+        in_file, keys = self.row_key[rows] & 0xFFFFFFFF, self.chunk_keys(rows)
         out = np.empty((len(rows),) + self.image_shape, np.uint8)
         by_chunk = np.argsort(keys, kind="stable")  # the rows of one chunk side by side
         starts = np.flatnonzero(np.r_[True, keys[by_chunk][1:] != keys[by_chunk][:-1]])
@@ -237,14 +246,14 @@ class ChunkedRows:
             picked = by_chunk[start:stop]
             key = int(keys[picked[0]])
             first = (key & 0xFFFFFFFF) * int(self.chunk_rows[key >> 32])
-            out[picked] = self.cache.get((self._token, key))[where[picked, 1] - first]
+            out[picked] = self.cache.get((self._token, key))[in_file[picked] - first]
         return out
 
     def batches(self, row_lists):
         """Yield ``self[rows]`` for each of ``row_lists`` (arrays of rows), reading chunks ahead on the pool
         as far as the cache has room: every chunk stays pinned from its first batch to its last."""
         row_lists = list(row_lists)
-        keys = [np.unique(self.chunk_of_row[rows]) for rows in row_lists]
+        keys = [np.unique(self.chunk_keys(rows)) for rows in row_lists]
         ahead = done = 0  # steps whose chunks are requested / released
         try:
             for step, rows in enumerate(row_lists):
@@ -284,7 +293,7 @@ def open_chunked(reads, cache: ChunkCache | None = None):
     missing, damaged or mismatched file."""
     from data_tools import h5format
     from .data import ShardData
-    labels, source_index, where, first, paths = [], [], [], None, [p for p, _, _ in reads]
+    labels, source_index, row_key, first, paths = [], [], [], None, [p for p, _, _ in reads]
     for number, (path, start, stop) in enumerate(reads):
         with h5format.open_checked(path) as f:
             attrs = h5format.check_structure(path, f)
@@ -299,9 +308,9 @@ def open_chunked(reads, cache: ChunkCache | None = None):
         elif attrs["sharding_id"] != first["sharding_id"] or attrs["image_shape"] != first["image_shape"]:
             raise DataError(f"{path}: from another sharding run than {paths[0]} (sharding_id differs)")
         n = len(labels[-1])
-        where.append(np.stack([np.full(n, number), np.arange(n) + (start or 0)], axis=1))
+        row_key.append((np.int64(number) << 32) | (np.arange(n, dtype=np.int64) + (start or 0)))
     labels = np.concatenate(labels)
     if len(labels) and labels.max() >= len(first["class_names"]):
         raise DataError(f"{paths[0]}: label {labels.max()} but only {len(first['class_names'])} class names")
-    images = ChunkedRows(paths, np.concatenate(where).astype(np.int64), first["image_shape"], cache=cache)
+    images = ChunkedRows(paths, np.concatenate(row_key), first["image_shape"], cache=cache)
     return ShardData(images, labels, first, list(paths), np.concatenate(source_index))
