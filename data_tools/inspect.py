@@ -105,6 +105,12 @@ def _body(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     if args.count < 1:
         raise DataError(f"--count must be at least 1, got {args.count}")
+    if args.grid is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before any work: the grid is drawn last)
+        except ImportError:
+            raise DataError("--grid: drawing needs matplotlib, which is not installed; install the report extra "
+                            "(pip install 'ddp_cnn[report]', or pip install matplotlib)") from None
     images, labels, _, attrs = h5format.read_rows(args.file)
     try:
         print(summarize(args.file, images, labels, attrs), flush=True)

@@ -5,7 +5,8 @@ folder is fsynced, so a crash (even ``kill -9``) leaves either the previous
 checkpoint or the new one, never a torn file.  Each file carries a sha256 of
 its parameters and one of its optimizer state (which holds the moving
 average of the weights under ``--ema``); a file that does not open or whose hash disagrees is
-reported by name and skipped by ``--resume latest``.
+reported by name and skipped by ``--resume latest``; ``--keep`` counts only
+files that verify and moves a corrupt one aside (``<name>.corrupt``).
 
 Contents: ``params`` (flat), ``optim/<name>`` (flat optimizer state),
 ``buffers/<name>`` (BatchNorm statistics), and attributes: model description,
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
+
+from .nospace import naming
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)
@@ -52,37 +55,83 @@ def optim_digest(optim_state: dict) -> str:
 
 
 def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buffers: dict, meta: dict,
-         keep: int = 0) -> Path:
-    """Write one checkpoint atomically (rank 0 only); keep the newest `keep` (0: all)."""
+         keep: int = 0, warn=print) -> Path:
+    """Write one checkpoint atomically (rank 0 only); keep the newest `keep` that verify (0: all; see
+    :func:`prune`)."""
     import h5py
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, global_step)
     tmp = temp_path(final)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("params", data=params)
-            for name, value in optim_state.items():
-                if np.ndim(value) == 0:
-                    f.attrs[f"optim.{name}"] = value
-                else:
-                    f.create_dataset(f"optim/{name}", data=value)
-            for name, value in buffers.items():
-                f.create_dataset(f"buffers/{name}", data=value)
-            for key, value in meta.items():
-                f.attrs[key] = json.dumps(value)
-            f.attrs["params_sha256"] = params_digest(params)
-            f.attrs["optim_sha256"] = optim_digest(optim_state)
-        fsync_file(tmp)
-        os.replace(tmp, final)
-        fsync_dir(directory)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with naming(final):  # no space: DiskFull naming the checkpoint, the partial file removed
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("params", data=params)
+                for name, value in optim_state.items():
+                    if np.ndim(value) == 0:
+                        f.attrs[f"optim.{name}"] = value
+                    else:
+                        f.create_dataset(f"optim/{name}", data=value)
+                for name, value in buffers.items():
+                    f.create_dataset(f"buffers/{name}", data=value)
+                for key, value in meta.items():
+                    f.attrs[key] = json.dumps(value)
+                f.attrs["params_sha256"] = params_digest(params)
+                f.attrs["optim_sha256"] = optim_digest(optim_state)
+            fsync_file(tmp)
+            os.replace(tmp, final)
+            fsync_dir(directory)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    _verified[final] = _identity(final)  # written from these very arrays: no need to read it back
     if keep > 0:
-        for old in list_checkpoints(directory)[:-keep]:
-            old.unlink(missing_ok=True)
+        prune(directory, keep, warn=warn)
     return final
+
+
+CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that failed to verify, moved aside by prune()
+_verified: dict = {}  # path -> (inode, size, mtime) of a file that loaded with matching checksums
+
+
+def _identity(path: Path):
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def verify(path) -> None:
+    """CheckpointError unless ``path`` loads with matching checksums; a file seen to verify before,
+    and unchanged since, is not read again."""
+    path = Path(path)
+    try:
+        if _verified.get(path) == _identity(path):
+            return
+    except OSError:
+        pass
+    load(path)
+    _verified[path] = _identity(path)
+
+
+def prune(directory, keep: int, warn=print) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints that verify; delete older ones.  One that does not verify
+    is never counted: it is renamed ``<name>.corrupt`` (named via ``warn``), so it neither takes a
+    valid file's place nor is resumed from.  Returns the files moved aside."""
+    kept, moved = 0, []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify(path)
+        except CheckpointError as exc:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, aside)
+            moved.append(aside)
+            warn(f"warning: {exc}; moved aside to {aside}, not counted by --keep")
+            continue
+        if kept < keep:
+            kept += 1
+        else:
+            path.unlink(missing_ok=True)
+            _verified.pop(path, None)
+    return moved
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -194,6 +243,6 @@ def keep_as_best(path) -> Path:
     """Copy checkpoint ``path`` to best.h5 beside it, atomically; ``--keep`` never removes it."""
     import shutil
     best = Path(path).with_name(BEST_NAME)
-    with AtomicOutput(best.parent) as out:  # temp file, fsync, rename, fsync the folder
+    with naming(best), AtomicOutput(best.parent) as out:  # temp file, fsync, rename, fsync the folder
         shutil.copyfile(path, out.temp(BEST_NAME))
     return best

@@ -24,6 +24,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2          # bad flags, config, data or checkpoint: nothing was trained
 EXIT_PREEMPTED = 75     # stopped by a signal after writing a checkpoint (EX_TEMPFAIL): resume with --resume latest
+EXIT_DISK_FULL = 74     # no space (or quota) for a checkpoint or the metrics while training (EX_IOERR): the
+                        # earlier checkpoints are intact; free space, then --resume latest
 
 
 class InjectedFault(RuntimeError):

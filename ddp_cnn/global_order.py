@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.errors import DataError
 
 # The images are read chunk by chunk through a bounded cache (ddp_cnn.stream); ``GlobalRows`` is the
 # name they had here first.

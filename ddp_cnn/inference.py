@@ -15,6 +15,7 @@ from . import checkpoint as ckpt
 from . import model as model_mod
 from .backend import get_backend, to_host
 from .data import DataError, channel_stats
+from .memory import TooLarge
 from .data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
 
 
@@ -30,8 +31,12 @@ def model_from_state(source: str, desc, params, buffers: dict, backend):
         raise ckpt.CheckpointError(f"{source}: holds no model description")
     try:
         model = model_mod.from_description(desc, backend)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ckpt.CheckpointError(f"{source}: bad model description ({type(exc).__name__}: {exc})") from None
+    except TooLarge as exc:
+        raise ckpt.CheckpointError(f"{source}: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        why = str(exc).removeprefix("model description: ") if isinstance(exc, ValueError) else \
+            f"{type(exc).__name__}: {exc}"
+        raise ckpt.CheckpointError(f"{source}: bad model description ({why})") from None
     if params.ndim != 1 or model.num_params != params.size:
         raise ckpt.CheckpointError(f"{source}: {params.size} parameters, but its model description has "
                                    f"{model.num_params}")
@@ -62,7 +67,20 @@ def load_model_from_checkpoint(path, device: str = "cpu", dtype: str | None = No
     params = state["optim"]["ema"] if "ema" in state["optim"] else state["params"]
     if backend is None:
         backend = _backend_for(params, device, dtype)
-    return model_from_state(f"checkpoint {path}", meta.get("model"), params, state["buffers"], backend), meta
+    source = f"checkpoint {path}"
+    return _named_classes(source, model_from_state(source, meta.get("model"), params, state["buffers"], backend),
+                          meta), meta
+
+
+def _named_classes(source: str, model, meta: dict):
+    """``model``, once the file's class names (if it lists any) are no more than its logits (fewer: the
+    rest are shown by index)."""
+    names = meta.get("class_names")
+    if names and (not isinstance(names, list) or len(names) > model.output_shape[-1]):
+        count = f"{len(names):,} class names" if isinstance(names, list) else f"class names {str(names)[:40]!r}"
+        raise ckpt.CheckpointError(f"{source}: lists {count} for a model of {model.output_shape[-1]} logits "
+                                   "(a damaged or edited file)")
+    return model
 
 
 def resolve_checkpoint(path, name: str | None = None) -> Path:
@@ -172,7 +190,8 @@ def load(path, device: str = "cpu", dtype: str | None = None):
     if ckpt.params_digest(params) != meta.get("params_sha256"):
         raise ckpt.CheckpointError(f"{path}: parameter checksum mismatch (corrupt file)")
     backend = _backend_for(params, device, dtype)
-    return model_from_state(str(path), meta.get("model"), params, buffers, backend), meta
+    return _named_classes(str(path), model_from_state(str(path), meta.get("model"), params, buffers, backend),
+                          meta), meta
 
 
 def load_model(path, device: str = "cpu", dtype: str | None = None):

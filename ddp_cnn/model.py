@@ -20,6 +20,7 @@ import numpy as np
 
 from . import init as initializers
 from . import layers as L
+from . import memory
 from .backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
 
 
@@ -41,6 +42,7 @@ class Sequential:
         for layer in self.layers:
             shape = layer.build(shape, self.backend)
         self.output_shape = shape
+        memory.check_model(self.name, self.layers, self.backend)  # shapes only so far: refuse before allocating
         self._allocate_and_init()
 
     # ---- flat buffers -------------------------------------------------
@@ -275,6 +277,8 @@ def build(name: str, backend: Backend | None = None, seed: int = 0, input_shape=
     try:
         return Sequential(_arch_layers(name, num_classes, arch_kwargs), input_shape, backend, seed, name=name,
                           arch_kwargs=arch_kwargs)
+    except memory.TooLarge:
+        raise
     except ValueError as exc:
         shape = tuple(int(v) for v in input_shape)
         side = _smallest_side(name, shape, num_classes, arch_kwargs)
@@ -316,11 +320,17 @@ LAYER_TYPES = {cls.__name__: cls for cls in (
 def from_description(desc: dict, backend: Backend | None = None, seed: int = 0) -> Sequential:
     """Rebuild a model from :meth:`Sequential.describe` (weights are loaded separately)."""
     layers = []
-    for spec in desc["layers"]:
+    for i, spec in enumerate(desc["layers"], 1):
         spec = dict(spec)
-        kind = spec.pop("type")
+        kind = spec.pop("type", None)
         if kind not in LAYER_TYPES:
-            raise ValueError(f"model description: unknown layer type {kind!r}")
-        layers.append(LAYER_TYPES[kind](**spec))
-    return Sequential(layers, desc["input_shape"], backend, seed, name=desc.get("name", "custom"),
-                      arch_kwargs=desc.get("arch_kwargs"))
+            raise ValueError(f"model description: layer {i}: unknown layer type {kind!r}")
+        try:  # a stored argument of the wrong type ("init": {...}) is a bad description, not a crash
+            layers.append(LAYER_TYPES[kind](**spec))
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"model description: layer {i} ({kind}): {type(exc).__name__}: {exc}") from None
+    try:
+        return Sequential(layers, desc["input_shape"], backend, seed, name=desc.get("name", "custom"),
+                          arch_kwargs=desc.get("arch_kwargs"))
+    except (TypeError, AttributeError) as exc:
+        raise ValueError(f"model description: {type(exc).__name__}: {exc}") from None

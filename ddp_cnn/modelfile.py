@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from . import layers as L
 from .backend import Backend, get_backend
+from .memory import TooLarge
 from .model import LAYER_TYPES, Sequential
 
 # What a file may name: the layers a description rebuilds, and the pooling shorthands of the Python API.
@@ -136,8 +137,11 @@ def load(path, input_shape, backend: Backend | None = None, seed: int = 0, num_c
     if num_classes is not None and out[0] != num_classes:
         raise ValueError(f"{path}: the last layer, {last}, gives {out[0]} outputs, the data has {num_classes} "
                          f"classes")
-    # Sequential builds the layers again (shapes only, cheap) and lays out their parameters.
-    return Sequential(list(layers), shape, backend, seed, name=Path(path).stem)
+    # Sequential builds the layers again (shapes only, cheap), checks they fit in memory, lays out their parameters.
+    try:
+        return Sequential(list(layers), shape, backend, seed, name=Path(path).stem)
+    except TooLarge as exc:
+        raise TooLarge(f"{path}: {exc}") from None
 
 
 def _reason(exc) -> str:

@@ -8,7 +8,8 @@ takes a training checkpoint (.h5) or a .npz from ``python -m ddp_cnn.export``
 What FILE may be (told apart by content, not by name):
 - an image Pillow reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...; needs the
   ``images`` extra): EXIF rotation applied, transparency laid on white,
-  converted to grayscale or RGB as the model was trained, inverted when it
+  converted to grayscale or RGB as the model was trained (said on stderr
+  when the picture's colours differ from the model's), inverted when it
   is dark-on-light and the model learned light-on-dark (see --invert),
   scaled so it fits the model's input size (aspect ratio kept, Lanczos) and
   centred on black: what ``data_tools.shard --size`` does to training
@@ -119,12 +120,18 @@ def read_image(path: Path, shape: tuple, invert: str, auto: bool = True):
         raise InputError(f"{path}: reading images needs Pillow; {PILLOW_HINT}") from None
     from data_tools import images
     try:
-        pixels = images.to_pixels(images.open_image(path), shape[2])
+        image = images.open_image(path)
+        gray = images.is_gray(image)
+        pixels = images.to_pixels(image, shape[2])
     except DataError as exc:
         message = str(exc)
         if "not an image Pillow can read" in message:
             message += " nor a .npy array"
         raise InputError(message) from None
+    if gray != (shape[2] == 1):  # said, not silent: the model sees other colours than the file has
+        said = ("a grayscale picture, converted to RGB (three equal channels) for a model of colour images"
+                if gray else "a colour picture, converted to grayscale for a model of grayscale images")
+        print(f"note: {path}: {said}", file=sys.stderr)
     flip = wants_invert(pixels, invert, auto)
     if flip:
         pixels = 255 - pixels

@@ -96,14 +96,20 @@ CONFUSION_KEYS = (("test_confusion", "test"), ("val_confusion", "validation"), (
 
 
 def last_confusion(records):
-    """(square matrix, split in words, epoch or None) from the newest record holding one; None if none does."""
-    for r in reversed(records):
+    """(square matrix, split in words, epoch index from 0 or None) from the newest record holding one; None if
+    none does.  A record other than an epoch's (the final test) is of the epoch logged last before it: logs
+    written before 2026-12-07 counted a test record's epoch from 1, the epoch records from 0."""
+    for i in reversed(range(len(records))):
+        r = records[i]
         for key, split in CONFUSION_KEYS:
             matrix = np.array(r.get(key, []))
             if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] > 0:
                 if split is None:  # an epoch record's matrix is of the split it was scored on
                     split = "validation" if "val_acc" in r and "test_acc" not in r else "test"
-                return matrix, split, r.get("epoch")
+                epoch = r.get("epoch")
+                if r.get("kind") != "epoch" and isinstance(epoch, int):
+                    epoch = next((e.get("epoch") for e in reversed(records[:i]) if e.get("kind") == "epoch"), None)
+                return matrix, split, epoch
     return None
 
 
@@ -192,8 +198,11 @@ def summary_markdown(records, run_dir: Path) -> str:
     seconds = sum(number(r, "seconds") or 0.0 for r in epochs)
     exposed = sum(number(r, "comm_exposed_seconds") or 0.0 for r in epochs)
     rates = [number(r, "images_per_s") for r in epochs if number(r, "images_per_s") is not None]
-    lines.append(f"- throughput: median {np.median(rates) if rates else float('nan'):.0f} images/s; communication "
-                 f"not hidden by backward: {exposed / max(seconds, 1e-9) * 100:.1f}% of the time")
+    # One process communicates nothing (older one-process logs still hold a figure for it: not shown).
+    communicated = start.get("world_size") != 1 and any("comm_exposed_seconds" in r for r in epochs)
+    lines.append(f"- throughput: median {np.median(rates) if rates else float('nan'):.0f} images/s"
+                 + (f"; communication not hidden by backward: {exposed / max(seconds, 1e-9) * 100:.1f}% of the time"
+                    if communicated else ""))
     lines += [""] + epoch_table(epochs)
     lines += ["", "![loss](loss.png) ![accuracy](accuracy.png) ![throughput](throughput.png)"]
     if last_confusion(records) is not None:  # main draws it then

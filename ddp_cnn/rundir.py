@@ -6,7 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import BEST_NAME, list_checkpoints
+from data_tools.atomic import AtomicOutput
+
+from .checkpoint import BEST_NAME, CORRUPT_SUFFIX, list_checkpoints
+from .nospace import naming
 
 
 def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -25,8 +28,10 @@ def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: boo
 
 
 def clear(checkpoint_dir: Path) -> None:
-    """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go."""
-    for path in list_checkpoints(checkpoint_dir) + [checkpoint_dir / BEST_NAME]:
+    """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go
+    (with those that failed to verify and were moved aside)."""
+    aside = sorted(checkpoint_dir.glob(f"ckpt-*.h5{CORRUPT_SUFFIX}")) if checkpoint_dir.is_dir() else []
+    for path in list_checkpoints(checkpoint_dir) + aside + [checkpoint_dir / BEST_NAME]:
         path.unlink(missing_ok=True)
 
 
@@ -55,9 +60,19 @@ class MetricsLog:
             self.path.write_text("")
 
     def write(self, record: dict) -> None:
-        if self.is_root:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        """Append one line, whole or not at all: a write cut short (no space) is rolled back."""
+        if not self.is_root:
+            return
+        line = (json.dumps({**record, "time": round(time.time(), 3)}) + "\n").encode()
+        with naming(self.path), open(self.path, "ab", buffering=0) as fh:
+            size = fh.seek(0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(line):
+                    done += fh.write(line[done:])
+            except OSError:
+                os.ftruncate(fh.fileno(), size)
+                raise
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop what the interrupted run logged after its checkpoint (no duplicate steps)."""
@@ -66,7 +81,8 @@ class MetricsLog:
         records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         kept = [r for r in records  # a test record ends a run: the resumed run scores its own
                 if r.get("step", 0) <= step and r.get("kind") != "test"]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with naming(self.path), AtomicOutput(self.path.parent) as out:  # the old log stays until the new is whole
+            out.temp(self.path.name).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLock:
@@ -100,7 +116,12 @@ class RunLock:
                              "job to end, or choose another --run-dir (on NFS a node that crashed holds it until "
                              "the server's lease ends)") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            with naming(self.path):
+                os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            os.close(fd)
+            raise
         self.fd = fd
 
     def release(self) -> None:

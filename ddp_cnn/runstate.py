@@ -15,7 +15,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import rundir
 from .backend import to_host
-from .faults import SetupError
+from .faults import SetupError, agreed
 
 
 class RunState:
@@ -38,7 +38,7 @@ class RunState:
         if "optim" not in state:
             if self.config.overwrite and self.world.is_root:
                 rundir.clear(self.checkpoint_dir)
-            self.metrics.start()
+            agreed(self.world, self.metrics.start)
             return
         if "ema" in state["optim"] and not self.opt.ema:
             self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
@@ -64,10 +64,9 @@ class RunState:
                      "keeps it on any rank count)")
         self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
                  f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
-        self.metrics.truncate_after(self.global_step)
-        self.metrics.write({"kind": "resume", "step": self.global_step, "epoch": self.epoch,
-                            "step_in_epoch": self.step_in_epoch, "from": state["path"],
-                            "world_size": self.world.size, "saved_by_world_size": meta["world_size"]})
+        record = {"kind": "resume", "step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                  "from": state["path"], "world_size": self.world.size, "saved_by_world_size": meta["world_size"]}
+        agreed(self.world, lambda: (self.metrics.truncate_after(self.global_step), self.metrics.write(record)))
 
     def sync_buffers(self):
         """Average BatchNorm statistics over ranks (each rank saw its own batches; with --sync-bn
@@ -101,7 +100,7 @@ class RunState:
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
-                         buffers, meta, keep=self.config.keep)
+                         buffers, meta, keep=self.config.keep, warn=self.log)
         self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
         return path
 

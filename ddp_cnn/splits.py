@@ -91,7 +91,7 @@ def chunk_cache(config, comm):
     from .stream import ChunkCache, default_cache_mb
     mb = config.data_cache_mb or default_cache_mb(getattr(comm, "local_size", 1))
     cache = ChunkCache(mb * 2**20)
-    cache.origin = "--data-cache-mb" if config.data_cache_mb else "default: 1/8 of this node's memory per rank"
+    cache.origin = "--data-cache-mb" if config.data_cache_mb else "default: 1/8 of the memory available, per rank"
     return cache
 
 

@@ -19,7 +19,6 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -30,30 +29,14 @@ READ_THREADS = 4
 
 
 def machine_memory() -> int:
-    """Bytes of memory this process may use: its cgroup's limit when there is one, else physical memory."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    places = []
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, where = line.split(":", 2)
-            if controllers == "":  # cgroup v2
-                places.append(Path("/sys/fs/cgroup") / where.lstrip("/") / "memory.max")
-            elif "memory" in controllers.split(","):  # cgroup v1
-                places.append(Path("/sys/fs/cgroup/memory") / where.lstrip("/") / "memory.limit_in_bytes")
-    except (OSError, ValueError):
-        pass
-    for limit in places:
-        try:
-            text = limit.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
+    """Bytes of memory this process can still get: MemAvailable lowered by its cgroup's limit and its
+    address-space limit (:mod:`ddp_cnn.memory`), else the physical memory."""
+    from .memory import _host_available
+    return _host_available() or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_cache_mb(local_ranks: int = 1) -> float:
-    """An eighth of the machine's memory shared by the ranks on it, within [64 MB, 4 GB] per rank."""
+    """An eighth of the memory available, shared by the ranks on the node, within [64 MB, 4 GB] per rank."""
     return float(min(4096, max(64, machine_memory() / 8 / max(local_ranks, 1) / 2**20)))
 
 

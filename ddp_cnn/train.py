@@ -124,7 +124,8 @@ def _data_flags(p):
     g.add_argument("--data-cache-mb", type=positive_float, default=D.data_cache_mb, metavar="MB",
                    help="streamed data: decoded HDF5 chunks each rank keeps, read ahead of the step by a thread "
                         "pool; it must hold the chunks of two shuffle windows (a clear error says when it cannot) "
-                        "(default: an eighth of the node's memory shared by its ranks, 64-4096 MB, printed at start)")
+                        "(default: an eighth of the memory available (cgroup and ulimit -v included) shared by the node's "
+                        "ranks, 64-4096 MB, printed at start)")
     g.add_argument("--shuffle-window", type=non_negative_int, default=D.shuffle_window, metavar="CHUNKS",
                    help="streamed data: each epoch shuffles the order of the chunks, then the rows within each "
                         "window of this many consecutive chunks (more: a better shuffle for more cache; 0: the "
@@ -243,7 +244,9 @@ def _output_flags(p):
     g.add_argument("--checkpoint-dir", default=D.checkpoint_dir, help="checkpoint folder (default: RUN_DIR/checkpoints)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=D.checkpoint_every,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
-    g.add_argument("--keep", type=non_negative_int, default=D.keep, help="checkpoints to keep (0: all)")
+    g.add_argument("--keep", type=non_negative_int, default=D.keep,
+                   help="checkpoints to keep: the newest that verify (0: all); a corrupt one is renamed .corrupt, "
+                        "never counted")
     g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest",
                    help="continue from a checkpoint file, or the newest valid one in the checkpoint folder")
     g.add_argument("--eval-every", type=non_negative_int, default=D.eval_every,

@@ -25,16 +25,17 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import comm as comm_mod
-from . import optim, rundir
+from . import memory, optim, rundir
 from .config import TrainConfig, batch_shares, batch_sizes
 from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job, agreed,
-                     install_abort_hook, maybe_fail, require_same)
+from .faults import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
+                     agreed, install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
+from .nospace import DiskFull
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
@@ -79,6 +80,7 @@ class Trainer(RunState):
         self._check_same_everywhere()
         self.augment = agreed(self.world, lambda: Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase))
         self.train_loader, self.val_loader, self.test_loader = agreed(self.world, self._loaders)
+        agreed(self.world, self._check_batch_memory)
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
         if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
             self.log(f"comm: {reason}")
@@ -130,10 +132,7 @@ class Trainer(RunState):
 
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
-        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
-        setting = (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of {smallest}"
-                   if cfg.accumulate > 1 else None if cfg.local_batch_size
-                   else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
+        smallest, setting = self._micro_batch()
         model.check_trainable(self.train_data.images.shape[1:], len(self.class_names), smallest, cfg.data, setting)
         if cfg.sync_bn and not any(isinstance(layer, BatchNorm) for layer in model.layers):
             raise ValueError(f"--sync-bn: model {model.name!r} has no batch norm layers")
@@ -151,6 +150,20 @@ class Trainer(RunState):
                "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
                                          self.distiller.record if self.distiller else None, run, warn=self.log)
+
+    def _micro_batch(self):
+        """(images per rank in one forward, the flags that made it: None for --local-batch-size)."""
+        cfg = self.config
+        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
+        return smallest, (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of "
+                          f"{smallest}" if cfg.accumulate > 1 else None if cfg.local_batch_size
+                          else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
+
+    def _check_batch_memory(self) -> None:
+        """TooLarge (one line) when one batch's activations cannot fit: before the first step allocates them."""
+        smallest, setting = self._micro_batch()
+        memory.check_batch(self.model.name, self.model.layers, self.model.backend, smallest,
+                           setting or f"--local-batch-size {smallest}")
 
     def _check_same_everywhere(self) -> None:
         """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
@@ -202,7 +215,8 @@ class Trainer(RunState):
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
-        by a signal after a checkpoint; resume with ``resume="latest"``) or EXIT_FAILED."""
+        by a signal after a checkpoint; resume with ``resume="latest"``), EXIT_DISK_FULL (74: no space
+        for a checkpoint or the metrics; the earlier checkpoints are intact) or EXIT_FAILED."""
         self.stop.install()
         self.tracer.instrument(self.model)
         try:
@@ -223,6 +237,13 @@ class Trainer(RunState):
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
+        except DiskFull as exc:  # rank 0 alone writes; the other ranks wait in the next collective
+            message = self._disk_full_message(exc)
+            if self.world.size > 1:
+                abort_job(self.world, message, EXIT_DISK_FULL)
+            else:
+                print(message, file=sys.stderr, flush=True)
+            return EXIT_DISK_FULL
         except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
             # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
             abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}",
@@ -263,8 +284,9 @@ class Trainer(RunState):
     def run_epoch(self):
         cfg, sums = self.config, self.sums
         self.reducer.comm_seconds, self.reducer.exposed_seconds = sums["comm"], sums["exposed"]
+        end = self.step_in_epoch + cfg.max_steps - self.global_step if cfg.max_steps else None  # where it stops
         progress = Progress(self.config.progress if self.world.is_root else "off", self.epoch, cfg.epochs,
-                            self.steps_per_epoch, self.step_in_epoch, self.world.size)
+                            self.steps_per_epoch, self.step_in_epoch, self.world.size, end=end)
         # The epoch's sample order, to look the cached soft targets up by row.
         cached = self.distiller is not None and self.distiller.cache is not None
         order = self.train_loader.order(self.epoch) if cached else None
@@ -303,6 +325,21 @@ class Trainer(RunState):
                  "continue with --resume latest")
         return EXIT_PREEMPTED
 
+    def _disk_full_message(self, exc: DiskFull) -> str:
+        """Rank 0: one line naming what could not be written, the checkpoint that survives, the way on."""
+        newest = None
+        for path in reversed(ckpt.list_checkpoints(self.checkpoint_dir)):
+            try:
+                ckpt.verify(path)
+                newest = path
+                break
+            except ckpt.CheckpointError:
+                continue
+        kept = (f"the earlier checkpoints are intact (newest: {newest})" if newest is not None
+                else "no checkpoint was written before it")
+        return (f"error: global step {self.global_step}: {exc}; nothing half-written is left, {kept}; free space "
+                f"there (or move the run dir), then run the same command with --resume latest")
+
     def _after_step(self, loss):
         cfg, step = self.config, self.global_step
         if cfg.log_every and step % cfg.log_every == 0:
@@ -323,12 +360,14 @@ class Trainer(RunState):
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "complete": epoch_done,
                   "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
                   "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
-                  "comm_seconds": self.reducer.comm_seconds, "comm_exposed_seconds": self.reducer.exposed_seconds,
-                  "compute_seconds": elapsed - self.reducer.exposed_seconds, "lr": self.schedule(self.global_step - 1),
-                  "skipped_steps": self.skipped,
+                  "lr": self.schedule(self.global_step - 1), "skipped_steps": self.skipped,
                   # the longest any rank's steps waited for their batches (data not ready in time)
                   "data_wait_seconds": self.world.allreduce_scalar(self.train_loader.wait_seconds, "max")}
         self.train_loader.wait_seconds = 0.0
+        if self.world.size > 1:  # one process communicates nothing: no comm figures, rather than a misnamed one
+            record.update({"comm_seconds": self.reducer.comm_seconds,
+                           "comm_exposed_seconds": self.reducer.exposed_seconds,
+                           "compute_seconds": elapsed - self.reducer.exposed_seconds})
         if self.val_loader is not None and ((self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs):
             record.update(self.score("val", self.val_loader))
         if epoch_done:
@@ -340,8 +379,10 @@ class Trainer(RunState):
                  f"acc {record['train_acc'] * 100:.2f}%"
                  + (f", val loss {record['val_loss']:.4f} acc {record['val_acc'] * 100:.2f}%"
                     if "val_acc" in record else "")
-                 + f", {record['images_per_s']:.0f} img/s, comm {record['comm_seconds']:.2f}s "
-                   f"(exposed {record['comm_exposed_seconds']:.2f}s) of {elapsed:.2f}s")
+                 + f", {record['images_per_s']:.0f} img/s, "
+                 + (f"comm {record['comm_seconds']:.2f}s (exposed {record['comm_exposed_seconds']:.2f}s) of "
+                    if "comm_seconds" in record else "")
+                 + f"{elapsed:.2f}s")
         improved = record.get("val_acc", -1.0) > self.best_val
         self.best_val = max(self.best_val, record.get("val_acc", -1.0))
         path = self.save_checkpoint()
@@ -367,7 +408,8 @@ class Trainer(RunState):
         """Collective: the test set, scored once, on the final model."""
         if self.test_loader is None:
             return
-        record = {"kind": "test", "step": self.global_step, "epoch": self.epoch, **self.score("test", self.test_loader)}
+        last = self.epoch - 1 if self.step_in_epoch == 0 and self.epoch > 0 else self.epoch  # as its epoch record says
+        record = {"kind": "test", "step": self.global_step, "epoch": last, **self.score("test", self.test_loader)}
         self.metrics.write(record)
         self.log(f"test (final model, scored once): loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}% "
                  f"({record['test_count']} images)")

@@ -7,6 +7,10 @@ import pytest
 from ddp_cnn.backend import get_backend, gpu_available, to_host
 from ddp_cnn.model import Sequential
 
+# How long a subprocess may take before a test calls it hung: sized for a busy 2-core machine (load 10),
+# never a statement of how fast a healthy run is (speed lives in bench/).
+HANG_S = 300
+
 GPU_REASON = "needs CuPy and a CUDA GPU (run the suite on the GPU machine)"
 
 # Every numeric check runs on NumPy and, where a GPU is present, on CuPy.

@@ -274,7 +274,7 @@ def test_metrics_hold_typed_values_and_a_time(data, tmp_path):
     times = [r["time"] for r in records]
     assert times == sorted(times) and all(isinstance(t, float) for t in times)
     epoch = [r for r in records if r["kind"] == "epoch"][0]
-    assert 0 <= epoch["comm_exposed_seconds"] <= epoch["comm_seconds"]
+    assert "comm_seconds" not in epoch and "comm_exposed_seconds" not in epoch  # one process communicates nothing
 
 
 @pytest.mark.parametrize("argv", [
@@ -285,7 +285,7 @@ def test_metrics_hold_typed_values_and_a_time(data, tmp_path):
     ["ddp_cnn.summary", "--mod", "lenet"],
 ])
 def test_no_program_guesses_an_abbreviated_flag(argv, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "error:" in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
@@ -293,7 +293,7 @@ def test_no_program_guesses_an_abbreviated_flag(argv, tmp_path):
 
 def test_a_bad_flag_under_4_ranks_prints_its_usage_once():
     proc = subprocess.run([str(REPO / "launch" / "mpirun.sh"), "-n", "4", sys.executable, "-m", "ddp_cnn.train",
-                           "--epochs", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           "--epochs", "0"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("--epochs: must be an integer >= 1") == 1 and proc.stderr.count("usage:") == 1
 

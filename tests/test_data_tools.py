@@ -443,7 +443,7 @@ def test_inspect_piped_into_head_is_no_error(small):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=repo)
     proc.stdout.close()  # the reader is gone before inspect writes a byte
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 0 and err == "", err
+    assert proc.wait(timeout=300) == 0 and err == "", err
 
 
 def test_inspect_prints_the_class_and_pixel_histograms_of_the_file(small, capsys):

@@ -17,7 +17,7 @@ import pytest
 
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.faults import EXIT_PREEMPTED
-from helpers import make_synthetic_shards
+from helpers import HANG_S, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "mpirun.sh")
@@ -35,7 +35,7 @@ def train_cmd(ranks, data_dir, run_dir, *flags):
             "--model", "lenet", *map(str, flags)]
 
 
-def run(cmd, timeout=120):
+def run(cmd, timeout=HANG_S):
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - t0
@@ -47,7 +47,7 @@ def start(cmd):
                             start_new_session=True)
 
 
-def wait_for(predicate, proc, timeout=60):
+def wait_for(predicate, proc, timeout=HANG_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -76,10 +76,11 @@ def final(run_dir):
 
 
 def test_a_rank_that_raises_ends_the_whole_job_within_30_seconds(data, tmp_path):
-    proc, elapsed = run(train_cmd(2, data[2], tmp_path, "--epochs", 5, "--fail-at", "1:3"), timeout=60)
+    # The collective deadline (900 s) is far beyond HANG_S: a job that ends at all was ended by the abort.
+    proc, _ = run(train_cmd(2, data[2], tmp_path, "--epochs", 5, "--fail-at", "1:3", "--collective-timeout", 900))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert elapsed < 30, f"the job took {elapsed:.1f} s to go down"
+    assert "not complete" not in out  # not by a deadline
     assert "[rank 1] uncaught exception" in out
     assert "InjectedFault: injected failure on rank 1 at step 3" in out  # that rank's traceback
 
@@ -92,7 +93,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches_uninterrupted
     job = start(train_cmd(2, data[2], tmp_path / "parts", *flags))
     wait_for(lambda: last_step(tmp_path / "parts") >= 10, job)
     os.killpg(job.pid, signal.SIGTERM)
-    out, err = job.communicate(timeout=60)
+    out, err = job.communicate(timeout=HANG_S)
     assert job.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by a signal" in out
     stopped_at = final(tmp_path / "parts")["meta"]["global_step"]
@@ -113,10 +114,10 @@ def test_kill_9_during_checkpointing_leaves_loadable_checkpoints(data, tmp_path)
     cmd = train_cmd(2, data[2], tmp_path, "--model", "fmnist-cnn", "--epochs", 5, "--checkpoint-every", 1,
                     "--keep", 0, "--eval-every", 0)
     job = start(cmd)
-    wait_for(lambda: len(ckpt.list_checkpoints(tmp_path / "checkpoints")) >= 3, job, timeout=90)
+    wait_for(lambda: len(ckpt.list_checkpoints(tmp_path / "checkpoints")) >= 3, job, timeout=HANG_S)
     time.sleep(0.15)
     os.killpg(job.pid, signal.SIGKILL)
-    job.communicate(timeout=30)
+    job.communicate(timeout=HANG_S)
     files = ckpt.list_checkpoints(tmp_path / "checkpoints")
     assert len(files) >= 3
     for path in files:  # every file that carries a checkpoint name is complete
@@ -143,7 +144,7 @@ def test_corrupt_newest_checkpoint_is_named_and_resume_falls_back(data, tmp_path
 def test_non_finite_gradient_on_one_rank_is_seen_by_all(data, tmp_path, skip):
     flags = ["--epochs", 1, "--max-steps", 10, "--inject-nan", "1:5", "--eval-every", 0, "--check-replicas", 1]
     proc, elapsed = run(train_cmd(2, data[2], tmp_path, *flags, *(["--skip-nonfinite"] if skip else [])),
-                        timeout=60)
+                        timeout=HANG_S)
     if skip:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "skipped the update of step 5" in proc.stdout
@@ -182,9 +183,9 @@ def test_soak_4_ranks_300_steps_with_a_preemption(data, tmp_path):
     flags = ["--epochs", 20, "--max-steps", 300, "--checkpoint-every", 50, "--log-every", 1, "--check-replicas", 10,
              "--keep", 0]
     job = start(train_cmd(4, data[4], tmp_path, *flags))
-    wait_for(lambda: last_step(tmp_path) >= 120, job, timeout=240)
+    wait_for(lambda: last_step(tmp_path) >= 120, job, timeout=HANG_S)
     os.killpg(job.pid, signal.SIGTERM)
-    out, err = job.communicate(timeout=60)
+    out, err = job.communicate(timeout=HANG_S)
     assert job.returncode == EXIT_PREEMPTED, err[-2000:]
     proc, _ = run(train_cmd(4, data[4], tmp_path, *flags, "--resume", "latest"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]  # --check-replicas would have raised on drift
@@ -220,18 +221,16 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path, 
     pid = rank_pid(str(tmp_path), 1)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # as a rank whose node froze: alive, silent
-    t0 = time.perf_counter()
     if sigterm:
         time.sleep(0.5)
         os.killpg(job.pid, signal.SIGTERM)
     try:
-        out, err = job.communicate(timeout=60)
+        out, err = job.communicate(timeout=HANG_S)
     finally:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
     assert job.returncode != 0
-    assert time.perf_counter() - t0 < 30
-    gone = time.perf_counter() + 10
+    gone = time.perf_counter() + 60  # a rank that outlives the job by a minute is left behind
     while Path(f"/proc/{pid}").exists() and time.perf_counter() < gone:  # no rank outlives the job
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
@@ -253,10 +252,10 @@ def test_a_blocking_collective_past_its_deadline_ends_the_job_with_one_line(tmp_
         "world = comm.create()\n"
         "world.set_timeout(2)\n"
         "if world.rank == 1:\n"
-        "    time.sleep(120)  # a rank that stalls before the barrier\n"
+        "    time.sleep(3600)  # a rank that stalls before the barrier: only the deadline can end this\n"
         "world.barrier()\n")
-    proc, elapsed = run([LAUNCH, "-n", "2", sys.executable, str(script)], timeout=60)
-    assert proc.returncode != 0 and elapsed < 30
+    proc, _ = run([LAUNCH, "-n", "2", sys.executable, str(script)])
+    assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: [rank 0] a barrier not complete after 2 s: a rank stalled, died or lost its "
                       "network link"], proc.stderr[-2000:]
@@ -272,7 +271,7 @@ def test_a_bad_shard_attribute_on_one_rank_is_one_line_not_a_hang(data, tmp_path
     shutil.copytree(data[2], broken)
     with h5py.File(broken / "train-00001-of-00002.h5", "r+") as f:  # rank 1's shard only
         f.attrs[attr] = value
-    proc, elapsed = run(train_cmd(2, broken, tmp_path / "run", "--epochs", 1), timeout=60)
+    proc, elapsed = run(train_cmd(2, broken, tmp_path / "run", "--epochs", 1), timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
@@ -286,7 +285,7 @@ def test_two_signals_in_a_row_still_checkpoint_and_exit_75(data, tmp_path, sig):
     os.killpg(job.pid, sig)
     time.sleep(0.1)
     os.killpg(job.pid, sig)
-    out, err = job.communicate(timeout=60)
+    out, err = job.communicate(timeout=HANG_S)
     assert job.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by a signal" in out and "assert" not in err  # no launcher assertion lines either
     assert final(tmp_path)["meta"]["global_step"] >= 10
@@ -309,7 +308,7 @@ def emptied(data_dir, tmp_path, name):
     ("train-00001-of-00002.h5", "train-00001-of-00002.h5: no training rows for rank 1"),
 ])
 def test_an_empty_split_or_shard_is_refused_naming_the_cause(data, tmp_path, name, needle):
-    proc, _ = run(train_cmd(2, emptied(data[2], tmp_path, name), tmp_path / "run", "--epochs", 1), timeout=60)
+    proc, _ = run(train_cmd(2, emptied(data[2], tmp_path, name), tmp_path / "run", "--epochs", 1), timeout=HANG_S)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
@@ -319,13 +318,13 @@ def test_two_jobs_on_one_run_dir_the_second_is_refused_naming_the_first(data, tm
     first = start(train_cmd(2, data[2], tmp_path, "--epochs", 200, "--eval-every", 0, "--log-every", 1))
     try:
         wait_for(lambda: last_step(tmp_path) >= 5, first)
-        second, _ = run(train_cmd(2, data[2], tmp_path, "--epochs", 1, "--resume", "latest"), timeout=60)
+        second, _ = run(train_cmd(2, data[2], tmp_path, "--epochs", 1, "--resume", "latest"), timeout=HANG_S)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert second.returncode == 2 and len(errors) == 1 and f"--run-dir {tmp_path}: in use by process" in errors[0]
         assert first.poll() is None  # the first job goes on, untouched
     finally:
         os.killpg(first.pid, signal.SIGTERM)
-        first.communicate(timeout=60)
+        first.communicate(timeout=HANG_S)
     assert first.returncode == EXIT_PREEMPTED
 
 
@@ -334,7 +333,7 @@ def test_two_jobs_on_one_run_dir_the_second_is_refused_naming_the_first(data, tm
     (["--optimizer", "sgd", "--lr", "1e6", "--eval-every", 0], 1, "non-finite loss or gradient at global step"),
 ])
 def test_bad_settings_end_a_2_rank_job_with_one_line(data, tmp_path, flags, code, needle):
-    proc, _ = run(train_cmd(2, data[2], tmp_path / "run", "--epochs", 2, *flags), timeout=60)
+    proc, _ = run(train_cmd(2, data[2], tmp_path / "run", "--epochs", 2, *flags), timeout=HANG_S)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == code and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
 
@@ -357,12 +356,12 @@ def test_a_rank_whose_launcher_proxy_dies_is_killed_even_when_stopped(data, tmp_
         proxy = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
         os.kill(pid, signal.SIGSTOP)  # deaf to SIGTERM: only SIGKILL (PR_SET_PDEATHSIG) can end it
         os.kill(proxy, signal.SIGKILL)
-        gone = time.perf_counter() + 10
+        gone = time.perf_counter() + 60  # a rank that outlives the job by a minute is left behind
         while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" \
                 and time.perf_counter() < gone:
             time.sleep(0.1)
         alive = Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     finally:
         os.killpg(job.pid, signal.SIGKILL)
-        job.communicate(timeout=60)
+        job.communicate(timeout=HANG_S)
     assert not alive, "the stopped rank outlived its launcher proxy"

@@ -104,7 +104,8 @@ def test_png_of_a_test_image_gets_the_models_output_on_the_normalised_array(trai
     for r, p in zip(results, expected):
         assert not r["inverted"]  # black border: auto leaves Fashion-MNIST alone
         assert r["top"][0]["index"] == int(np.argmax(p))
-        assert [t["probability"] for t in r["top"]] == pytest.approx(sorted(p, reverse=True)[:3], rel=1e-12)
+        # float32: predict batches the files its own way, so the reference agrees to float32's rounding only
+        assert [t["probability"] for t in r["top"]] == pytest.approx(sorted(p, reverse=True)[:3], rel=1e-4, abs=1e-6)
 
 
 def test_npy_single_batch_channel_and_float_inputs(trained, tmp_path, capsys):
@@ -124,9 +125,10 @@ def test_npy_single_batch_channel_and_float_inputs(trained, tmp_path, capsys):
     rows = [0, 0, 1, 2, 0, 0, 1, 0, 1, 2]
     for r, row in zip(results, rows):
         assert [t["index"] for t in r["top"]] == list(np.argsort(-expected[row], kind="stable")[:3])
-        # uint8 rows exactly; float rows up to the rounding of /255 before vs after the cast
-        tol = 1e-5 if r["file"].endswith("float.npy") else 1e-12
-        assert [t["probability"] for t in r["top"]] == pytest.approx(sorted(expected[row])[::-1][:3], rel=tol)
+        # float32 results depend on how rows are batched (a GEMM over 1 row vs 3 sums in another order), and the
+        # float rows also on the rounding of /255 before vs after the cast: float32's tolerance for both.
+        assert [t["probability"] for t in r["top"]] == pytest.approx(sorted(expected[row])[::-1][:3], rel=1e-4,
+                                                                     abs=1e-6)
 
 
 def test_top3_is_sorted_distinct_and_sums_to_at_most_one(trained, tmp_path, capsys):
@@ -458,7 +460,7 @@ def test_a_saved_state_that_does_not_fit_its_description_is_an_error_naming_the_
 
 def run_python(code, *args):
     return subprocess.run([sys.executable, *args] if not code else [sys.executable, "-c", code, *args],
-                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
 
 
 def test_predict_does_not_import_mpi4py(trained, tmp_path):
@@ -500,18 +502,18 @@ def test_modules_run_with_python_dash_m(trained, tmp_path):
         f"error: {tmp_path}: is a folder; expected the path of the .npz file to write"]
 
 
-# ---- the README's examples (keep in sync with README.md "Using a trained model, and the library") ----
+# ---- the guide's examples (keep in sync with docs/using-a-model.md) ----
 
 def test_readme_npz_snippet(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     export.export(trained, "fmnist.npz")
     images = band_images(4)
-    # --- begin README snippet
+    # --- begin the guide's snippet
     from ddp_cnn.inference import load, normalize, probabilities
     model, meta = load("fmnist.npz")  # meta: "class_names", "mean", "std", "model" (the description)
     x = normalize(images, meta["mean"], meta["std"], model.backend.dtype)  # (N, 28, 28) uint8 -> (N, 28, 28, 1)
     probs = probabilities(model.predict(x))  # (N, classes), float64; names: meta["class_names"]
-    # --- end README snippet
+    # --- end the guide's snippet
     assert normalize is loader_normalize  # the data loader's own, tested in test_data_reader
     assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1)
     assert np.array_equal(probs, reference_probs(trained, images))

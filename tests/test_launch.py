@@ -12,7 +12,7 @@ SIZE = ("from mpi4py import MPI; import os; "
 
 
 def launch(*args):
-    return subprocess.run([LAUNCH, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run([LAUNCH, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 def test_n_auto_runs_one_rank_per_core_with_one_blas_thread_each_without_gpus():

@@ -1,4 +1,6 @@
-"""Every code block of README.md, run as printed in a scratch folder, or skipped for a stated reason.
+"""Every code block of README.md and of the guide's pages (docs/*.md), run as printed in a scratch folder, or
+skipped for a stated reason.  The README runs first (its two commands make the shards and the first run), then
+the pages in the order of their names.
 
 The scratch folder holds what the README's commands expect to find: the shards in
 `data/fashion-mnist` (made by the README's own shard command from Debian's
@@ -36,9 +38,14 @@ SKIPPED_LINES = {
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 
 
+def pages():
+    """README.md, then every page of the guide, in the order their blocks run."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def blocks():
-    """(language, code) of every fenced block of README.md, in order."""
-    return re.findall(r"```(\w*)\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    """(language, code) of every fenced block of README.md and docs/*.md, in order."""
+    return [block for page in pages() for block in re.findall(r"```(\w*)\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def commands(code):
@@ -54,7 +61,13 @@ def commands(code):
 
 def test_every_block_is_handled():
     for language, code in blocks():
-        assert language in ("bash", "sh", "python"), f"a README block in {language!r}: teach test_readme to run it"
+        assert language in ("bash", "sh", "python"), f"a block in {language!r}: teach test_readme to run it"
+
+
+def test_the_readme_links_every_page_of_the_guide():
+    readme = (REPO / "README.md").read_text()
+    for page in pages()[1:]:
+        assert f"](docs/{page.name})" in readme, f"README.md's map does not link docs/{page.name}"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The library Trainer: the README's "your own network" example, in one process and under
+"""The library Trainer: the guide's "your own network" example (docs/using-a-model.md), in one process and under
 mpirun, the CLI's equal, its config, and start-up errors raised on every rank."""
 import re
 import subprocess
@@ -28,8 +28,8 @@ def data(tmp_path_factory):
 
 
 def readme_example(data_dir, run_dir) -> str:
-    """The README's Trainer example, pointed at `data_dir` and `run_dir`."""
-    text = (REPO / "README.md").read_text()
+    """The guide's Trainer example (docs/using-a-model.md), pointed at `data_dir` and `run_dir`."""
+    text = (REPO / "docs" / "using-a-model.md").read_text()
     start = text.index("Your own network")
     code = re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
     assert 'data="data/fashion-mnist"' in code and 'run_dir="runs/mine"' in code
