@@ -146,7 +146,8 @@ class Trainer(RunState):
         if not (cfg.resume and self.world.is_root):  # rank 0 reads it; everyone receives it in the broadcast
             return opt, None
         run = {"global_batch": self.global_batch, "optimizer": cfg.optimizer, "val_fraction": cfg.val_fraction,
-               "data_order": cfg.data_order,
+               "data_order": cfg.data_order, "shuffle_window": cfg.shuffle_window,
+               "data_in_memory": cfg.data_in_memory,
                "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
                                          self.distiller.record if self.distiller else None, run, warn=self.log)

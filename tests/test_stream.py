@@ -151,6 +151,39 @@ def test_a_cache_too_small_for_one_batch_is_refused_with_the_size_it_needs(tmp_p
     assert code == 2 and err.count("error:") == 1 and "too small for one batch" in err, err
 
 
+def test_a_run_prints_its_cache_and_logs_each_epochs_data_wait(tmp_path, capsys):
+    from ddp_cnn.train import main
+    data_dir = make_synthetic_shards(tmp_path / "data", 2)
+    flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64", "--epochs", "2",
+             "--eval-every", "0", "--comm", "single"]
+    assert main(flags + ["--run-dir", str(tmp_path / "given"), "--data-cache-mb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "chunk cache 24 MB per rank (--data-cache-mb), shuffle window 16 chunks" in out, out
+    assert main(flags + ["--run-dir", str(tmp_path / "default")]) == 0
+    assert "MB per rank (default: 1/8 of the memory available, per rank)" in capsys.readouterr().out
+    epochs = [json.loads(line) for line in (tmp_path / "given" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert len(epochs) == 2 and all(0 <= e["data_wait_seconds"] <= e["seconds"] for e in epochs)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--shuffle-window", "8"], "trained with --shuffle-window 16, this run has 8"),
+    (["--data-in-memory"], "trained with --data-in-memory False, this run has True"),
+])
+def test_a_resume_that_would_change_the_epochs_order_is_refused(tmp_path, capsys, change, needle):
+    """Mid-epoch, another window (or the in-memory loader's order) would see some rows twice and others never."""
+    from ddp_cnn.train import main
+    data_dir = make_synthetic_shards(tmp_path / "data", 1)
+    flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64",
+             "--eval-every", "0", "--comm", "single", "--run-dir", str(tmp_path / "run"), "--checkpoint-every", "4"]
+    assert main(flags + ["--max-steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(flags + ["--max-steps", "8", "--resume"] + change) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and needle in err, err
+    assert main(flags + ["--max-steps", "8", "--resume"]) == 0  # the same settings go on
+
+
 def launch(ranks, *args):
     return [str(REPO / "launch" / "mpirun.sh"), "-n", str(ranks), sys.executable, "-m", "ddp_cnn.train",
             "--model", "lenet", "--device", "cpu", "--progress", "off", "--eval-every", "0", "--epochs", "3",
