@@ -55,7 +55,7 @@ def split_name(split: str) -> str:
 
 
 COMPRESSIONS = ("gzip", "lzf", "none")
-WRITE_BYTES = 8 * 2**20  # images written per block: a file far larger than memory is written in pieces
+WRITE_BYTES = 2 * 2**20  # images written per block: a file far larger than memory is written in pieces
 
 
 def chunk_rows(image_shape, n: int) -> int:

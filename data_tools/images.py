@@ -296,14 +296,14 @@ def _extracted(z: zipfile.ZipFile, member: str, scratch: Path) -> Path:
     import shutil
     out = Path(scratch) / member
     with z.open(member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, 16 * 2**20)
+        shutil.copyfileobj(src, dst, 4 * 2**20)
     return out
 
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 * 2**20), b""):
+        for block in iter(lambda: fh.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
 

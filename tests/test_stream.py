@@ -265,6 +265,33 @@ def test_sharding_an_npz_8_times_larger_keeps_the_peak_memory_bounded(tmp_path):
     assert np.array_equal(np.sort(np.concatenate(rows)), np.arange(32000))
 
 
+def photo_folder(root, n, size=64, seed=0):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / ("ab"[i % 2])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return root
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc (Linux)")
+def test_sharding_a_folder_8_times_larger_keeps_the_peak_memory_bounded(tmp_path):
+    small, large = photo_folder(tmp_path / "small", 800), photo_folder(tmp_path / "large", 6400)
+    growth = 5600 * 64 * 64 * 3
+
+    def peak(folder, out):
+        proc = subprocess.run([sys.executable, "-c", SHARD_PEAK, "--from-folder", str(folder), "--out", str(out),
+                               "--shards", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.splitlines()[-1])["peak"]
+    grew = peak(large, tmp_path / "large-shards") - peak(small, tmp_path / "small-shards")
+    assert grew < 0.25 * growth, grew
+    total = sum(json.loads((tmp_path / "large-shards" / "manifest.json").read_text())["files"][name]["samples"]
+                for name in ("train-00000-of-00002.h5", "train-00001-of-00002.h5", "test.h5"))
+    assert total == 6400
+
+
 @pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
 def test_a_compressed_npz_read_member_wise_gives_the_same_shards_and_the_trainer_streams_them(tmp_path, compression):
     import h5py
