@@ -16,6 +16,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -361,6 +362,9 @@ class Loader:
     batch t is rows [t*G, (t+1)*G) of one order seeded by (seed, epoch), and
     this rank reads its share [r*G//N, (r+1)*G//N) of it (``batch_size``),
     so the batches do not depend on the rank count (ddp_cnn.global_order).
+    Data opened with ``stream`` (images a :class:`ddp_cnn.stream.ChunkedRows`)
+    is read chunk by chunk ahead of the step, and its order is a block shuffle
+    over windows of ``window`` chunks (:func:`ddp_cnn.stream.block_order`).
     """
 
     def __init__(self, data: ShardData, *, batch_size: int, comm, seed: int, xp=np, dtype=np.float32,
@@ -421,8 +425,8 @@ class Loader:
             return "data: in memory, full shuffle each epoch"
         images = self.data.images
         return (f"data: streamed in chunks of {int(images.chunk_rows.max())} rows, chunk cache "
-                f"{images.cache.limit / 2**20:.0f} MB per rank ({images.cache.origin}), shuffle window {self.window or 'all'} chunks "
-                f"({images.cache.threads} read threads)")
+                f"{images.cache.limit / 2**20:.0f} MB per rank ({images.cache.origin}), "
+                f"shuffle window {self.window or 'all'} chunks ({images.cache.threads} read threads)")
 
     def _agree_steps(self) -> int:
         smallest = self.comm.allreduce_scalar(len(self.data), "min")
@@ -477,7 +481,6 @@ class Loader:
 
     def _timed(self, batches: Iterator) -> Iterator:
         """The batches, adding the time spent waiting for each to ``wait_seconds``."""
-        import time
         try:
             while True:
                 started = time.perf_counter()
