@@ -198,21 +198,26 @@ RESUME_MUST_MATCH = {"global_batch": "--batch-size (global)", "optimizer": "--op
                      "data_in_memory": "--data-in-memory"}
 # What a checkpoint from before a setting existed was trained with (None: not checked).
 RESUME_DEFAULTS = {"data_order": "shard", "shuffle_window": None, "data_in_memory": None}
+# --resume values that mean the newest valid checkpoint of the run; "auto" is for requeue scripts: it
+# also starts a run that has nothing yet, where "latest" refuses a run dir that does not exist (a typo).
+NEWEST = ("latest", "auto")
 
 
 def load_for_resume(spec: str, directory, model_description: dict, teacher: dict | None, run: dict,
                     warn=print):
-    """The checkpoint a run resumes from (``spec``: a file, or "latest" in ``directory``), or None.
+    """The checkpoint a run resumes from (``spec``: a file, or "latest"/"auto": the newest valid one
+    in ``directory``), or None.
 
     Refuses (CheckpointError, one line) a checkpoint of another architecture
     or one whose RESUME_MUST_MATCH settings differ from ``run``'s; warns when
     it was trained with another teacher (``teacher``: the run's distillation
     record, or None) than the run goes on with.
     """
-    if spec == "latest":
+    if spec in NEWEST:
         state = load_latest(directory, warn=warn)
         if state is None:
-            warn(f"--resume latest: no valid checkpoint in {directory}; starting from scratch")
+            warn(f"--resume auto: nothing to resume in {directory} yet; starting a new run" if spec == "auto"
+                 else f"--resume latest: no valid checkpoint in {directory}; starting from scratch")
             return None
     else:
         state = load(spec)

@@ -70,7 +70,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # default RUN_DIR/checkpoints
     checkpoint_every: int = 0
     keep: int = 3
-    resume: str | None = None        # a checkpoint file, or "latest"
+    resume: str | None = None        # a checkpoint file, "latest" or "auto" (see --resume)
     eval_every: int = 1
     eval_batch_size: int = 1000
     log_every: int = 0

@@ -27,6 +27,15 @@ def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: boo
         check_writable(folder)
 
 
+def check_resumable(run_dir: Path, checkpoint_dir: Path, checkpoint_dir_given: bool) -> None:
+    """``--resume latest``: ValueError (one line) when the folder it would search does not exist, most
+    likely a typo that would otherwise start the whole training again; ``--resume auto`` starts anew."""
+    flag, folder = ("--checkpoint-dir", checkpoint_dir) if checkpoint_dir_given else ("--run-dir", run_dir)
+    if not folder.exists():
+        raise ValueError(f"--resume latest: {flag} {folder} does not exist, so there is nothing to resume; check "
+                         "the name, or use --resume auto to start a new run when there is nothing yet")
+
+
 def clear(checkpoint_dir: Path) -> None:
     """Rank 0, ``--overwrite``, once every start-up check has passed: the old run's checkpoints go
     (with those that failed to verify and were moved aside)."""

@@ -247,8 +247,10 @@ def _output_flags(p):
     g.add_argument("--keep", type=non_negative_int, default=D.keep,
                    help="checkpoints to keep: the newest that verify (0: all); a corrupt one is renamed .corrupt, "
                         "never counted")
-    g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest",
-                   help="continue from a checkpoint file, or the newest valid one in the checkpoint folder")
+    g.add_argument("--resume", nargs="?", const="latest", default=D.resume, metavar="PATH|latest|auto",
+                   help="continue from a checkpoint file, or the newest valid one in the checkpoint folder "
+                        "(latest: refused when the run dir does not exist; auto, for requeued jobs: also "
+                        "starts a new run when there is nothing to resume yet, and says so)")
     g.add_argument("--eval-every", type=non_negative_int, default=D.eval_every,
                    help="score the validation split every N epochs; the test set is scored once, at the end "
                         "(0: no evaluation at all)")
@@ -378,7 +380,7 @@ def resumed_description(cfg: TrainConfig) -> dict | None:
     """
     if not cfg.resume:
         return None
-    if cfg.resume != "latest":
+    if cfg.resume not in ckpt.NEWEST:
         return ckpt.load(cfg.resume)["meta"].get("model")
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.run_dir or "runs/lenet") / "checkpoints"
     state = ckpt.load_latest(folder, warn=lambda message: None)

@@ -121,6 +121,8 @@ class Trainer(RunState):
                     rundir.check_writable(Path(trace).parent)
                 except ValueError as exc:
                     raise ValueError(f"--trace {trace}: {exc}") from None
+            if self.config.resume == "latest":
+                rundir.check_resumable(self.run_dir, self.checkpoint_dir, bool(self.config.checkpoint_dir))
             rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
                            overwrite=self.config.overwrite)
 
@@ -226,12 +228,11 @@ class Trainer(RunState):
                 distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
                                             dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
             self._log_start()
-            while self.epoch < self.config.epochs:
+            # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
+            while self.epoch < self.config.epochs and not self._max_steps_reached():
                 status = self.run_epoch()
                 if status is not None:
                     return status
-                if self.config.max_steps and self.global_step >= self.config.max_steps:
-                    break
             self._final_test()
             self.write_trace()
         except FloatingPointError as exc:  # raised on every rank at the same step
@@ -308,7 +309,7 @@ class Trainer(RunState):
             self._after_step(loss)
             if stop:  # agreed inside the gradient allreduce: every rank stops at this step
                 return self._preempted()
-            if cfg.max_steps and self.global_step >= cfg.max_steps:
+            if self._max_steps_reached():
                 break
         progress.close()
         # A signal that came after the last step's flag went out: agreed here, once an epoch,
@@ -317,6 +318,9 @@ class Trainer(RunState):
             return self._preempted()
         self._end_epoch()
         return None
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
 
     def _preempted(self) -> int:
         self.save_checkpoint()

@@ -41,9 +41,9 @@ if [[ "$1" != */* ]] && command -v "$1" >/dev/null; then
 fi
 
 extra=()
-if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-rte"; then
+if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-\?rte"; then  # mpirun.openmpi says "(OpenRTE)"
     extra+=(--oversubscribe --bind-to none)
-    for var in PATH PYTHONPATH OMP_NUM_THREADS; do  # Open MPI passes only what -x names to other nodes
+    for var in PATH PYTHONPATH OMP_NUM_THREADS MPI4PY_LIBMPI; do  # Open MPI passes only what -x names to other nodes
         if [ -n "${!var:-}" ]; then extra+=(-x "$var"); fi
     done
     if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi

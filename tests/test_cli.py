@@ -1,8 +1,10 @@
 """Bad flags, config and input: one clear line, exit code 2, before any work starts."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -101,6 +103,49 @@ def test_checkpoint_of_another_architecture_exits_2(data, tmp_path, capsys):
     code, err = run(common + ["--model", "lenet", "--resume", "latest"], capsys)
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: checkpoint") and "mlp" in err[0] and "--model lenet" in err[0]
+
+
+@pytest.mark.parametrize("where", ["--run-dir", "--checkpoint-dir"])
+def test_resume_latest_of_a_folder_that_does_not_exist_is_refused_with_one_line(where, data, tmp_path, capsys):
+    """A typo in a requeue script's --run-dir must not start the whole training again."""
+    typo = tmp_path / "runs" / "mnist-typo"
+    code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--progress", "off",
+                     where, typo, "--resume", "latest"], capsys)
+    assert code == 2 and err == [f"error: --resume latest: {where} {typo} does not exist, so there is nothing to "
+                                 "resume; check the name, or use --resume auto to start a new run when there is "
+                                 "nothing yet"]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_resume_auto_starts_a_new_run_saying_so_first_then_resumes_exactly(data, tmp_path, capsys):
+    common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--progress", "off"]
+    assert train_main([str(a) for a in common + ["--max-steps", 4, "--run-dir", tmp_path / "straight"]]) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "requeued"
+    assert train_main([str(a) for a in common + ["--max-steps", 2, "--run-dir", run_dir, "--resume", "auto"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"--resume auto: nothing to resume in {run_dir / 'checkpoints'} yet; starting a new run"
+    assert train_main([str(a) for a in common + ["--max-steps", 4, "--run-dir", run_dir, "--resume", "auto"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"resumed from {run_dir / 'checkpoints' / 'ckpt-00000002.h5'} at epoch 1/")
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("resume") == 1
+
+    def final(folder):
+        with h5py.File(folder / "checkpoints" / "ckpt-00000004.h5", "r") as fh:
+            return fh["params"][...]
+    assert np.array_equal(final(run_dir), final(tmp_path / "straight"))
+
+
+def test_a_run_resumed_at_its_max_steps_trains_no_further_step(data, tmp_path, capsys):
+    flags = [str(a) for a in ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0,
+                              "--progress", "off", "--max-steps", 3, "--run-dir", tmp_path]]
+    assert train_main(flags) == 0
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert train_main(flags + ["--resume", "latest"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: 3 steps")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # no ckpt-00000004.h5
 
 
 def test_corrupt_checkpoint_given_by_path_exits_2(data, tmp_path, capsys):

@@ -300,7 +300,7 @@ def test_a_resume_without_model_takes_a_named_models_checkpoint(data, tmp_path, 
 def test_without_model_or_resume_the_model_is_lenet(data, tmp_path, capsys):
     from ddp_cnn.train import parse_args
     assert parse_args([]).model == "lenet" and parse_args(["--resume", "latest"]).model is None
-    code, err = train(["--resume", "latest", "--max-steps", 1, "--run-dir", tmp_path / "run"], data, capsys)
+    code, err = train(["--resume", "auto", "--max-steps", 1, "--run-dir", tmp_path / "run"], data, capsys)
     assert code == 0, err  # no checkpoint yet: a new run of the default model
     assert load_model_from_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000001.h5")[0].name == "lenet"
 

@@ -34,6 +34,7 @@ SKIPPED_LINES = {
     "--config recipes/fmnist-cnn.toml": "5 epochs of fmnist-cnn; recipes parse in test_cli.test_recipes_parse",
     "-n 8 --hostfile": "needs several machines",
     "sbatch": "needs SLURM",
+    "MPI4PY_LIBMPI=": "needs the system Open MPI (apt); tests/test_system_openmpi.py runs it",
 }
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 
