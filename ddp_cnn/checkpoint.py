@@ -26,6 +26,7 @@ import numpy as np
 
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
+from .faults import PARTIAL_FILES
 from .nospace import naming
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
@@ -63,6 +64,7 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, global_step)
     tmp = temp_path(final)
+    PARTIAL_FILES.add(tmp)  # an abort meanwhile (another rank failed) removes it: no partial checkpoint
     with naming(final):  # no space: DiskFull naming the checkpoint, the partial file removed
         try:
             with h5py.File(tmp, "w") as f:
@@ -84,6 +86,8 @@ def save(directory, global_step: int, params: np.ndarray, optim_state: dict, buf
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            PARTIAL_FILES.discard(tmp)
     _verified[final] = _identity(final)  # written from these very arrays: no need to read it back
     if keep > 0:
         prune(directory, keep, warn=warn)

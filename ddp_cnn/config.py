@@ -61,6 +61,8 @@ class TrainConfig:
     comm: str = "auto"
     bucket_mb: float = 4.0
     collective_timeout: float = 600.0
+    on_rank_loss: str = "auto"       # shrink (ULFM: the survivors go on) | restart (the supervisor) | auto
+    min_ranks: int = 1               # fewer survivors after a shrink: checkpoint, exit for the supervisor
     check_replicas: int = 0
     fail_at: tuple | None = None     # testing: (rank, step) that raises
     inject_nan: tuple | None = None  # testing: (rank, step) whose gradient turns NaN
@@ -69,6 +71,7 @@ class TrainConfig:
     metrics: str | None = None       # default RUN_DIR/metrics.jsonl
     checkpoint_dir: str | None = None  # default RUN_DIR/checkpoints
     checkpoint_every: int = 0
+    checkpoint_every_seconds: float = 0.0  # also checkpoint when rank 0's clock says this much time has passed
     keep: int = 3
     resume: str | None = None        # a checkpoint file, "latest" or "auto" (see --resume)
     eval_every: int = 1

@@ -12,13 +12,16 @@ rides in the last bucket.  Each rank adds 0 x (max + min) of each bucket
 before starting it, which turns the flag into NaN when the rank's gradient
 holds a NaN or an infinity (and never overflows on finite values), and adds
 its stop request (1 or 0) just before the last bucket starts, so a signal
-that arrives during backward still counts for this step.  After the mean,
-the flag is identical on every rank: NaN when any rank's gradient was not
-finite, else > 0 when any rank was asked to stop.  No other collective, and
-no host synchronisation, is needed to agree on either.
+that arrives during backward still counts for this step, and a checkpoint
+request (ranks + 1, or 0: rank 0's clock under --checkpoint-every-seconds).
+After the mean, the flag is identical on every rank: NaN when any rank's
+gradient was not finite, else ranks x flag = stops + (ranks + 1) x checkpoint
+(:meth:`GradReducer.requests`).  No other collective, and no host
+synchronisation, is needed to agree on any of them.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -97,14 +100,24 @@ class GradReducer:
             self.accumulated[...] = grads
         self.pending = True
 
-    def begin(self, stop=False, loss=None) -> None:
+    def requests(self, flag: float) -> tuple[bool, bool]:
+        """(stop, checkpoint) agreed in the flag (a float of :attr:`flag`): any rank asked to stop;
+        a rank asked for a checkpoint.  Both False for a NaN flag."""
+        if math.isnan(flag):
+            return False, False
+        size = self.comm.size
+        total = round(flag * size)
+        return total % (size + 1) > 0, total > size
+
+    def begin(self, stop=False, loss=None, checkpoint=False) -> None:
         """Start a step.  ``stop``: this rank's stop request, or a callable asked for it when the
-        last bucket starts (as late as possible); ``loss``: this rank's loss (device scalar), whose
-        non-finite value counts as a non-finite gradient."""
+        last bucket starts (as late as possible); ``checkpoint``: likewise, its checkpoint request;
+        ``loss``: this rank's loss (device scalar), whose non-finite value counts as a non-finite
+        gradient."""
         self.handles = [None] * len(self.buckets)
         self.issued = [None] * len(self.buckets)  # perf_counter() when each bucket's allreduce was issued
         self.first_start = None
-        self.stop = stop
+        self.stop, self.checkpoint = stop, checkpoint
         self.add, self.pending = (self.accumulated if self.pending else None), False
         self.buffer[self.n] = 0.0
         if loss is not None:
@@ -127,6 +140,8 @@ class GradReducer:
                 self.buffer[self.n:] += grads.max() * 0 + grads.min() * 0
         if b > self.n and (self.stop() if callable(self.stop) else self.stop):
             self.buffer[self.n:] += 1.0
+        if b > self.n and (self.checkpoint() if callable(self.checkpoint) else self.checkpoint):
+            self.buffer[self.n:] += self.comm.size + 1.0
         self.issued[k] = time.perf_counter()
         if self.first_start is None:
             self.first_start = self.issued[k]

@@ -8,6 +8,8 @@ writes, every rank restores from rank 0's broadcast.  A mixin of
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
@@ -16,6 +18,7 @@ from . import checkpoint as ckpt
 from . import rundir
 from .backend import to_host
 from .faults import SetupError, agreed
+from .shrink import maybe_die
 
 
 class RunState:
@@ -38,7 +41,7 @@ class RunState:
         if "optim" not in state:
             if self.config.overwrite and self.world.is_root:
                 rundir.clear(self.checkpoint_dir)
-            agreed(self.world, self.metrics.start)
+            agreed(self.world, lambda: (self.metrics.start(), self._record_restart()))
             return
         if "ema" in state["optim"] and not self.opt.ema:
             self.log(f"warning: {state['path']} holds a moving average of the weights (--ema), which this "
@@ -65,8 +68,21 @@ class RunState:
         self.log(f"resumed from {state['path']} at epoch {self.epoch + 1}/{self.config.epochs}, step "
                  f"{self.step_in_epoch}/{self.steps_per_epoch} (global step {self.global_step})")
         record = {"kind": "resume", "step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                  "from": state["path"], "world_size": self.world.size, "saved_by_world_size": meta["world_size"]}
-        agreed(self.world, lambda: (self.metrics.truncate_after(self.global_step), self.metrics.write(record)))
+                  "from": state["path"], "world_size": self.world.size, "saved_by_world_size": meta["world_size"],
+                  "processes": self.processes}
+        agreed(self.world, lambda: (self.metrics.truncate_after(self.global_step), self._record_restart(),
+                                    self.metrics.write(record)))
+
+    def _record_restart(self):
+        """Started again by ddp_cnn.supervise: its account of why ($DDP_CNN_RESTART, JSON) as a
+        ``restart`` record, written here so that the run's own bookkeeping keeps it in order."""
+        told = os.environ.get("DDP_CNN_RESTART")
+        if told:
+            try:
+                record = json.loads(told)
+            except ValueError:
+                record = {"reason": told}
+            self.metrics.write({"kind": "restart", "step": self.global_step, **record})
 
     def sync_buffers(self):
         """Average BatchNorm statistics over ranks (each rank saw its own batches; with --sync-bn
@@ -78,11 +94,14 @@ class RunState:
 
     def save_checkpoint(self):
         with self.tracer.span("checkpoint", "checkpoint"):  # --trace: every checkpoint, wherever it is asked for
-            return self._save_checkpoint()
+            path = self._save_checkpoint()
+        self.checkpoint_clock = time.monotonic()  # --checkpoint-every-seconds counts from here
+        return path
 
     def _save_checkpoint(self):
         self.sync_buffers()
         totals, seconds = self._epoch_totals()  # so that a resumed epoch reports all of its steps
+        maybe_die("checkpoint", self.recovery.world_rank, self.global_step)  # tests: lost while rank 0 writes
         if not self.world.is_root:
             return None
         attrs = self.train_data.attrs
@@ -99,9 +118,11 @@ class RunState:
                                  "exposed": self.reducer.exposed_seconds}}
         optim_state = {k: to_host(v) for k, v in self.opt.state_dict().items()}
         buffers = {k: to_host(v) for k, v in self.model.named_buffers().items()}
+        started = time.perf_counter()
         path = ckpt.save(self.checkpoint_dir, self.global_step, to_host(self.model.params), optim_state,
                          buffers, meta, keep=self.config.keep, warn=self.log)
-        self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path)})
+        self.metrics.write({"kind": "checkpoint", "step": self.global_step, "path": str(path),
+                            "write_seconds": round(time.perf_counter() - started, 4)})
         return path
 
     def check_replicas(self):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, poison: bool = False,
-                      stop=False, deadline: float | None = None, micro_batches: int = 1, share: float = 1.0,
+                      stop=False, checkpoint=False, deadline: float | None = None, micro_batches: int = 1, share: float = 1.0,
                       first_row: int = 0):
     """Collective: one step's gradient, averaged over ranks into ``model.grads``.
 
@@ -23,6 +23,7 @@ def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, po
     the last micro-batch's backward has produced it.
     `soft`: the teacher's logits for this batch (distillation); `stop`: this
     rank's stop request, or a callable asked for it as late as possible;
+    `checkpoint`: likewise, this rank's request for a checkpoint after the step;
     `micro_batches` K (``--accumulate``): forward and backward K slices of
     the batch one after the other, summing their weighted gradients, and
     allreduce once; `share`: this rank's batch x ranks / global batch (1
@@ -51,7 +52,7 @@ def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, po
             model.backward(dlogits)
             reducer.accumulate()
             continue
-        reducer.begin(stop, loss)
+        reducer.begin(stop, loss, checkpoint)
         model.backward(dlogits, reducer.layer_done)
         reducer.finish(deadline)
     return loss, correct

@@ -227,6 +227,14 @@ def _system_flags(p):
                    help="seconds a rank waits on the others (each step's gradient allreduce, and every other "
                         "MPI collective) before it ends the job with one line (a stalled or unreachable rank); "
                         "0: no limit. With NCCL the gradient allreduce itself is not waited on by the host")
+    g.add_argument("--on-rank-loss", default=D.on_rank_loss, choices=["auto", "shrink", "restart"],
+                   help="when a rank dies: shrink (the survivors go on without a restart, on the same trajectory; "
+                        "needs an MPI with ULFM, Open MPI 5 under `mpirun --with-ft ulfm`, and --data-order "
+                        "global) or restart (the job ends; python -m ddp_cnn.supervise restarts it from the newest "
+                        "checkpoint); auto: shrink where it can, else restart, said at start")
+    g.add_argument("--min-ranks", type=positive_int, default=D.min_ranks,
+                   help="after a shrink, fewer ranks than this end the job: a checkpoint, then exit 76 for the "
+                        "supervisor to restart it (default: 1)")
     g.add_argument("--bucket-mb", type=non_negative_float, default=D.bucket_mb,
                    help="allreduce bucket size in MB; 0: one allreduce of the whole buffer after backward")
     g.add_argument("--check-replicas", type=non_negative_int, default=D.check_replicas,
@@ -244,6 +252,10 @@ def _output_flags(p):
     g.add_argument("--checkpoint-dir", default=D.checkpoint_dir, help="checkpoint folder (default: RUN_DIR/checkpoints)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=D.checkpoint_every,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
+    g.add_argument("--checkpoint-every-seconds", type=non_negative_float, default=D.checkpoint_every_seconds,
+                   metavar="S", help="also checkpoint after the first step that ends S seconds or more after the "
+                        "last checkpoint (rank 0's clock, agreed by every rank through the gradient allreduce), so "
+                        "a restart loses at most S seconds plus a step of work (0: off)")
     g.add_argument("--keep", type=non_negative_int, default=D.keep,
                    help="checkpoints to keep: the newest that verify (0: all); a corrupt one is renamed .corrupt, "
                         "never counted")
@@ -408,7 +420,9 @@ def main(argv=None) -> int:
         if world.is_root:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    return trainer.fit()
+    status = trainer.fit()
+    trainer.recovery.leave(status)  # after a shrink: ends here, without MPI_Finalize (ddp_cnn.shrink)
+    return status
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -31,19 +32,20 @@ from .data import Augment, DataError, Loader
 from .splits import class_names_of, open_data
 from .evaluate import split_scores
 from .comm import CollectiveTimeout
-from .faults import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
-                     agreed, install_abort_hook, maybe_fail, require_same)
+from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
+                     abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
 from .layers import BatchNorm, SoftmaxCrossEntropy
 from .layers.normalization import SyncStatistics
 from .nospace import DiskFull
 from .reducer import GradReducer
 from .progress import Progress, RootLog
 from .runstate import RunState
+from .shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from .step import compute_gradients
 from .trace import Tracer
 
 
-class Trainer(RunState):
+class Trainer(RunState, AfterShrink):
     """Trains ``model`` data-parallel over the ranks of ``comm`` (default: MPI under mpirun, else one process).
 
     ``config`` (a :class:`TrainConfig`) and keyword overrides set everything
@@ -72,6 +74,10 @@ class Trainer(RunState):
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         rank, size = self.world.rank, self.world.size
         self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
+        # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.shrink).
+        on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
+            cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size, model.backend.is_gpu))
+        self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)
         agreed(self.world, self._prepare_run_dir)
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
                                                           else open_data(cfg, self.world))
@@ -94,6 +100,9 @@ class Trainer(RunState):
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self.sums, self.part_started = self._new_sums(), time.perf_counter()
         self.best_val = -1.0  # the best validation accuracy so far (-1: none yet)
+        # Which process is which rank, for a supervisor told only that a pid died (start/resume records)
+        self.processes = self.world.allgather_obj((comm_mod.hostname(), os.getpid()))
+        self.checkpoint_due, self.checkpoint_clock = False, time.monotonic()  # --checkpoint-every-seconds
         self.lock = rundir.RunLock(self.run_dir)  # from here on this job writes in the run dir
         agreed(self.world, self._lock_run_dir)
         try:
@@ -200,11 +209,13 @@ class Trainer(RunState):
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
             poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested,
+            checkpoint=self._checkpoint_due_here,
             micro_batches=cfg.accumulate, share=self.local_batch * self.world.size / self.global_batch,
             first_row=self.train_loader.start)
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)
+        stop, self.checkpoint_due = self.reducer.requests(flag)
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"non-finite loss or gradient at global step {self.global_step} "
@@ -214,12 +225,18 @@ class Trainer(RunState):
         else:
             with self.tracer.span("optimizer", "optimizer"):
                 self.opt.step(self.schedule(self.global_step))
-        return loss, correct, flag > 0
+        return loss, correct, stop
+
+    def _checkpoint_due_here(self) -> bool:
+        """--checkpoint-every-seconds: rank 0's clock alone decides (the flag carries it to every rank)."""
+        every = self.config.checkpoint_every_seconds
+        return bool(every) and self.world.is_root and time.monotonic() - self.checkpoint_clock >= every
 
     def fit(self) -> int:
         """Train to ``config.epochs`` (or ``max_steps``).  Returns 0, EXIT_PREEMPTED (75: stopped
         by a signal after a checkpoint; resume with ``resume="latest"``), EXIT_DISK_FULL (74: no space
-        for a checkpoint or the metrics; the earlier checkpoints are intact) or EXIT_FAILED."""
+        for a checkpoint or the metrics; the earlier checkpoints are intact) or EXIT_DIVERGED (65)."""
+        cfg = self.config
         self.stop.install()
         self.tracer.instrument(self.model)
         try:
@@ -228,17 +245,13 @@ class Trainer(RunState):
                 distiller.cache_rows(Loader(self.train_data, batch_size=256, comm=self.world, seed=0, xp=self.xp,
                                             dtype=self.model.backend.dtype, shuffle=False, drop_last=False))
             self._log_start()
-            # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
-            while self.epoch < self.config.epochs and not self._max_steps_reached():
-                status = self.run_epoch()
-                if status is not None:
-                    return status
-            self._final_test()
-            self.write_trace()
+            status = self.recovery.run(self._train_to_end)  # again from the agreed step after a shrink
+            if status is not None:
+                return status
         except FloatingPointError as exc:  # raised on every rank at the same step
             if self.world.is_root:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-            return EXIT_FAILED
+            return EXIT_DIVERGED
         except DiskFull as exc:  # rank 0 alone writes; the other ranks wait in the next collective
             message = self._disk_full_message(exc)
             if self.world.size > 1:
@@ -246,19 +259,31 @@ class Trainer(RunState):
             else:
                 print(message, file=sys.stderr, flush=True)
             return EXIT_DISK_FULL
-        except (CollectiveTimeout, DataError) as exc:  # a rank stalled or lost its link, or a shard
-            # chunk read by the global order turned out damaged (on this rank only): the job cannot go on
-            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}",
-                      EXIT_USAGE if isinstance(exc, DataError) else EXIT_FAILED)
+        except CollectiveTimeout as exc:  # a rank stalled, died or lost its link: name it, once
+            abort_lost_rank(self.world, exc.what, cfg.collective_timeout, step=self.global_step)
+        except DataError as exc:  # a shard chunk read by the global order turned out damaged (on this
+            # rank only): the job cannot go on, and a restart would meet it again
+            abort_job(self.world, f"error: [rank {self.world.rank}] global step {self.global_step}: {exc}", EXIT_USAGE)
         finally:
             self.tracer.restore(self.model)
             self.reducer.close()
             self.stop.uninstall()
             self.lock.release()
-        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
         self.world.set_timeout(None)  # the caller's communicator, as it was given
         self.log(f"done: {self.global_step} steps; metrics in {self.metrics_path}")
         return 0
+
+    def _train_to_end(self):
+        """The epochs, the final test and the trace, from wherever the run stands; None or an exit status."""
+        # checked before each epoch: a run resumed from its --max-steps checkpoint trains no further step
+        while self.epoch < self.config.epochs and not self._max_steps_reached():
+            status = self.run_epoch()
+            if status is not None:
+                return status
+        self._final_test()
+        self.write_trace()
+        self.world.barrier()  # nobody returns before rank 0's last checkpoint is on disk
+        return None
 
     def _log_start(self):
         model, world, backend = self.model, self.world, self.model.backend
@@ -270,6 +295,8 @@ class Trainer(RunState):
                  + (", batch norm over the global batch" if self.config.sync_bn else "")
                  + (", global data order" if self.config.data_order == "global" else ""))
         self.log(self.train_loader.describe())
+        if world.size > 1:
+            self.log(self.recovery.describe())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.val_loader is None and self.test_loader is not None:
@@ -281,7 +308,7 @@ class Trainer(RunState):
             self.metrics.write({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,
                                 "global_batch": self.global_batch, "class_names": self.class_names,
-                                "config": self.record()})
+                                "config": self.record(), "processes": self.processes})
 
     def run_epoch(self):
         cfg, sums = self.config, self.sums
@@ -295,6 +322,8 @@ class Trainer(RunState):
         self.part_started = time.perf_counter()
         for x, y in self.tracer.iterate(self.train_loader.epoch(self.epoch, start_step=self.step_in_epoch)):
             maybe_fail(cfg.fail_at, self.world.rank, self.global_step)
+            self.world.step = self.global_step  # named by a deadline's line
+            maybe_die("step", self.recovery.world_rank, self.global_step)
             soft = None
             if self.distiller is not None:
                 soft = self.distiller.targets(x, self.train_loader.rows(order, self.step_in_epoch) if cached else None)
@@ -355,8 +384,9 @@ class Trainer(RunState):
             self.log(f"step {step}: loss {mean_loss:.4f}, lr {self.schedule(step - 1):.3g}")
         if cfg.check_replicas and step % cfg.check_replicas == 0:
             self.check_replicas()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            self.save_checkpoint()
+        ends_epoch = self.step_in_epoch >= self.steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (self.checkpoint_due and not ends_epoch):
+            self.save_checkpoint()  # a time-based one waits for the epoch's own when that comes next
 
     def _end_epoch(self):
         cfg = self.config
@@ -397,6 +427,7 @@ class Trainer(RunState):
 
     def score(self, split: str, loader) -> dict:
         """Collective: the model (the --ema average, if kept) on one split, as ``{split}_*`` metrics."""
+        maybe_die("evaluation", self.recovery.world_rank, self.global_step)
         with self.tracer.span("evaluation", "evaluation", split=split):
             self.sync_buffers()
             with self.opt.averaged_weights():

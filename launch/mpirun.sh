@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-node launcher: `launch/mpirun.sh -n N python -m ddp_cnn.train [flags]`.
+# Launcher: `launch/mpirun.sh -n N [--hostfile FILE] python -m ddp_cnn.train [flags]`.
 #
 # `-n auto`: one rank per GPU when nvidia-smi lists GPUs, else one rank per core
 # (parallelism on one node is ranks; each rank's BLAS then runs one thread).
@@ -7,12 +7,23 @@
 # Adds the flags the installed MPI needs (Open MPI refuses root and more ranks
 # than cores without them; MPICH needs none) and splits the cores between the
 # ranks' BLAS threads, unless OMP_NUM_THREADS is already set.
-# MPIRUN=/path/to/mpirun picks another launcher.
+# MPIRUN=/path/to/mpirun picks another launcher. --hostfile FILE is passed on in the
+# launcher's spelling (MPICH's hydra: -f, lines HOST:SLOTS; Open MPI: --hostfile, HOST slots=N).
+#
+# When the launcher ends, what MPICH leaves on this host after an abort or a killed rank
+# (/dev/shm/mpich_shm_* segments, hydra's /tmp/hydra_hwloc_xmlfile_*) is removed:
+# launch/leftovers.py, which touches only files that appeared meanwhile and no process holds.
 set -euo pipefail
 
 ranks=""
 if [ "${1:-}" = "-n" ] || [ "${1:-}" = "-np" ]; then
     ranks="${2:?launch/mpirun.sh: -n needs a number}"
+    shift 2
+fi
+hostfile=""
+if [ "${1:-}" = "--hostfile" ] || [ "${1:-}" = "-f" ]; then
+    hostfile="${2:?launch/mpirun.sh: --hostfile needs a file}"
+    [ -r "$hostfile" ] || { echo "launch/mpirun.sh: --hostfile $hostfile: no such file" >&2; exit 2; }
     shift 2
 fi
 if [ "$ranks" = auto ]; then
@@ -21,10 +32,10 @@ if [ "$ranks" = auto ]; then
     echo "launch/mpirun.sh: -n auto: $ranks ranks (one per $what)" >&2
 fi
 if ! [[ "$ranks" =~ ^[1-9][0-9]*$ ]]; then
-    echo "usage: launch/mpirun.sh -n RANKS|auto COMMAND..." >&2
+    echo "usage: launch/mpirun.sh -n RANKS|auto [--hostfile FILE] COMMAND..." >&2
     exit 2
 fi
-[ $# -gt 0 ] || { echo "usage: launch/mpirun.sh -n RANKS|auto COMMAND..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: launch/mpirun.sh -n RANKS|auto [--hostfile FILE] COMMAND..." >&2; exit 2; }
 
 mpirun="${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}"
 [ -n "$mpirun" ] || { echo "launch/mpirun.sh: no mpirun on PATH; pip install mpich (or apt-get install openmpi-bin)" >&2; exit 2; }
@@ -47,7 +58,14 @@ if "$mpirun" --version 2>&1 | grep -qi "open mpi\|open-\?rte"; then  # mpirun.op
         if [ -n "${!var:-}" ]; then extra+=(-x "$var"); fi
     done
     if [ "$(id -u)" = 0 ]; then extra+=(--allow-run-as-root); fi
+    if [ -n "$hostfile" ]; then extra+=(--hostfile "$hostfile"); fi
+elif [ -n "$hostfile" ]; then
+    extra+=(-f "$hostfile")
 fi
+leftovers="$(dirname "$0")/leftovers.py"
+py="$(command -v python3 || command -v python || true)"
+before=""
+if [ -n "$py" ] && [ -r "$leftovers" ]; then before=$("$py" "$leftovers" list); fi
 
 # The launcher runs in a session of its own and gets the first SIGTERM/SIGINT sent to this
 # script's process group (SLURM preemption, Ctrl-C), once: a second one would make it tear the
@@ -76,4 +94,7 @@ while kill -0 "$pid" 2>/dev/null; do
 done
 status=0
 wait "$pid" || status=$?  # the launcher's own exit status (bash keeps it for a reaped job)
+if [ "$status" != 0 ] && [ -n "$py" ] && [ -r "$leftovers" ]; then
+    printf '%s\n' "$before" | "$py" "$leftovers" clean || true
+fi
 exit "$status"

@@ -384,11 +384,12 @@ def test_a_resume_that_changes_the_batch_optimizer_or_shards_is_refused_with_one
     assert train_main([str(a) for a in common + ["--max-steps", 5, "--resume", "latest"]]) == 0
 
 
-def test_a_diverging_run_ends_with_one_line_and_exit_1(data, tmp_path, capsys):
+def test_a_diverging_run_ends_with_one_line_and_exit_65(data, tmp_path, capsys):
+    from ddp_cnn.faults import EXIT_DIVERGED
     code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--progress",
                      "off", "--eval-every", 0, "--optimizer", "sgd", "--lr", "1e6", "--epochs", 3], capsys)
     errors = [line for line in err if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1
+    assert code == EXIT_DIVERGED == 65 and len(errors) == 1  # not retried by ddp_cnn.supervise
     assert errors[0].startswith("error: non-finite loss or gradient at global step")
 
 

