@@ -26,6 +26,7 @@ from data_tools.errors import DataError
 
 DEFAULT_WINDOW = 16  # chunks whose rows are shuffled together (--shuffle-window)
 READ_THREADS = 4
+READ_AHEAD = 4  # chunk reads queued per read thread, at most, beyond the batch being assembled
 
 
 def machine_memory() -> int:
@@ -54,10 +55,11 @@ class ChunkCache:
         self.sizes: dict = {}  # key -> bytes (expected until read)
         self.pins: dict = {}  # key -> number of requests not yet released
         self.released: OrderedDict = OrderedDict()  # unpinned keys, least recently used first
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a read done before its callback is added calls it at once, here
         self.threads, self.origin = threads, "given"
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ddp_cnn-read")
         self.used = self.pinned = self.peak = 0  # bytes held, of them pinned, most held at once
+        self.pending = 0  # reads submitted and not finished: kept short, so an early exit waits on few
 
     def pinned_bytes(self) -> int:
         return self.pinned
@@ -74,12 +76,18 @@ class ChunkCache:
             if key not in self.blocks:
                 self.sizes[key] = size
                 self.used += size
-                self.blocks[key] = self.pool.submit(read)
+                self.blocks[key] = future = self.pool.submit(read)
+                self.pending += 1
+                future.add_done_callback(self._read_done)
             if key not in self.pins:
                 self.pinned += self.sizes[key]
             self.pins[key] = self.pins.get(key, 0) + 1
             self.released.pop(key, None)
             self._evict()
+
+    def _read_done(self, future) -> None:
+        with self.lock:
+            self.pending -= 1
 
     def get(self, key) -> np.ndarray:
         """The block of a requested key (waits for its read; re-raises its error)."""
@@ -240,8 +248,9 @@ class ChunkedRows:
         ahead = done = 0  # steps whose chunks are requested / released
         try:
             for step, rows in enumerate(row_lists):
-                while ahead < len(keys) and (ahead <= step or self.cache.room_for(
-                        [(self._token, k) for k in keys[ahead]], lambda k: self.chunk_bytes(k[1]))):
+                while ahead < len(keys) and (ahead <= step or (
+                        self.cache.pending < READ_AHEAD * self.cache.threads and self.cache.room_for(
+                            [(self._token, k) for k in keys[ahead]], lambda k: self.chunk_bytes(k[1])))):
                     for key in keys[ahead]:
                         self.cache.request((self._token, key), self.chunk_bytes(key),
                                            lambda k=key: self._read_chunk(k))
