@@ -58,7 +58,7 @@ def main(argv=None):
           "median [p90] of each epoch")
     for order in ("shard", "global"):
         t = time.perf_counter()
-        data = open_rank_data(args.data, "train", comm, data_order=order)
+        data = open_rank_data(args.data, "train", comm, data_order=order, stream=order == "global")
         opened = time.perf_counter() - t
         loader = Loader(data, batch_size=local, comm=comm, seed=0, dtype=np.float32, data_order=order,
                         global_batch=args.batch_size, prefetch=0)

@@ -2,8 +2,10 @@
 
 Every file (train shard, ``test.h5``, ``val.h5``) holds:
 
-* ``images`` uint8 (n, H, W, C), chunked and gzip-compressed (C = 1 for
-  grayscale; format version 1 stored (n, H, W), read as C = 1);
+* ``images`` uint8 (n, H, W, C), in chunks of about :data:`CHUNK_BYTES`
+  (the unit the trainer streams), gzip-compressed unless the sharding run
+  chose lzf or none (C = 1 for grayscale; format version 1 stored (n, H, W),
+  read as C = 1);
 * ``labels`` uint8 (n,);
 * ``source_index`` int64 (n,): each sample's row in its source IDX file, so
   disjointness and coverage can be checked without the source;
@@ -52,16 +54,35 @@ def split_name(split: str) -> str:
     return {"test": TEST_NAME, "val": VAL_NAME}[split]
 
 
-def write_split(path: Path, images: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
-                attrs: dict) -> None:
-    """Write one file of the format: ``images`` (n, H, W, C) uint8; ``attrs`` values may be lists/dicts
-    (class_names and source_sha256 stored as JSON, mean/std as float arrays)."""
-    n = len(images)
-    rows = max(1, min(n, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:])))))
+COMPRESSIONS = ("gzip", "lzf", "none")
+WRITE_BYTES = 2 * 2**20  # images written per block: a file far larger than memory is written in pieces
+
+
+def chunk_rows(image_shape, n: int) -> int:
+    """Rows per HDF5 chunk: about CHUNK_BYTES of images, the unit the trainer's streaming reader reads."""
+    return max(1, min(n, CHUNK_BYTES // max(1, int(np.prod(image_shape)))))
+
+
+def write_split(path: Path, images, labels: np.ndarray, source_index: np.ndarray, attrs: dict,
+                compression: str = "gzip", progress=None) -> None:
+    """Write one file of the format: ``images`` (n, H, W, C) uint8, an array or anything that gives rows by
+    slices (read and written a block at a time); ``attrs`` values may be lists/dicts (class_names and
+    source_sha256 stored as JSON, mean/std as float arrays).  ``progress(rows)`` is told of each block."""
+    n, shape = len(labels), tuple(images.shape[1:])
+    rows = chunk_rows(shape, n)
     # gzip level 1: uint8 images compress within 2% of level 4 at twice the speed.
-    opts = dict(compression="gzip", compression_opts=1)
+    opts = {"gzip": dict(compression="gzip", compression_opts=1), "lzf": dict(compression="lzf"),
+            "none": {}}[compression]
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]), **opts)
+        if n == 0:
+            f.create_dataset("images", data=np.zeros((0, *shape), np.uint8), chunks=(rows, *shape), **opts)
+        else:
+            ds = f.create_dataset("images", shape=(n, *shape), dtype=np.uint8, chunks=(rows, *shape), **opts)
+            block = rows * max(1, WRITE_BYTES // (rows * max(1, int(np.prod(shape)))))  # whole chunks
+            for start in range(0, n, block):
+                ds[start:start + block] = images[start:start + block]
+                if progress is not None:
+                    progress(min(block, n - start))
         f.create_dataset("labels", data=labels.astype(np.uint8), chunks=(rows,), **opts)
         f.create_dataset("source_index", data=source_index.astype(np.int64), chunks=(rows,), **opts)
         for key, value in attrs.items():

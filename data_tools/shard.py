@@ -17,6 +17,11 @@ uint8 (N, H, W[, C]), ``labels``, optionally ``class_names``) are one set:
 ``--test-fraction`` of it (default 0.2) becomes test.h5 first, taken per
 class from the front of the same permutation, so it is stratified and fixed
 by ``--seed``; validation and shards come from the rest.
+
+Images are read and written a block of HDF5 chunks at a time, so a folder or
+an .npz far larger than memory is sharded in bounded memory (an .npz saved
+compressed is first inflated into a scratch folder beside --out); the
+trainer streams the chunks (docs/data.md).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from data_tools import datasets, download, h5format, idx, images
+from data_tools import images as imgs
 from data_tools.atomic import AtomicOutput, check_output_folder
 from data_tools.errors import DataError, run_cli
 
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own images: DIR/CLASS/*.png|jpg (one subfolder per class, any depth below it)")
     p.add_argument("--from-npz", type=Path, metavar="FILE",
                    help="your own arrays: 'images' uint8 (N, H, W) or (N, H, W, C), 'labels' 0..K-1, "
-                        "optionally 'class_names'")
+                        "optionally 'class_names'; read a block of rows at a time (a compressed .npz is first "
+                        "inflated into a scratch folder beside --out: it needs that much free disk)")
     p.add_argument("--size", metavar="HxW", help="with --from-folder/--from-npz: fit every image into HxW "
                    "(aspect ratio kept, centred on black); without it all images must be of one size")
     mode = p.add_mutually_exclusive_group()
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stratify", action="store_true", help="same class balance in every shard (and in val)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="part of the training set kept as val.h5 (default 0: none)")
+    p.add_argument("--compression", choices=h5format.COMPRESSIONS, default="gzip",
+                   help="how the chunks of images are compressed: gzip (level 1, the smallest files), lzf (faster "
+                        "to read, larger files) or none (default gzip)")
     p.add_argument("--force", action="store_true", help="replace outputs already in --out")
     return p
 
@@ -108,8 +118,9 @@ def check_numbers(args) -> None:
         raise DataError("--val-fraction and --test-fraction together leave no training images")
 
 
-def load_own(args) -> Source:
-    """A folder of class subfolders or an .npz (``data_tools.images``) as a pooled Source."""
+def load_own(args, scratch: Path | None = None) -> Source:
+    """A folder of class subfolders or an .npz (``data_tools.images``) as a pooled Source whose images are
+    read when written (``scratch``: where a compressed .npz member is inflated)."""
     if args.from_folder is not None and args.from_npz is not None:
         raise DataError("--from-folder and --from-npz: give one of them")
     given = [f for f, v in (("a source folder", args.source), ("--download", args.download),
@@ -120,10 +131,11 @@ def load_own(args) -> Source:
     size = images.parse_size(args.size) if args.size else None
     channels = 1 if args.grayscale else 3 if args.rgb else None
     if args.from_folder is not None:
-        x, y, names, sha = images.read_folder(args.from_folder, size, channels)
+        with progress_bar("reading image headers", None, "img") as bar:
+            x, y, names, sha = images.read_folder(args.from_folder, size, channels, bar.update)
         name = args.dataset or Path(args.from_folder).resolve().name
     else:
-        x, y, names, sha = images.read_npz(args.from_npz, size, channels)
+        x, y, names, sha = images.read_npz(args.from_npz, size, channels, scratch)
         name = args.dataset or Path(args.from_npz).stem
     return Source(name, names, x, y, x, y, sha, pooled=True)
 
@@ -228,15 +240,19 @@ def split_indices(labels: np.ndarray, shards: int, seed: int, stratify: bool, va
     return deal(train, labels, shards, stratify), val, test
 
 
-def pixel_stats(images: np.ndarray, rows: np.ndarray | None = None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels/255 of images (N, H, W, C) (rows ``rows``, default all).
+def pixel_stats(images, rows: np.ndarray | None = None, progress=None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels/255 of images (N, H, W, C) (rows ``rows``, default all): an array,
+    or :class:`data_tools.images.LazyImages` read a block at a time.
 
     Exact sums in Python integers, so any order of the rows agrees to the bit."""
     rows = np.arange(len(images)) if rows is None else np.sort(rows)
     c = images.shape[-1] if images.ndim == 4 else 1
     s, ss = [0] * c, [0] * c
-    for i in range(0, len(rows), 4096):  # bounded temporaries: 4096 images as uint64
-        block = images[rows[i:i + 4096]].reshape(-1, c).astype(np.uint64)
+    step = int(max(1, min(4096, 2**20 // max(1, int(np.prod(images.shape[1:]))))))  # bounded temporaries
+    for i in range(0, len(rows), step):
+        if progress is not None:
+            progress(len(rows[i:i + step]))
+        block = images[rows[i:i + step]].reshape(-1, c).astype(np.uint64)
         s = [a + int(b) for a, b in zip(s, block.sum(axis=0))]
         ss = [a + int(b) for a, b in zip(ss, (block * block).sum(axis=0))]
     n = len(rows) * (images[0].size // c if len(images) else 0)
@@ -274,28 +290,50 @@ def plan(src: Source, shards: list[np.ndarray], val: np.ndarray, test: np.ndarra
     return files
 
 
-def write_all(out: Path, src: Source, files, common: dict, replaces: list[Path]) -> dict:
-    """Write every planned file and the manifest atomically; return the manifest."""
+def progress_bar(desc: str, total: int | None, unit: str = "img"):
+    """A tqdm bar on stderr when it is a terminal (nothing otherwise)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, file=sys.stderr)
+
+
+def write_all(out: Path, src: Source, files, common: dict, replaces: list[Path], compression: str = "gzip") -> dict:
+    """Write every planned file and the manifest atomically, a block of images at a time; return the manifest."""
     manifest = {"format_version": h5format.FORMAT_VERSION, "dataset": src.name,
                 "sharding_id": common["sharding_id"], "files": {}}
-    with AtomicOutput(out, replaces) as output:
+    total = sum(len(rows) for *_, rows in files)
+    with AtomicOutput(out, replaces) as output, progress_bar("writing", total) as bar:
         for name, split, index, rows in files:
             images, labels = (src.test_images, src.test_labels) if split == "test" else (src.train_images, src.train_labels)
             attrs = {**common, "split": split, "shard_index": index,
                      "shard_count": common["shard_count"] if split == "train" else 1}
             tmp = output.temp(name)
-            h5format.write_split(tmp, images[rows], labels[rows], rows, attrs)
-            manifest["files"][name] = {"split": split, "samples": len(rows),
-                                       "sha256": hashlib.sha256(tmp.read_bytes()).hexdigest()}
+            h5format.write_split(tmp, imgs.Picked(images, rows), labels[rows], rows, attrs, compression, bar.update)
+            manifest["files"][name] = {"split": split, "samples": len(rows), "sha256": imgs.file_sha256(tmp)}
         output.temp(h5format.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def scratch_folder(out: Path):
+    """A temporary folder on the output's file system (not /tmp, often memory), removed at the end."""
+    import tempfile
+    near = Path(out).absolute()
+    while not near.is_dir():
+        near = near.parent
+    return tempfile.TemporaryDirectory(prefix=".shard-scratch-", dir=near)
 
 
 def run(args) -> dict:
     check_numbers(args)
     check_output_folder(args.out, existing_outputs(args.out), force=args.force)
+    if args.from_npz is not None:
+        with scratch_folder(args.out) as scratch:
+            return _run(args, Path(scratch))
+    return _run(args)
+
+
+def _run(args, scratch: Path | None = None) -> dict:
     if args.from_folder is not None or args.from_npz is not None:
-        src = load_own(args)
+        src = load_own(args, scratch)
         test_fraction = 0.2 if args.test_fraction is None else float(args.test_fraction)
     else:
         src, test_fraction = load_source(resolve_paths(args), args.dataset), None
@@ -303,7 +341,8 @@ def run(args) -> dict:
     shards, val, test = split_indices(src.train_labels, args.shards, args.seed, args.stratify, args.val_fraction,
                                       test_fraction or 0.0)
     train_rows = np.concatenate(shards)
-    mean, std = pixel_stats(src.train_images, train_rows)
+    with progress_bar("pixel statistics", len(train_rows)) as bar:
+        mean, std = pixel_stats(src.train_images, train_rows, bar.update)
     shape = list(src.train_images.shape[1:])
     common = {
         "format_version": h5format.FORMAT_VERSION, "dataset": src.name, "class_names": src.class_names,
@@ -316,7 +355,8 @@ def run(args) -> dict:
     }
     if test_fraction is not None:
         common["test_fraction"] = test_fraction
-    return write_all(args.out, src, plan(src, shards, val, test), common, existing_outputs(args.out))
+    return write_all(args.out, src, plan(src, shards, val, test), common, existing_outputs(args.out),
+                     args.compression)
 
 
 def _body(argv: Sequence[str] | None) -> int:

@@ -198,9 +198,10 @@ def _architecture(description: dict) -> dict:
 # global batch over these shards, and the optimizer's state is its own.
 RESUME_MUST_MATCH = {"global_batch": "--batch-size (global)", "optimizer": "--optimizer",
                      "sharding_id": "shards (sharding_id of --data)", "val_fraction": "--val-fraction",
-                     "data_order": "--data-order"}
-# What a checkpoint from before a setting existed was trained with.
-RESUME_DEFAULTS = {"data_order": "shard"}
+                     "data_order": "--data-order", "shuffle_window": "--shuffle-window",
+                     "data_in_memory": "--data-in-memory"}
+# What a checkpoint from before a setting existed was trained with (None: not checked).
+RESUME_DEFAULTS = {"data_order": "shard", "shuffle_window": None, "data_in_memory": None}
 # --resume values that mean the newest valid checkpoint of the run; "auto" is for requeue scripts: it
 # also starts a run that has nothing yet, where "latest" refuses a run dir that does not exist (a typo).
 NEWEST = ("latest", "auto")

@@ -11,6 +11,9 @@ class TrainConfig:
     data: str = "data/fashion-mnist"
     slice_data: bool = False
     data_order: str = "shard"        # shard: each rank shuffles its own rows; global: one order for every rank count
+    data_cache_mb: float | None = None  # chunk cache per rank when streaming; None: sized for the machine
+    shuffle_window: int = 16         # chunks whose rows are shuffled together when streaming (0: all)
+    data_in_memory: bool = False     # read a rank's rows whole at start (full shuffle) instead of streaming
     val_fraction: float = 0.0        # held out of the training rows for validation when there is no val.h5
     augment_shift: int = 0
     hflip: bool = False
@@ -80,7 +83,7 @@ class TrainConfig:
     config: str | None = None        # the TOML recipe these settings came from (train --config)
 
     # Settings that may differ between ranks without changing what is computed.
-    LOCAL_ONLY = ("fail_at", "inject_nan", "progress")
+    LOCAL_ONLY = ("fail_at", "inject_nan", "progress", "data_cache_mb")
 
     def record(self) -> dict:
         """Every setting, sorted, as JSON values (metrics, checkpoints, the ranks' identity check)."""

@@ -16,6 +16,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -112,7 +113,8 @@ def read_planned(reads) -> ShardData:
     return ShardData(images, labels, first, [p for p, *_ in reads], np.concatenate([p[2] for p in parts]))
 
 
-def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, data_order: str = "shard") -> ShardData:
+def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, data_order: str = "shard",
+                   stream: bool = False, cache=None) -> ShardData:
     """Collective: this rank's rows of ``split`` ("train", "test" or "val") from ``data_dir``.
 
     train: with M shards and N ranks, M == N gives one shard per rank, M a
@@ -121,16 +123,23 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
     file) into N contiguous hyperslabs.  test/val: the single file cut the same
     way, so every sample is evaluated on exactly one rank.  Only the rows this
     rank needs are read.  With ``data_order`` "global", train is every
-    shard on every rank, its images read on demand
-    (:func:`ddp_cnn.global_order.open_global_train`).  Every rank raises the
+    shard on every rank (:mod:`ddp_cnn.global_order`).  Every rank raises the
     same DataError when any rank fails or when ranks read files of different
-    sharding runs.
+    sharding runs.  ``stream``: the images stay on disk, read chunk by chunk
+    through ``cache`` (a :class:`ddp_cnn.stream.ChunkCache`) as batches need
+    them, so memory does not grow with the data (ddp_cnn.stream).
     """
     data_dir = Path(data_dir)
     try:
-        if split == "train" and data_order == "global":
+        if split == "train" and data_order == "global" and stream:
             from .global_order import open_global_train
-            data, error = open_global_train(data_dir), None
+            data, error = open_global_train(data_dir, cache), None
+        elif split == "train" and data_order == "global":  # every shard, whole, on every rank
+            data, error = read_planned([(path, None, None) for path in find_shards(data_dir)]), None
+        elif stream:
+            from .stream import open_chunked
+            reads = plan_reads(data_dir, split, comm.rank, comm.size, slice_single)
+            data, error = open_chunked(reads, cache), None
         else:
             data, error = read_planned(plan_reads(data_dir, split, comm.rank, comm.size, slice_single)), None
         if split == "train" and not len(data):
@@ -138,6 +147,9 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
                             "(an empty shard, or more ranks than rows with --slice-data); re-shard")
     except DataError as exc:
         data, error = None, str(exc)
+    except MemoryError as exc:  # --data-in-memory with more rows than this rank can hold
+        data, error = None, (f"{data_dir}: the {split} rows do not fit in this rank's memory ({exc}); "
+                             "stream them (leave out --data-in-memory)")
     outcomes = comm.allgather_obj((error, data.attrs["sharding_id"] if data is not None else None))
     failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e]
     if failed:  # the same line on every rank: the first failing rank's
@@ -279,6 +291,11 @@ def normalize(pixels, mean, std, dtype, xp=np):
 
 # ---------------------------------------------------------------- batches
 
+def _is_streamed(images) -> bool:
+    from .stream import ChunkedRows
+    return isinstance(images, ChunkedRows)
+
+
 def _device_scope(xp) -> Callable[[], contextlib.AbstractContextManager]:
     """A context that makes the prefetch thread use the caller's GPU (CuPy's current device is per thread)."""
     cuda = getattr(xp, "cuda", None)
@@ -345,12 +362,15 @@ class Loader:
     batch t is rows [t*G, (t+1)*G) of one order seeded by (seed, epoch), and
     this rank reads its share [r*G//N, (r+1)*G//N) of it (``batch_size``),
     so the batches do not depend on the rank count (ddp_cnn.global_order).
+    Data opened with ``stream`` (images a :class:`ddp_cnn.stream.ChunkedRows`)
+    is read chunk by chunk ahead of the step, and its order is a block shuffle
+    over windows of ``window`` chunks (:func:`ddp_cnn.stream.block_order`).
     """
 
     def __init__(self, data: ShardData, *, batch_size: int, comm, seed: int, xp=np, dtype=np.float32,
                  shuffle: bool = True, drop_last: bool = True, augment: Augment | None = None,
                  prefetch: int = 2, mean: float | None = None, std: float | None = None, data_order: str = "shard",
-                 global_batch: int | None = None):
+                 global_batch: int | None = None, window: int | None = None):
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if prefetch < 0:
@@ -379,6 +399,34 @@ class Loader:
             raise DataError(f"{exc} (from {data.paths[:1] or 'the caller'})") from None
         self.steps_per_epoch = self._agree_steps() if drop_last else math.ceil(len(data) / batch_size)
         self._scope = _device_scope(xp)
+        self.wait_seconds = 0.0  # time the consumer waited for batches (reset by whoever reports it)
+        self.streamed = _is_streamed(data.images)
+        if self.streamed:
+            from .stream import DEFAULT_WINDOW
+            self.window = DEFAULT_WINDOW if window is None else window
+            if self.window < 0:
+                raise DataError(f"shuffle window must be >= 0 chunks, got {self.window}")
+            self._check_cache()
+
+    def _check_cache(self) -> None:
+        """DataError when the chunk cache cannot hold the chunks one batch needs at once."""
+        images = self.data.images
+        batch = self.global_batch if self.data_order == "global" else self.batch_size
+        needed = images.needed_bytes(batch, self.window if self.shuffle else 1)
+        if needed > images.cache.limit:
+            mb = 2**20
+            raise DataError(f"--data-cache-mb {images.cache.limit / mb:g}: too small for one batch of {batch} "
+                            f"(the chunks of the shuffle windows it can draw from: {needed / mb:.1f} MB); give "
+                            f"--data-cache-mb {math.ceil(needed / mb)} or more, or a smaller --shuffle-window")
+
+    def describe(self) -> str:
+        """One line for the start of a run: how this loader reads."""
+        if not self.streamed:
+            return "data: in memory, full shuffle each epoch"
+        images = self.data.images
+        return (f"data: streamed in chunks of {int(images.chunk_rows.max())} rows, chunk cache "
+                f"{images.cache.limit / 2**20:.0f} MB per rank ({images.cache.origin}), "
+                f"shuffle window {self.window or 'all'} chunks ({images.cache.threads} read threads)")
 
     def _agree_steps(self) -> int:
         smallest = self.comm.allreduce_scalar(len(self.data), "min")
@@ -401,6 +449,12 @@ class Loader:
         n = len(self.data)
         if not self.shuffle:
             return np.arange(n)
+        if self.streamed:  # a block shuffle: chunks in a random order, rows within windows of chunks
+            from .global_order import epoch_rng
+            from .stream import block_order
+            rng = (epoch_rng(self.seed, epoch) if self.data_order == "global"
+                   else np.random.default_rng([self.seed, epoch, self.comm.rank]))
+            return block_order(rng, self.data.images.chunk_of_row, self.window)
         if self.data_order == "global":
             from .global_order import epoch_order
             return epoch_order(self.seed, epoch, n)
@@ -411,24 +465,45 @@ class Loader:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise DataError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
         order = self.order(epoch)
-
-        def produce(step: int):
-            return self.batch(order, epoch, step)
-
         steps = range(start_step, self.steps_per_epoch)
+        if self.streamed:  # the images of the coming batches, read chunk by chunk ahead of them
+            items = zip(steps, self.data.images.batches(self.rows(order, s) for s in steps))
+        else:
+            items = ((s, None) for s in steps)
+
+        def produce(item):
+            step, images = item
+            return self.batch(order, epoch, step, images)
+
         if self.prefetch == 0:
-            return (produce(s) for s in steps)
-        return _prefetched(produce, steps, self.prefetch, self._scope)
+            return self._timed(produce(item) for item in items)
+        return self._timed(_prefetched(produce, items, self.prefetch, self._scope))
+
+    def _timed(self, batches: Iterator) -> Iterator:
+        """The batches, adding the time spent waiting for each to ``wait_seconds``."""
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    value = next(batches)
+                except StopIteration:
+                    return
+                finally:
+                    self.wait_seconds += time.perf_counter() - started
+                yield value
+        finally:
+            batches.close()
 
     def rows(self, order: np.ndarray, step: int) -> np.ndarray:
         """This rank's data rows of batch ``step`` of the epoch whose sample order is ``order``."""
         start = step * self.global_batch + self.start
         return order[start:start + self.batch_size]
 
-    def batch(self, order: np.ndarray, epoch: int, step: int) -> tuple:
-        """Batch ``step`` of the epoch whose sample order is ``order``, ready on the device."""
+    def batch(self, order: np.ndarray, epoch: int, step: int, images: np.ndarray | None = None) -> tuple:
+        """Batch ``step`` of the epoch whose sample order is ``order``, ready on the device (``images``:
+        its rows' pixels when read already)."""
         rows = self.rows(order, step)
-        images = self.data.images[rows]
+        images = self.data.images[rows] if images is None else images
         if self.augment is not None:
             if self.data_order == "global":  # drawn for the global batch, this rank's slice used
                 from .global_order import BatchSlice

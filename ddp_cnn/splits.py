@@ -65,8 +65,9 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
         if config.val_fraction and has_val:
             raise ValueError(f"--val-fraction: {folder} has a validation split already (val.h5); drop the flag")
     agreed(comm, check)
+    stream = {"stream": not config.data_in_memory, "cache": None if config.data_in_memory else chunk_cache(config, comm)}
     train = agreed(comm, lambda: open_rank_data(folder, "train", comm, slice_single=config.slice_data,
-                                                data_order=config.data_order))
+                                                data_order=config.data_order, **stream))
     agree_on_attributes(train, comm)
     val = None
     if config.val_fraction:  # held out whether or not it is scored: the training rows never depend on it
@@ -75,14 +76,23 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
     if not config.eval_every:
         return train, None, None
     if has_val:
-        val = agreed(comm, lambda: open_rank_data(folder, "val", comm))
-    test = agreed(comm, lambda: open_rank_data(folder, "test", comm))
+        val = agreed(comm, lambda: open_rank_data(folder, "val", comm, **stream))
+    test = agreed(comm, lambda: open_rank_data(folder, "test", comm, **stream))
     for name, split in (("validation", val), ("test", test)):
         if split is not None and not comm.allreduce_scalar(len(split), "sum"):
             raise SetupError(f"--data {config.data}: the {name} split has no rows"
                              + (f" (--val-fraction {config.val_fraction} is too small)" if name == "validation"
                                 and config.val_fraction else ""))
     return train, val, test
+
+
+def chunk_cache(config, comm):
+    """The one chunk cache of this rank's splits: --data-cache-mb, else sized for the machine."""
+    from .stream import ChunkCache, default_cache_mb
+    mb = config.data_cache_mb or default_cache_mb(getattr(comm, "local_size", 1))
+    cache = ChunkCache(mb * 2**20)
+    cache.origin = "--data-cache-mb" if config.data_cache_mb else "default: 1/8 of the memory available, per rank"
+    return cache
 
 
 def agree_on_attributes(train: ShardData, comm) -> None:

@@ -79,6 +79,18 @@ def _data_flags(p):
                         "one shuffle of the whole training set per epoch, each rank reading its part of every "
                         "global batch from whichever shard holds it (shards on a shared file system), so training "
                         "does not depend on the rank count and a run resumes on another rank count")
+    g.add_argument("--data-cache-mb", type=positive_float, default=D.data_cache_mb, metavar="MB",
+                   help="streamed data: decoded HDF5 chunks each rank keeps, read ahead of the step by a thread "
+                        "pool; it must hold the chunks of two shuffle windows (a clear error says when it cannot) "
+                        "(default: an eighth of the memory available (cgroup and ulimit -v included) shared by the node's "
+                        "ranks, 64-4096 MB, printed at start)")
+    g.add_argument("--shuffle-window", type=non_negative_int, default=D.shuffle_window, metavar="CHUNKS",
+                   help="streamed data: each epoch shuffles the order of the chunks, then the rows within each "
+                        "window of this many consecutive chunks (more: a better shuffle for more cache; 0: the "
+                        "whole set, which needs a cache as large as the data)")
+    g.add_argument("--data-in-memory", action="store_true",
+                   help="read each rank's training rows (every row in the global order) into memory at start "
+                        "and shuffle them fully each epoch, instead of streaming chunks; for data that fits")
     g.add_argument("--val-fraction", type=fraction, default=D.val_fraction,
                    help="hold this part of the training rows out for validation (each epoch is scored on them "
                         "and the best checkpoint kept) when --data has no val.h5 (data_tools.shard "

@@ -157,7 +157,8 @@ class Trainer(RunState, AfterShrink):
         if not (cfg.resume and self.world.is_root):  # rank 0 reads it; everyone receives it in the broadcast
             return opt, None
         run = {"global_batch": self.global_batch, "optimizer": cfg.optimizer, "val_fraction": cfg.val_fraction,
-               "data_order": cfg.data_order,
+               "data_order": cfg.data_order, "shuffle_window": cfg.shuffle_window,
+               "data_in_memory": cfg.data_in_memory,
                "sharding_id": self.train_data.attrs.get("sharding_id")}
         return opt, ckpt.load_for_resume(cfg.resume, self.checkpoint_dir, model.describe(),
                                          self.distiller.record if self.distiller else None, run, warn=self.log)
@@ -191,7 +192,8 @@ class Trainer(RunState, AfterShrink):
     def _loaders(self):
         cfg, dtype = self.config, self.model.backend.dtype
         train = Loader(self.train_data, batch_size=self.local_batch, comm=self.world, seed=cfg.seed, xp=self.xp,
-                       dtype=dtype, augment=self.augment, data_order=cfg.data_order, global_batch=self.global_batch)
+                       dtype=dtype, augment=self.augment, data_order=cfg.data_order, global_batch=self.global_batch,
+                       window=cfg.shuffle_window)
 
         def scoring(data):  # every row once, normalised with the training statistics
             return None if data is None else Loader(
@@ -292,6 +294,7 @@ class Trainer(RunState, AfterShrink):
                  + f"), {self.steps_per_epoch} steps/epoch, {len(self.reducer.buckets)} gradient bucket(s)"
                  + (", batch norm over the global batch" if self.config.sync_bn else "")
                  + (", global data order" if self.config.data_order == "global" else ""))
+        self.log(self.train_loader.describe())
         if world.size > 1:
             self.log(self.recovery.describe())
         if self.distiller is not None:
@@ -392,7 +395,10 @@ class Trainer(RunState, AfterShrink):
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "complete": epoch_done,
                   "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
                   "images_per_s": totals[2] / elapsed if elapsed > 0 else 0.0, "seconds": elapsed,
-                  "lr": self.schedule(self.global_step - 1), "skipped_steps": self.skipped}
+                  "lr": self.schedule(self.global_step - 1), "skipped_steps": self.skipped,
+                  # the longest any rank's steps waited for their batches (data not ready in time)
+                  "data_wait_seconds": self.world.allreduce_scalar(self.train_loader.wait_seconds, "max")}
+        self.train_loader.wait_seconds = 0.0
         if self.world.size > 1:  # one process communicates nothing: no comm figures, rather than a misnamed one
             record.update({"comm_seconds": self.reducer.comm_seconds,
                            "comm_exposed_seconds": self.reducer.exposed_seconds,
