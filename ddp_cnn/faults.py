@@ -30,6 +30,8 @@ EXIT_USAGE = 2          # bad flags, config, data or checkpoint: nothing was tra
 EXIT_DIVERGED = 65      # the loss or gradient became non-finite (EX_DATAERR): a retry would diverge again
 EXIT_RANK_LOST = 69     # a rank did not reach a collective by its deadline (EX_UNAVAILABLE): restartable
 EXIT_PREEMPTED = 75     # stopped by a signal after writing a checkpoint (EX_TEMPFAIL): resume with --resume latest
+EXIT_BELOW_MIN_RANKS = 76  # a live recovery (--on-rank-loss shrink) left fewer than --min-ranks: the survivors
+                           # wrote a checkpoint and ended cleanly; a supervisor restarts the job once ranks are back
 EXIT_DISK_FULL = 74     # no space (or quota) for a checkpoint or the metrics while training (EX_IOERR): the
                         # earlier checkpoints are intact; free space, then --resume latest
 NOT_RETRIED = {EXIT_OK: "completed", EXIT_USAGE: "a usage or data error", EXIT_DIVERGED: "diverged",

@@ -25,10 +25,7 @@ import time
 from .backend import to_host
 
 from .comm import hostname
-
-# Exit status of the survivors when a loss leaves fewer than --min-ranks ranks: they wrote a
-# checkpoint and ended cleanly; a supervisor restarts the job (--resume latest) once ranks are back.
-EXIT_BELOW_MIN_RANKS = 76
+from .faults import EXIT_BELOW_MIN_RANKS
 
 MODES = ("auto", "shrink", "restart")
 
