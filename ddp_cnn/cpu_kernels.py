@@ -87,6 +87,10 @@ def _one_thread_for_scipy_blas() -> None:
         controller.select(filepath=scipy_libs).limit(limits=1)
 
 
+# Below this many elements an elementwise pass runs on the calling thread:
+# waking the other threads would cost more than the pass.
+PARALLEL_MIN = 1 << 17
+
 if numba is not None:
     numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
     _one_thread_for_scipy_blas()
@@ -96,21 +100,31 @@ if numba is not None:
 
     @_jit
     def _leaky_forward(x, alpha, y):
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                y[i] = x[i] if x[i] > 0 else x[i] * alpha
+            return
         for i in prange(x.size):
-            v = x[i]
-            y[i] = v if v > 0 else v * alpha
+            y[i] = x[i] if x[i] > 0 else x[i] * alpha
 
     @_jit
     def _leaky_backward(x, dy, alpha, dx):
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                dx[i] = dy[i] if x[i] > 0 else dy[i] * alpha
+            return
         for i in prange(x.size):
-            g = dy[i]
-            dx[i] = g if x[i] > 0 else g * alpha
+            dx[i] = dy[i] if x[i] > 0 else dy[i] * alpha
 
     # ---- dropout ----------------------------------------------------------------
 
     @_jit
     def _dropout_apply(x, u, keep, scale, y):
         zero = scale - scale
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                y[i] = x[i] * (scale if u[i] < keep else zero)
+            return
         for i in prange(x.size):
             y[i] = x[i] * (scale if u[i] < keep else zero)
 

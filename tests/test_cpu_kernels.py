@@ -27,11 +27,15 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+SIZES = [(3, 5, 7, 4), (2, 8, cpu_kernels.PARALLEL_MIN // 16 + 1, 1)]  # one pass on one thread, on every core
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0, -0.5, 1.5])
-def test_leaky_relu_kernels_are_bitwise_the_where_formula(dtype, alpha):
+@pytest.mark.parametrize("shape", SIZES)
+def test_leaky_relu_kernels_are_bitwise_the_where_formula(dtype, alpha, shape):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 5, 7, 4)).astype(dtype)
+    x = rng.standard_normal(shape).astype(dtype)
     x.reshape(-1)[:6] = [0.0, -0.0, 1e-30, -1e-30, 0.0, 2.0]
     dy = rng.standard_normal(x.shape).astype(dtype)
     slope = np.where(x > 0, dtype(1), dtype(alpha))
@@ -46,10 +50,11 @@ def test_leaky_relu_kernels_are_bitwise_the_where_formula(dtype, alpha):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rate", [0.25, 0.1, 0.5])
-def test_dropout_apply_is_bitwise_the_stored_mask(dtype, rate):
+@pytest.mark.parametrize("shape", SIZES)
+def test_dropout_apply_is_bitwise_the_stored_mask(dtype, rate, shape):
     """0.9 is not a float32: the draw is compared with float32(keep), as NumPy compares it."""
     key = (3, 2, 0, 5, 4)
-    x = np.random.default_rng(1).standard_normal((64, 33)).astype(dtype)
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
     mask = kernels.dropout_mask(x.shape, rate, key, np, dtype)
     u = kernels.uniform_draw(x.shape, key)
     u.reshape(-1)[:2] = np.float32(1.0 - rate)  # on the boundary: dropped in both
