@@ -236,6 +236,39 @@ if numba is not None:
                 s += flat[t, e]
             dst[e] = s
 
+    # ---- dense: row blocks for y and dx, input-feature blocks for dW (no sum across threads) ----
+
+    @_jit
+    def _dense_forward(x, w, bias, use_bias, block, y):
+        n = x.shape[0]
+        for bi in prange((n + block - 1) // block):
+            a, b = bi * block, min(n, bi * block + block)
+            out = y[a:b]
+            np.dot(x[a:b], w, out)
+            if use_bias:
+                for r in range(out.shape[0]):
+                    for f in range(out.shape[1]):
+                        out[r, f] += bias[f]
+
+    @_jit
+    def _dense_backward(x, dy, w, need_dx, block, dw, db, dx):
+        n, d = x.shape
+        for bi in prange((d + block - 1) // block):
+            a, b = bi * block, min(d, bi * block + block)
+            x_t = np.empty((b - a, n), dtype=x.dtype)
+            for i in range(n):
+                for j in range(a, b):
+                    x_t[j - a, i] = x[i, j]
+            np.dot(x_t, dy, dw[a:b])
+        db[:] = 0
+        for r in range(n):
+            for f in range(dy.shape[1]):
+                db[f] += dy[r, f]
+        if need_dx:
+            for bi in prange((n + block - 1) // block):
+                a, b = bi * block, min(n, bi * block + block)
+                np.dot(dy[a:b], w.T, dx[a:b])
+
     # ---- Adam ---------------------------------------------------------------------
 
     @_jit
@@ -328,4 +361,23 @@ def conv_backward(cols, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx
     _sum_parts(dw_parts, dw)
     if db is not None:
         _sum_parts(db_parts, db)
+    return dx
+
+
+DENSE_BLOCK = 32  # rows of y and dx, or input features of dW, per task
+
+
+def dense_forward(x, w, bias, y):
+    """y = x @ w (+ bias), DENSE_BLOCK rows per task, into `y` (twin: Dense's matmul + bias)."""
+    use_bias = bias is not None
+    _dense_forward(x, w, bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype), use_bias, DENSE_BLOCK, y)
+    return y
+
+
+def dense_backward(x, dy, w, dw, db, dx):
+    """dW = x.T @ dy by blocks of input features, db = dy summed over rows in row order (into
+    `db` unless None), dx = dy @ w.T by row blocks into `dx` unless None; returns dx."""
+    need_dx = dx is not None
+    _dense_backward(x, dy, w, need_dx, DENSE_BLOCK, dw, db if db is not None else np.empty(dy.shape[1], dy.dtype),
+                    dx if need_dx else np.empty((0, 0), dtype=dy.dtype))
     return dx

@@ -210,3 +210,30 @@ def test_the_switch_and_the_fallback_without_numba(monkeypatch):
     assert not any(getattr(layer, "jit", False) for layer in net.layers)
     x = np.random.default_rng(11).standard_normal((4, 28, 28, 1)).astype(np.float32)
     assert np.isfinite(net.forward(x, train=True)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,f,bias", [(70, 45, 9, True), (5, 100, 33, False), (32, 32, 1, True)])
+def test_compiled_dense_matches_the_numpy_dense(monkeypatch, dtype, n, d, f, bias):
+    """Blocks of cpu_kernels.DENSE_BLOCK rows and features, the last one short."""
+    bk = get_backend("cpu", np.dtype(dtype).name)
+    nets = []
+    for choice in ("numpy", "jit"):
+        monkeypatch.setenv(cpu_kernels.ENV, choice)
+        nets.append(Sequential([L.Dense(f, bias=bias)], (d,), bk, seed=0))
+    assert [net.layers[0].jit for net in nets] == [False, True]
+    rng = np.random.default_rng(12)
+    start = rng.standard_normal(nets[0].num_params)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    dy = rng.standard_normal((n, f)).astype(dtype)
+    out = []
+    for net in nets:
+        net.params[...] = start
+        y = net.forward(x, train=True).copy()
+        dx = net.layers[0].backward(dy).copy()
+        out.append((y, dx, net.grads.copy()))
+    for a, b in zip(out[1], out[0]):
+        assert rel(a, b) < TOL[dtype]
+    nets[1].forward(x, train=True)
+    assert nets[1].layers[0].backward(dy, need_dx=False) is None
+    assert np.array_equal(nets[1].grads, out[1][2])
