@@ -32,6 +32,7 @@ SKIPPED_LINES = {
     "--config recipes/fmnist-cnn.toml": "5 epochs of fmnist-cnn; recipes parse in test_cli.test_recipes_parse",
     "-n 8 --hostfile": "needs several machines",
     "sbatch": "needs SLURM",
+    "bench/cpu_throughput.py": "minutes of timing beside PyTorch, a bench-only dependency (bench/RESULTS.md holds the runs)",
 }
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 
