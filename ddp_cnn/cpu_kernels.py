@@ -162,28 +162,35 @@ if numba is not None:
 
     # ---- convolution as chunks of im2col + GEMM, one chunk per thread at a time ----
 
+    @njit(cache=True, nogil=True)
+    def _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows):
+        """The im2col rows of images a..b-1 of x into rows ((b-a)*OH*OW, KH*KW*C); padding reads as 0."""
+        h, wd, c = x.shape[1], x.shape[2], x.shape[3]
+        per = oh * ow
+        for im in range(a, b):
+            for i in range(oh):
+                for j in range(ow):
+                    r = (im - a) * per + i * ow + j
+                    for p in range(kh):
+                        yy = i * stride + p - pt
+                        for q in range(kw):
+                            xx = j * stride + q - pl
+                            base = (p * kw + q) * c
+                            if 0 <= yy < h and 0 <= xx < wd:
+                                for ch in range(c):
+                                    rows[r, base + ch] = x[im, yy, xx, ch]
+                            else:
+                                for ch in range(c):
+                                    rows[r, base + ch] = 0
+
     @_jit
-    def _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, cols, y):
-        n, h, wd, c = x.shape
+    def _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, y):
+        n = x.shape[0]
         per = oh * ow
         for ci in prange((n + chunk - 1) // chunk):
             a, b = ci * chunk, min(n, ci * chunk + chunk)
-            rows = cols[a * per:b * per]
-            for im in range(a, b):
-                for i in range(oh):
-                    for j in range(ow):
-                        r = (im - a) * per + i * ow + j
-                        for p in range(kh):
-                            yy = i * stride + p - pt
-                            for q in range(kw):
-                                xx = j * stride + q - pl
-                                base = (p * kw + q) * c
-                                if 0 <= yy < h and 0 <= xx < wd:
-                                    for ch in range(c):
-                                        rows[r, base + ch] = x[im, yy, xx, ch]
-                                else:
-                                    for ch in range(c):
-                                        rows[r, base + ch] = 0
+            rows = np.empty(((b - a) * per, w.shape[0]), dtype=x.dtype)
+            _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows)
             out = y[a * per:b * per]
             np.dot(rows, w, out)
             if use_bias:
@@ -192,12 +199,14 @@ if numba is not None:
                         out[r, f] += bias[f]
 
     @_jit
-    def _conv_backward(cols, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx):
-        n, h, wd, c = dx.shape
+    def _conv_backward(x, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx):
+        n, h, wd, c = x.shape
         per, k = oh * ow, kh * kw * c
         for ci in prange((n + chunk - 1) // chunk):
             a, b = ci * chunk, min(n, ci * chunk + chunk)
-            rows, g = cols[a * per:b * per], dy[a * per:b * per]
+            rows = np.empty(((b - a) * per, k), dtype=x.dtype)  # im2col again: cheaper than keeping it
+            _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows)
+            g = dy[a * per:b * per]
             np.dot(rows.T, g, dw_parts[ci])
             part = db_parts[ci]
             part[:] = 0
@@ -206,8 +215,7 @@ if numba is not None:
                     part[f] += g[r, f]
             if not need_dx:
                 continue
-            dcols = np.empty((g.shape[0], k), dtype=g.dtype)
-            np.dot(g, w_t, dcols)
+            np.dot(g, w_t, rows)  # dcols, in the rows' place
             dx[a:b] = 0
             for im in range(a, b):
                 for i in range(oh):
@@ -223,7 +231,7 @@ if numba is not None:
                                     continue
                                 base = (p * kw + q) * c
                                 for ch in range(c):
-                                    dx[im, yy, xx, ch] += dcols[r, base + ch]
+                                    dx[im, yy, xx, ch] += rows[r, base + ch]
 
     @_jit
     def _sum_parts(parts, out):
@@ -334,37 +342,37 @@ def adam_update(params, grads, m, v, beta1, beta2, step, eps_hat):
           t(step), t(eps_hat))
 
 
-def conv_forward(x, w, bias, kh, kw, stride, pads, oh, ow, chunk, cols, y):
-    """Conv2D forward on NHWC `x`, a `chunk` of images per task: im2col (padding read as
-    zeros, no padded copy), one GEMM with `w` (K, F), the bias.  Writes y (N*OH*OW, F) and
-    keeps the im2col rows in `cols` (N*OH*OW, K) for backward.
+def conv_forward(x, w, bias, kh, kw, stride, pads, oh, ow, chunk, y):
+    """Conv2D forward on NHWC `x`, a `chunk` of images per task: im2col into the task's own
+    rows (padding read as zeros, no padded copy), one GEMM with `w` (K, F), the bias, into
+    y (N*OH*OW, F).  Nothing is kept: backward builds the rows again from x.
     Twin: Conv2D's NumPy forward (pad, kernels.im2col_into, matmul, + bias)."""
     (pt, _), (pl, _) = pads
     use_bias = bias is not None
     bias = bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype)
-    _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, cols, y)
+    _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, y)
     return y
 
 
-def conv_backward(cols, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx):
-    """Conv2D backward from the kept rows: dW (K, F) and db (F,) as per-chunk partial sums
-    added in chunk order (the same result whatever the thread count), and dx into `dx`
-    (N, H, W, C) unless it is None.  `w_t`: the weights as (F, K), C-contiguous."""
+def conv_backward(x, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx):
+    """Conv2D backward from the forward's input x, a chunk per task: the chunk's im2col rows
+    again, dW (K, F) and db (F,) as per-chunk partial sums added in chunk order (the same
+    result whatever the thread count), and dx into `dx` (N, H, W, C) unless it is None.
+    `w_t`: the weights as (F, K), C-contiguous."""
     (pt, _), (pl, _) = pads
-    n_chunks = -(-(dy.shape[0] // (oh * ow)) // chunk)
+    n_chunks = -(-x.shape[0] // chunk)
     dw_parts = np.empty((n_chunks,) + dw.shape, dtype=dy.dtype)
     db_parts = np.empty((n_chunks, dy.shape[1]), dtype=dy.dtype)
     need_dx = dx is not None
-    # Without dx, an empty stand-in whose first axis gives the batch size.
-    dx_arr = dx if need_dx else np.empty((dy.shape[0] // (oh * ow), 0, 0, 0), dtype=dy.dtype)
-    _conv_backward(cols, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx_arr)
+    dx_arr = dx if need_dx else np.empty((0, 0, 0, 0), dtype=dy.dtype)
+    _conv_backward(x, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx_arr)
     _sum_parts(dw_parts, dw)
     if db is not None:
         _sum_parts(db_parts, db)
     return dx
 
 
-DENSE_BLOCK = 32  # rows of y and dx, or input features of dW, per task
+DENSE_BLOCK = 16  # rows of y and dx, or input features of dW, per task
 
 
 def dense_forward(x, w, bias, y):

@@ -7,6 +7,9 @@ from .. import cpu_kernels, kernels
 from .base import Layer, ParamSpec, image_input, init_name
 
 
+JIT_CHUNK_IMAGES = 8
+
+
 class Conv2D(Layer):
     """2-D convolution as im2col + one GEMM; weights (KH, KW, C_in, F), bias (F,).
 
@@ -88,14 +91,16 @@ class Conv2D(Layer):
         return y
 
     def _forward_jit(self, x, train):
-        """cpu_kernels.conv_forward; self.cols keeps the im2col rows until backward."""
+        """cpu_kernels.conv_forward.  Keeps x (the previous layer's output, which nothing
+        overwrites before this layer's backward), not the im2col rows: backward builds a
+        chunk's rows again while they fit in cache, instead of reading them back from memory."""
         n, per = x.shape[0], self.oh * self.ow
         self.chunk = self._chunk(n)
+        self.x = np.ascontiguousarray(x)
         y = self.buffer("y", (n * per, self.filters), reuse=train)
-        self.cols = self.buffer("cols", (n * per, self.k), reuse=train)
-        cpu_kernels.conv_forward(x, self.params["W"].reshape(self.k, self.filters),
+        cpu_kernels.conv_forward(self.x, self.params["W"].reshape(self.k, self.filters),
                                  self.params["b"] if self.use_bias else None, self.kh, self.kw, self.stride,
-                                 self.pads, self.oh, self.ow, self.chunk, self.cols, y)
+                                 self.pads, self.oh, self.ow, self.chunk, y)
         return y
 
     def _backward_jit(self, dy2, need_dx):
@@ -104,18 +109,19 @@ class Conv2D(Layer):
         w_t = self.buffer("w_t", (self.filters, self.k))
         w_t[...] = self.params["W"].reshape(self.k, self.filters).T
         dx = self.buffer("dx", (n,) + self.input_shape) if need_dx else None
-        cpu_kernels.conv_backward(self.cols, self.xp.ascontiguousarray(dy2), w_t, self.kh, self.kw, self.stride,
+        cpu_kernels.conv_backward(self.x, self.xp.ascontiguousarray(dy2), w_t, self.kh, self.kw, self.stride,
                                   self.pads, self.oh, self.ow, self.chunk,
                                   self.grads["W"].reshape(self.k, self.filters),
                                   self.grads["b"] if self.use_bias else None, dx)
-        self.cols = None
+        self.x = None
         return dx
 
     def _chunk(self, n):
-        """Images per task: as many as keep a task's rows in cache (fixed by the shapes, not by
-        the thread count, so the per-chunk sums of dW are the same on any machine)."""
+        """Images per task: as many as keep a task's rows in cache, at most JIT_CHUNK_IMAGES so
+        that small batches still make a task per core (fixed by the shapes, not by the thread
+        count, so the per-chunk sums of dW are the same on any machine)."""
         a, b = kernels.batch_chunks(n, self.oh * self.ow * self.k * np.dtype(self.dtype).itemsize)[0]
-        return b - a
+        return min(b - a, JIT_CHUNK_IMAGES)
 
     def _padded(self, n):
         (t, b), (l, r) = self.pads
