@@ -233,12 +233,13 @@ if numba is not None:
                                 for ch in range(c):
                                     dx[im, yy, xx, ch] += rows[r, base + ch]
 
-    @_jit
+    @njit(cache=True, nogil=True)
     def _sum_parts(parts, out):
-        """out = parts[0] + parts[1] + ..., in that order for every element (no reduction across threads)."""
+        """out = parts[0] + parts[1] + ..., in that order for every element: on the calling thread
+        (a few thousand adds; waking the other threads would cost more)."""
         flat = parts.reshape(parts.shape[0], -1)
         dst = out.reshape(-1)
-        for e in prange(dst.size):
+        for e in range(dst.size):
             s = flat[0, e]
             for t in range(1, flat.shape[0]):
                 s += flat[t, e]
@@ -246,36 +247,55 @@ if numba is not None:
 
     # ---- dense: row blocks for y and dx, input-feature blocks for dW (no sum across threads) ----
 
-    @_jit
-    def _dense_forward(x, w, bias, use_bias, block, y):
-        n = x.shape[0]
-        for bi in prange((n + block - 1) // block):
-            a, b = bi * block, min(n, bi * block + block)
-            out = y[a:b]
-            np.dot(x[a:b], w, out)
-            if use_bias:
-                for r in range(out.shape[0]):
-                    for f in range(out.shape[1]):
-                        out[r, f] += bias[f]
+    @njit(cache=True, nogil=True)
+    def _dense_rows(x, w, bias, use_bias, a, b, y):
+        out = y[a:b]
+        np.dot(x[a:b], w, out)
+        if use_bias:
+            for r in range(out.shape[0]):
+                for f in range(out.shape[1]):
+                    out[r, f] += bias[f]
 
-    @_jit
-    def _dense_backward(x, dy, w, need_dx, block, dw, db, dx):
+    @njit(cache=True, nogil=True)
+    def _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx):
+        """Task t: dW for input features block t, or (t >= n_dw) dx for row block t - n_dw."""
         n, d = x.shape
-        for bi in prange((d + block - 1) // block):
-            a, b = bi * block, min(d, bi * block + block)
+        if t < n_dw:
+            a, b = t * block, min(d, t * block + block)
             x_t = np.empty((b - a, n), dtype=x.dtype)
             for i in range(n):
                 for j in range(a, b):
                     x_t[j - a, i] = x[i, j]
             np.dot(x_t, dy, dw[a:b])
+        else:
+            a, b = (t - n_dw) * block, min(n, (t - n_dw) * block + block)
+            np.dot(dy[a:b], w.T, dx[a:b])
+
+    @_jit
+    def _dense_forward(x, w, bias, use_bias, block, parallel, y):
+        n = x.shape[0]
+        if parallel:
+            for bi in prange((n + block - 1) // block):
+                _dense_rows(x, w, bias, use_bias, bi * block, min(n, bi * block + block), y)
+        else:
+            for bi in range((n + block - 1) // block):
+                _dense_rows(x, w, bias, use_bias, bi * block, min(n, bi * block + block), y)
+
+    @_jit
+    def _dense_backward(x, dy, w, need_dx, block, parallel, dw, db, dx):
+        n, d = x.shape
+        n_dw = (d + block - 1) // block
+        tasks = n_dw + ((n + block - 1) // block if need_dx else 0)
+        if parallel:  # dW and dx in one parallel region
+            for t in prange(tasks):
+                _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx)
+        else:
+            for t in range(tasks):
+                _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx)
         db[:] = 0
         for r in range(n):
             for f in range(dy.shape[1]):
                 db[f] += dy[r, f]
-        if need_dx:
-            for bi in prange((n + block - 1) // block):
-                a, b = bi * block, min(n, bi * block + block)
-                np.dot(dy[a:b], w.T, dx[a:b])
 
     # ---- Adam ---------------------------------------------------------------------
 
@@ -373,12 +393,14 @@ def conv_backward(x, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx):
 
 
 DENSE_BLOCK = 16  # rows of y and dx, or input features of dW, per task
+DENSE_PARALLEL_MIN = 1 << 22  # multiply-adds below which a dense layer runs on the calling thread
 
 
 def dense_forward(x, w, bias, y):
     """y = x @ w (+ bias), DENSE_BLOCK rows per task, into `y` (twin: Dense's matmul + bias)."""
     use_bias = bias is not None
-    _dense_forward(x, w, bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype), use_bias, DENSE_BLOCK, y)
+    _dense_forward(x, w, bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype), use_bias, DENSE_BLOCK,
+                   x.size * w.shape[1] >= DENSE_PARALLEL_MIN, y)
     return y
 
 
@@ -386,6 +408,7 @@ def dense_backward(x, dy, w, dw, db, dx):
     """dW = x.T @ dy by blocks of input features, db = dy summed over rows in row order (into
     `db` unless None), dx = dy @ w.T by row blocks into `dx` unless None; returns dx."""
     need_dx = dx is not None
-    _dense_backward(x, dy, w, need_dx, DENSE_BLOCK, dw, db if db is not None else np.empty(dy.shape[1], dy.dtype),
+    _dense_backward(x, dy, w, need_dx, DENSE_BLOCK, x.size * w.shape[1] >= DENSE_PARALLEL_MIN, dw,
+                    db if db is not None else np.empty(dy.shape[1], dy.dtype),
                     dx if need_dx else np.empty((0, 0), dtype=dy.dtype))
     return dx

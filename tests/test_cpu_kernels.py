@@ -213,9 +213,12 @@ def test_the_switch_and_the_fallback_without_numba(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d,f,bias", [(70, 45, 9, True), (5, 100, 33, False), (32, 32, 1, True)])
+@pytest.mark.parametrize("n,d,f,bias", [(70, 45, 9, True), (5, 100, 33, False), (32, 32, 1, True),
+                                        (50, 300, 300, True)])  # the last over DENSE_PARALLEL_MIN
 def test_compiled_dense_matches_the_numpy_dense(monkeypatch, dtype, n, d, f, bias):
-    """Blocks of cpu_kernels.DENSE_BLOCK rows and features, the last one short."""
+    """Blocks of cpu_kernels.DENSE_BLOCK rows and features, the last one short; on the calling
+    thread below cpu_kernels.DENSE_PARALLEL_MIN multiply-adds, on every core above."""
+    assert 50 * 300 * 300 >= cpu_kernels.DENSE_PARALLEL_MIN > 70 * 45 * 9
     bk = get_backend("cpu", np.dtype(dtype).name)
     nets = []
     for choice in ("numpy", "jit"):
