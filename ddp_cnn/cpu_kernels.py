@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from . import kernels
 
 CHOICES = ("jit", "numpy")
 ENV = "DDP_CNN_CPU_KERNELS"
@@ -136,16 +139,17 @@ if numba is not None:
         for b in prange(n):
             for i in range(oh):
                 for j in range(ow):
+                    # Window position by position, channels innermost: contiguous runs that vectorise.
                     for ch in range(c):
-                        best = x[b, i * kh, j * kw, ch]
-                        at = 0
-                        for k in range(1, kh * kw):
-                            v = x[b, i * kh + k // kw, j * kw + k % kw, ch]
-                            if (v > best) if is_max else (v < best):
-                                best = v
-                                at = k
-                        y[b, i, j, ch] = best
-                        arg[b, i, j, ch] = at
+                        y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
+                        arg[b, i, j, ch] = 0
+                    for k in range(1, kh * kw):
+                        p, q = i * kh + k // kw, j * kw + k % kw
+                        for ch in range(c):
+                            v = x[b, p, q, ch]
+                            if (v > y[b, i, j, ch]) if is_max else (v < y[b, i, j, ch]):
+                                y[b, i, j, ch] = v
+                                arg[b, i, j, ch] = k
 
     @_jit
     def _pool_tiles_backward(dy, arg, kh, kw, one, zero, dx):
@@ -342,6 +346,30 @@ def dropout_apply(x, uniform, keep: float, y):
     return y
 
 
+_draw_pool = None
+
+
+def uniform_draw(shape, key: tuple, offset: int, out):
+    """kernels.uniform_draw split over the cores, into `out`: part i continues the one stream
+    at its own offset (PCG64 jumps ahead), so the values are bitwise those of a single draw;
+    NumPy fills each part without holding the GIL."""
+    global _draw_pool
+    threads = numba.get_num_threads()
+    flat = out.reshape(-1)
+    if threads < 2 or flat.size < PARALLEL_MIN:
+        return kernels.uniform_draw(shape, key, offset, out)
+    if _draw_pool is None:
+        _draw_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="ddp_cnn-draw")
+    cuts = [flat.size * i // threads for i in range(threads + 1)]
+
+    def part(i):
+        a, b = cuts[i], cuts[i + 1]
+        kernels.uniform_draw(b - a, key, offset + a, flat[a:b])
+
+    list(_draw_pool.map(part, range(threads)))
+    return out
+
+
 def pool_tiles_forward(x, kh: int, kw: int, mode: str, y, arg):
     """Twin of kernels.pool_tiles_forward (ties keep the earlier position); returns (y, arg)."""
     _pool_tiles_forward(x, kh, kw, mode == "max", y, arg)
@@ -392,7 +420,7 @@ def conv_backward(x, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx):
     return dx
 
 
-DENSE_BLOCK = 16  # rows of y and dx, or input features of dW, per task
+DENSE_BLOCK = 64  # rows of y and dx, or input features of dW, per task
 DENSE_PARALLEL_MIN = 1 << 22  # multiply-adds below which a dense layer runs on the calling thread
 
 

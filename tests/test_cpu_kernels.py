@@ -66,6 +66,22 @@ def test_dropout_apply_is_bitwise_the_stored_mask(dtype, rate, shape):
     assert np.array_equal(y, x * mask)
 
 
+@pytest.mark.parametrize("offset", [0, 7, 1000])
+def test_the_draw_split_over_threads_is_bitwise_one_draw(offset):
+    shape = (3, cpu_kernels.PARALLEL_MIN // 3 + 5)
+    key = (1, 2, 0, 9, 3)
+    one = kernels.uniform_draw(shape, key, offset)
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            if threads <= numba.config.NUMBA_NUM_THREADS:
+                numba.set_num_threads(threads)
+                out = cpu_kernels.uniform_draw(shape, key, offset, np.empty(shape, np.float32))
+                assert np.array_equal(out, one)
+    finally:
+        numba.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["max", "min"])
 @pytest.mark.parametrize("kh,kw", [(2, 2), (3, 2), (1, 3)])

@@ -45,7 +45,8 @@ class Dropout(Layer):
         if self.gpu:
             self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype, offset=offset)
         elif self.jit:  # the mask stays implicit in the draw (self.mask: the uniform draw)
-            self.mask = kernels.uniform_draw(x.shape, self.key, offset, self.buffer("uniform", x.shape, np.float32))
+            self.mask = cpu_kernels.uniform_draw(x.shape, self.key, offset,
+                                                 self.buffer("uniform", x.shape, np.float32))
             return cpu_kernels.dropout_apply(self.xp.ascontiguousarray(x), self.mask, 1.0 - self.rate,
                                              self.buffer("out", x.shape))
         else:
