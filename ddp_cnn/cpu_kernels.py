@@ -5,8 +5,9 @@ a dozen memory-bound passes that NumPy runs one operation at a time on one
 core: LeakyReLU, max pooling, dropout, im2col, col2im, Adam.  Each kernel
 here does one such pass in one sweep over memory, split over the cores
 (``prange`` over images or over slices of the flat buffer); the convolution
-runs a cache-sized chunk of images per task, im2col + GEMM + bias, so its
-GEMMs run one per core without BLAS threads.
+runs a cache-sized chunk of images per task, im2col + GEMM + bias, and Dense
+blocks of rows or features, so their GEMMs run one per core without BLAS
+threads waiting for each other.
 
 The elementwise kernels compute the same IEEE operations in the same order
 as their NumPy twins (no fastmath, no reassociation), so their results are
@@ -82,7 +83,8 @@ def _threads() -> int:
 def _one_thread_for_scipy_blas() -> None:
     """The GEMMs inside the kernels run one per thread: SciPy's BLAS (which numba's np.dot
     calls) must not start threads of its own under them.  NumPy's BLAS, when it is
-    another library, keeps its threads for the layers that call it (Dense)."""
+    another library, keeps its threads for the NumPy code that calls it (BatchNorm's sums,
+    the NumPy path); when SciPy shares NumPy's BLAS it is left alone."""
     controller = threadpoolctl.ThreadpoolController()
     scipy_libs = [lib.filepath for lib in controller.lib_controllers
                   if lib.user_api == "blas" and ("scipy.libs" in lib.filepath or "/scipy/" in lib.filepath)]

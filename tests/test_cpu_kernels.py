@@ -4,6 +4,11 @@ Elementwise kernels must be bitwise their twins; the convolution, whose GEMMs
 are cut into other blocks, agrees to rounding.  Also: the switch, the
 fallback without Numba, and results that do not depend on the thread count.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -256,3 +261,14 @@ def test_compiled_dense_matches_the_numpy_dense(monkeypatch, dtype, n, d, f, bia
     nets[1].forward(x, train=True)
     assert nets[1].layers[0].backward(dy, need_dx=False) is None
     assert np.array_equal(nets[1].grads, out[1][2])
+
+
+def test_a_bad_switch_value_exits_2_with_one_line_naming_it(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, cpu_kernels.ENV: "fortran", "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-m", "ddp_cnn.train", "--data", str(tmp_path / "none"), "--device", "cpu",
+                          "--run-dir", str(tmp_path / "run")], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: DDP_CNN_CPU_KERNELS: expected one of jit|numpy, got 'fortran'"]
+    assert not (tmp_path / "run").exists()
