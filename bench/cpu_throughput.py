@@ -3,6 +3,7 @@
     python bench/cpu_throughput.py                       # table for batch 64/128/256 + per-layer split
     python bench/cpu_throughput.py --batches 128 --no-torch
     python bench/cpu_throughput.py --ranks                # also N ranks x 1 BLAS thread vs 1 rank x N threads
+    python bench/cpu_throughput.py --model lenet --cpu-kernels both   # the compiled kernels and the NumPy path
 
 Every framework runs in its own subprocess, so its peak RSS (``ru_maxrss``)
 is its own and the BLAS thread count (``--threads``, default: every core) is
@@ -10,13 +11,16 @@ fixed before NumPy or PyTorch loads: ddp_cnn in one process uses BLAS's own thre
 The workers of one batch size stay alive side by side and take turns: one
 timed repeat each, in rotating order, ``--rounds`` x ``--repeats`` times, so
 a slow spell of a shared VM hits every framework alike; the ratio is also
-given repeat by repeat.  Both train seed 002's ``fmnist-cnn`` (conv3x3-32, conv3x3-64,
+given repeat by repeat.  Both train ``--model`` (default seed 002's ``fmnist-cnn``: conv3x3-32, conv3x3-64,
 pool, dropout .25, conv3x3-128, pool, dropout .25, dense 3200->512, dropout
-.5, dense 512->10, LeakyReLU 0.1, valid padding) with Adam lr 1e-3 on the same
+.5, dense 512->10, LeakyReLU 0.1, valid padding; or ``lenet``, ``fmnist-vgg``) with Adam lr 1e-3 on the same
 images: random ones of the Fashion-MNIST shape by default, or the real training
 set with ``--data real``.  A timed repeat is ``--steps`` steps (forward,
 backward, optimizer step, dropout on) after ``--warmup`` steps; the table shows
-the median of the repeats.
+the median of the repeats.  ``--cpu-kernels`` picks ddp_cnn's CPU path (``jit``: the
+compiled kernels of ddp_cnn/cpu_kernels.py; ``numpy``: the NumPy reference; ``both``: the
+two side by side).  The first step's time is printed too: it includes the kernels'
+compilation when their disk cache is cold, or loading them from it.
 
 PyTorch is an optional bench dependency (``pip install torch``, CPU build);
 it is never imported by ddp_cnn itself.
@@ -78,9 +82,12 @@ def serve(step, batch: int, steps: int, warmup: int, info: dict) -> dict:
     a few seconds long, so that a slow spell of a shared VM (seen here: 30-45%
     of the CPU time stolen by the hypervisor for minutes) hits all of them alike.
     """
-    for i in range(warmup):
+    t0 = time.perf_counter()
+    step(0)  # compiles the kernels (or loads them from the disk cache): timed, not hidden
+    first_step_s = time.perf_counter() - t0
+    for i in range(1, warmup):
         step(i)
-    i = warmup
+    i = max(warmup, 1)
     print("ready", flush=True)
     for command in sys.stdin:
         if command.strip() != "run":
@@ -92,7 +99,7 @@ def serve(step, batch: int, steps: int, warmup: int, info: dict) -> dict:
         wall = time.perf_counter() - t0
         print(json.dumps({"rate": batch * steps / wall, "cpu_per_wall": (time.process_time() - cpu0) / wall}),
               flush=True)
-    return {**info, "batch": batch, "peak_rss_mb": peak_rss_mb()}
+    return {**info, "batch": batch, "peak_rss_mb": peak_rss_mb(), "first_step_s": first_step_s}
 
 
 # ---- workers (one per subprocess) ------------------------------------------
@@ -106,7 +113,7 @@ def ddp_setup(args):
     from ddp_cnn.layers import SoftmaxCrossEntropy
 
     x_all, y_all = load_images(args.data, N_IMAGES)
-    model = model_mod.build("fmnist-cnn", get_backend("cpu"), seed=0)
+    model = model_mod.build(args.model, get_backend("cpu"), seed=0)
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     return model, opt, SoftmaxCrossEntropy(), x_all, y_all
 
@@ -124,13 +131,29 @@ def worker_ddp(args) -> dict:
         model.backward(loss_fn.backward())
         opt.step()
 
-    result = serve(step, b, args.steps, args.warmup, {"framework": args.worker, "blas": blas_info()})
+    from ddp_cnn import cpu_kernels
+    result = serve(step, b, args.steps, args.warmup, {"framework": args.worker, "blas": blas_info(),
+                                                      "cpu_kernels": "jit" if cpu_kernels.active() else "numpy"})
     assert np.isfinite(model.params).all()
     return result
 
 
-def torch_net():
+def torch_net(model: str = "fmnist-cnn"):
+    """PyTorch's twin of ddp_cnn.model's network of that name (NCHW; the same layers and sizes)."""
     import torch.nn as nn
+    if model == "lenet":
+        return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                             nn.Dropout(0.25), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    if model == "fmnist-vgg":
+        layers, c = [], 1
+        for stage, f in enumerate((64, 128, 256)):
+            for _ in range(2):
+                layers += [nn.Conv2d(c, f, 3, padding=1, bias=False), nn.BatchNorm2d(f), nn.ReLU()]
+                c = f
+            if stage < 2:
+                layers += [nn.MaxPool2d(2), nn.Dropout(0.1 * (stage + 1))]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
     act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
     # ddp_cnn's layer order: each max-pool before the activation (the same function as seed 002's order).
     return nn.Sequential(nn.Conv2d(1, 32, 3), act(), nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), act(), nn.Dropout(0.25),
@@ -145,7 +168,7 @@ def worker_torch(args) -> dict:
     x_np, y_np = load_images(args.data, N_IMAGES)
     x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()  # NCHW, PyTorch's native layout
     y_all = torch.from_numpy(y_np)
-    net = torch_net()
+    net = torch_net(args.model)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -226,7 +249,7 @@ def worker_mpi(args) -> dict:
     comm, _ = comm_mod.for_device(comm_mod.create("auto"), get_backend("cpu"))
     x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)
     backend = get_backend("cpu")
-    model = model_mod.build("fmnist-cnn", backend, seed=0)
+    model = model_mod.build(args.model, backend, seed=0)
     model.rank = comm.rank
     opt = optim.create("adam", model.params, model.grads, 1e-3, decay_ranges=model.decay_ranges)
     loss_fn = SoftmaxCrossEntropy()
@@ -282,6 +305,8 @@ def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
     if kind.endswith("-before"):
         kind, tree = kind[:-len("-before")], Path(args.before).resolve()
     env = dict(os.environ)
+    env["DDP_CNN_CPU_KERNELS"] = "numpy" if args.cpu_kernels == "numpy" or kind == "ddp-numpy" else "jit"
+    kind = "ddp" if kind == "ddp-numpy" else kind
     for var in THREAD_VARS:
         env[var] = str(threads)
     if args.unset_coretype:
@@ -290,6 +315,8 @@ def worker_command(kind: str, args, batch: int, threads: int, ranks: int = 1):
     cmd = [sys.executable, str(tree / "bench" / "cpu_throughput.py"), "--worker", kind, "--batch", str(batch),
            "--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--data", args.data, "--bucket-mb", str(args.bucket_mb)]
+    if args.model != "fmnist-cnn":  # (a --before checkout may not know --model)
+        cmd += ["--model", args.model]
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks)] + cmd
     return cmd, env, tree
@@ -362,6 +389,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2,
                    help="timed repeats per framework and batch = rounds x repeats, alternating between frameworks")
     p.add_argument("--data", choices=["random", "real"], default="random")
+    p.add_argument("--model", choices=["fmnist-cnn", "lenet", "fmnist-vgg"], default="fmnist-cnn",
+                   help="the network (PyTorch trains its twin, torch_net)")
+    p.add_argument("--cpu-kernels", choices=["jit", "numpy", "both"], default="jit",
+                   help="ddp_cnn's CPU path: the compiled kernels, the NumPy reference, or both side by side "
+                        "(sets DDP_CNN_CPU_KERNELS in the workers)")
     p.add_argument("--no-torch", action="store_true", help="ddp_cnn only")
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer split")
     p.add_argument("--profile-batch", type=int, default=128)
@@ -384,7 +416,8 @@ def time_frameworks(args) -> list:
     """(batch, {kind: summary}) per batch size.  Every worker of a batch size stays alive;
     their timed repeats alternate, a few seconds each, so that a slow spell of a shared
     machine hits all of them."""
-    kinds = ("ddp",) + (("ddp-before",) if args.before else ()) + (() if args.no_torch else ("torch",))
+    kinds = (("ddp",) + (("ddp-numpy",) if args.cpu_kernels == "both" else ())
+             + (("ddp-before",) if args.before else ()) + (() if args.no_torch else ("torch",)))
     rows = []
     for b in args.batches:
         workers: dict = {}
@@ -426,9 +459,16 @@ def print_frameworks(rows, args) -> None:
               f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
     if not args.no_torch:  # the ratio repeat by repeat: both timed within seconds of each other
         for b, done in rows:
-            pairs = sorted(a / c for a, c in zip(done["ddp"]["rates"], done["torch"]["rates"]))
-            print(f"batch {b}: ratio of each repeat to the PyTorch repeat beside it: median "
-                  f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
+            for kind in ("ddp", "ddp-numpy"):
+                if kind not in done:
+                    continue
+                pairs = sorted(a / c for a, c in zip(done[kind]["rates"], done["torch"]["rates"]))
+                print(f"batch {b}: ratio of each {kind} repeat ({done[kind]['cpu_kernels']} kernels) to the "
+                      f"PyTorch repeat beside it: median {statistics.median(pairs):.2f}, range "
+                      f"{pairs[0]:.2f}-{pairs[-1]:.2f} ({len(pairs)} pairs)")
+    for b, done in rows:
+        print(f"batch {b}: first step (compilation or cache load included) "
+              + ", ".join(f"{kind} {d['first_step_s']:.2f} s" for kind, d in done.items() if "first_step_s" in d))
 
 
 def compare_ranks(args) -> list:
@@ -464,9 +504,11 @@ def main(argv=None) -> int:
         return 0
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
-          f"{args.threads} thread(s); data {args.data}; median of {args.rounds * args.repeats} x {args.steps} steps "
-          f"after {args.warmup} warm-up")
+          f"{args.threads} thread(s); data {args.data}; model {args.model}; ddp_cnn CPU kernels {args.cpu_kernels}; "
+          f"median of {args.rounds * args.repeats} x {args.steps} steps after {args.warmup} warm-up; "
+          f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rows = time_frameworks(args)
+    print(f"load average after the timing: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print_frameworks(rows, args)
     results = [summary for _, done in rows for summary in done.values()]
     if not args.no_profile:

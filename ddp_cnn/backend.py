@@ -75,8 +75,9 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
     A rank binds GPU ``local_rank % device_count`` *before* any other CUDA work,
     so that no rank creates a context on GPU 0 by accident.  More ranks than
     GPUs on a node share GPUs, with a warning.  On the CPU, one process uses
-    BLAS's own threads (ddp_cnn/__init__ gives each rank of a node its share
-    of the cores under mpirun).
+    every core through the compiled kernels (cpu_kernels; ``DDP_CNN_CPU_KERNELS``
+    is checked here) or BLAS's own threads on the NumPy path; ddp_cnn/__init__
+    gives each rank of a node its share of the cores under mpirun.
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"--device: expected auto|cpu|gpu, got {device!r}")
@@ -87,6 +88,8 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
         reason = "CuPy is not installed" if _cupy is None else "CuPy sees no CUDA device"
         raise RuntimeError(f"--device gpu: {reason}; install cupy-cuda12x/cupy-cuda13x or use --device cpu")
     if n_gpus == 0:
+        from . import cpu_kernels  # here, not at the top: it imports kernels, which imports this module
+        cpu_kernels.mode()  # a bad DDP_CNN_CPU_KERNELS is refused now, naming the variable
         return Backend(np, DTYPES[dtype], None)
     device_id = local_rank % n_gpus
     if local_size > n_gpus and local_rank < n_gpus:

@@ -306,6 +306,11 @@ def _generator_at(key: list, offset: int) -> np.random.Generator:
     return rng
 
 
+def uniform_draw(shape, key: tuple, offset: int = 0, out=None):
+    """The float32 draw behind a CPU dropout mask (see :func:`dropout_mask`), into `out` if given."""
+    return _generator_at([int(k) for k in key], offset).random(shape, dtype=np.float32, out=out)
+
+
 def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None, offset: int = 0):
     """Inverted-dropout multiplier: 0 with probability p, 1/(1-p) otherwise, into `out` if given.
 
@@ -327,7 +332,7 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None,
         seed = int(np.random.default_rng([int(k) for k in key] + ([int(offset)] if offset else [])).integers(2**63))
         return cuda_kernels.dropout_mask(shape, keep, scale, seed, dtype)
     mask = np.empty(shape, dtype=dtype) if out is None else out
-    u = _generator_at([int(k) for k in key], offset).random(shape, dtype=np.float32, out=uniform)
+    u = uniform_draw(shape, key, offset, uniform)
     np.less(u, keep, out=mask)
     mask *= scale
     return mask

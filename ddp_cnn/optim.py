@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import cpu_kernels
 from .backend import array_module, on_gpu
 
 # Elements per slice of the fused CPU updates: five float32 slices of 1 MiB stay in L2.
@@ -148,6 +149,7 @@ class Adam(Optimizer):
         super().__init__(params, grads, lr, **kw)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self._tmp = None if self.gpu else np.empty(max(1, min(_CHUNK, params.size)), dtype=params.dtype)
+        self.jit = not self.gpu and cpu_kernels.active()
 
     def _update(self, lr):
         # Fold both bias corrections into one step size (as the Adam paper's sec. 2 suggests).
@@ -157,6 +159,10 @@ class Adam(Optimizer):
             from . import cuda_kernels
             cuda_kernels.adam_update(self.params, self.grads, self.state["m"], self.state["v"],
                                      self.beta1, self.beta2, step, eps_hat)
+            return
+        if self.jit:  # one pass on every core, the same operations (cpu_kernels.adam_update)
+            cpu_kernels.adam_update(self.params, self.grads, self.state["m"], self.state["v"],
+                                    self.beta1, self.beta2, step, eps_hat)
             return
         self._adam_cpu(step, eps_hat)
 

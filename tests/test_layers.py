@@ -3,10 +3,20 @@ conv/pool forward against direct nested-loop references."""
 import numpy as np
 import pytest
 
+from ddp_cnn import cpu_kernels
 from ddp_cnn import layers as L
 from ddp_cnn.backend import get_backend, to_host
 from ddp_cnn.model import Sequential
 from helpers import BACKENDS, backend64, check_layer_gradients, rel_error
+
+@pytest.fixture(autouse=True, params=["jit", "numpy"])
+def cpu_path(request, monkeypatch):
+    """Every check on both CPU paths: the compiled kernels (cpu_kernels) and the NumPy reference."""
+    if request.param == "jit" and cpu_kernels.numba is None:
+        pytest.skip("numba, scipy or threadpoolctl is missing: the compiled CPU kernels cannot run")
+    monkeypatch.setenv(cpu_kernels.ENV, request.param)
+    return request.param
+
 
 CONV_CASES = [  # (kernel, stride, padding, input H, W, C)
     (3, 1, "valid", 5, 6, 2),

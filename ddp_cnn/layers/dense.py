@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import cpu_kernels
 from .base import Layer, ParamSpec, init_name
 
 
@@ -19,7 +20,8 @@ class Flatten(Layer):
 
 
 class Dense(Layer):
-    """y = x @ W + b with W (in, out): one GEMM each for y, dW and dx."""
+    """y = x @ W + b with W (in, out): one GEMM each for y, dW and dx (BLAS's threads); with the
+    compiled CPU kernels, GEMMs on blocks, one per core (cpu_kernels.dense_*)."""
 
     def __init__(self, units: int, bias: bool = True, init: str | None = None, name=None):
         super().__init__(name)
@@ -35,6 +37,7 @@ class Dense(Layer):
             raise ValueError(f"layer {self.name!r}: expects flat (features,) input, got {input_shape}; "
                              "put a Flatten before it")
         self.fan_in = input_shape[0]
+        self.jit = not self.gpu and cpu_kernels.active()
         return (self.units,)
 
     def param_specs(self):
@@ -46,6 +49,10 @@ class Dense(Layer):
     def forward(self, x, train=False):
         self.check_input(x)
         self.x = x
+        if self.jit:
+            self.x = np.ascontiguousarray(x)
+            return cpu_kernels.dense_forward(self.x, self.params["W"], self.params["b"] if self.use_bias else None,
+                                             self.buffer("y", (x.shape[0], self.units), reuse=train))
         y = self.xp.matmul(x, self.params["W"], out=self.buffer("y", (x.shape[0], self.units), reuse=train))
         if self.use_bias:
             y += self.params["b"]
@@ -53,6 +60,12 @@ class Dense(Layer):
 
     def backward(self, dy, need_dx=True):
         xp = self.xp
+        if self.jit:
+            dx = self.buffer("dx", (dy.shape[0], self.fan_in)) if need_dx else None
+            cpu_kernels.dense_backward(self.x, np.ascontiguousarray(dy), self.params["W"], self.grads["W"],
+                                       self.grads["b"] if self.use_bias else None, dx)
+            self.x = None
+            return dx
         xp.matmul(self.x.T, dy, out=self.grads["W"])
         if self.use_bias:
             dy.sum(axis=0, out=self.grads["b"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import cpu_kernels, kernels
 from ..backend import STREAM_DROPOUT
 from .base import Layer
 
@@ -18,6 +18,9 @@ class Dropout(Layer):
     that is part of a bigger one (``first_row`` > 0: a micro-batch, a rank's
     share of a global batch) continues that draw where its rows begin, so
     on the CPU each row gets the mask it would get in the whole batch.
+    With the compiled CPU kernels the uniform draw is the same; the mask is
+    then never stored: forward and backward each compare the draw with the
+    keep probability as they multiply (cpu_kernels.dropout_apply).
     """
 
     def __init__(self, rate: float, name=None):
@@ -29,6 +32,10 @@ class Dropout(Layer):
         self.key = (0, STREAM_DROPOUT, 0, 0, 0)
         self.first_row = 0
 
+    def _build(self, input_shape):
+        self.jit = not self.gpu and cpu_kernels.active()
+        return input_shape
+
     def forward(self, x, train=False):
         self.check_input(x)
         if not train or self.rate == 0.0:
@@ -37,6 +44,11 @@ class Dropout(Layer):
         offset = self.first_row * (x.size // max(x.shape[0], 1))  # values drawn for the rows before
         if self.gpu:
             self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype, offset=offset)
+        elif self.jit:  # the mask stays implicit in the draw (self.mask: the uniform draw)
+            self.mask = cpu_kernels.uniform_draw(x.shape, self.key, offset,
+                                                 self.buffer("uniform", x.shape, np.float32))
+            return cpu_kernels.dropout_apply(self.xp.ascontiguousarray(x), self.mask, 1.0 - self.rate,
+                                             self.buffer("out", x.shape))
         else:
             self.mask = kernels.dropout_mask(x.shape, self.rate, self.key, self.xp, self.dtype,
                                              self.buffer("mask", x.shape), self.buffer("uniform", x.shape, np.float32),
@@ -48,5 +60,8 @@ class Dropout(Layer):
             return None
         if self.mask is None:
             return dy
+        if self.jit:
+            return cpu_kernels.dropout_apply(self.xp.ascontiguousarray(dy), self.mask, 1.0 - self.rate,
+                                             self.buffer("out", dy.shape))
         # The forward output's buffer: the next layer's backward, the last reader of it, has run.
         return self.xp.multiply(dy, self.mask, out=self.buffer("out", dy.shape))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import cpu_kernels, kernels
 from .base import Layer, image_input
 
 
@@ -24,7 +24,8 @@ class Pool2D(Layer):
     one stride for both axes is one CUDA kernel each way (cuda_kernels takes
     a single stride; other strides take the generic path on the GPU too);
     max/min over windows that tile the input exactly is a running max over
-    strided slices (kernels.pool_tiles_*); anything else goes through a
+    strided slices (kernels.pool_tiles_*, or their compiled twins in
+    cpu_kernels, one pass on every core); anything else goes through a
     (N, OH, OW, KH*KW, C) window view.
     """
 
@@ -60,6 +61,7 @@ class Pool2D(Layer):
             self._forward, self._backward = self._forward_gpu, self._backward_gpu
         elif self.tiles and self.mode != "avg":
             self._forward, self._backward = self._forward_tiles, self._backward_tiles
+            self.tile_kernels = cpu_kernels if not self.gpu and cpu_kernels.active() else kernels
         else:
             self._forward, self._backward = self._forward_windows, self._backward_windows
         return (self.oh, self.ow, c)
@@ -86,13 +88,14 @@ class Pool2D(Layer):
 
     def _forward_tiles(self, x, train):
         shape = (x.shape[0],) + self.output_shape
-        y, self.arg = kernels.pool_tiles_forward(x, self.kh, self.kw, self.mode, self.buffer("y", shape, reuse=train),
+        y, self.arg = self.tile_kernels.pool_tiles_forward(x, self.kh, self.kw, self.mode,
+                                                           self.buffer("y", shape, reuse=train),
                                                  self.buffer("arg", shape, np.uint8, reuse=train))
         return y
 
     def _backward_tiles(self, dy):
-        dx = kernels.pool_tiles_backward(dy, self.arg, self.kh, self.kw,
-                                         self.buffer("dx", (dy.shape[0],) + self.input_shape))
+        dx = self.tile_kernels.pool_tiles_backward(dy, self.arg, self.kh, self.kw,
+                                                   self.buffer("dx", (dy.shape[0],) + self.input_shape))
         self.arg = None
         return dx
 

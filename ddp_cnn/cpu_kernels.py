@@ -1,0 +1,444 @@
+"""Compiled CPU twins of the memory-bound passes (Numba), beside the NumPy reference.
+
+Why: on the CPU a step is the convolutions' GEMMs (BLAS, on every core) plus
+a dozen memory-bound passes that NumPy runs one operation at a time on one
+core: LeakyReLU, max pooling, dropout, im2col, col2im, Adam.  Each kernel
+here does one such pass in one sweep over memory, split over the cores
+(``prange`` over images or over slices of the flat buffer); the convolution
+runs a cache-sized chunk of images per task, im2col + GEMM + bias, and Dense
+blocks of rows or features, so their GEMMs run one per core without BLAS
+threads waiting for each other.
+
+The elementwise kernels compute the same IEEE operations in the same order
+as their NumPy twins (no fastmath, no reassociation), so their results are
+bitwise equal; the convolution's GEMMs are cut into other blocks than the
+NumPy path's, so it agrees to rounding.  tests/test_cpu_kernels.py checks
+each pair in float64 and float32.  No kernel reduces across threads (dW is
+summed chunk by chunk in chunk order), so results do not depend on the
+thread count.
+
+Which path runs: ``DDP_CNN_CPU_KERNELS=jit`` (the default when Numba is
+installed) or ``numpy`` (the reference, and what runs without Numba).
+Layers ask :func:`active` once, when they are built.  Compiled code is
+cached on disk (``cache=True``): the first step of the first run pays the
+compilation, later runs load it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import kernels
+
+CHOICES = ("jit", "numpy")
+ENV = "DDP_CNN_CPU_KERNELS"
+
+try:  # Numba compiles the kernels; its np.dot calls SciPy's BLAS; threadpoolctl sizes that BLAS.
+    import numba
+    import scipy.linalg.cython_blas  # noqa: F401
+    import threadpoolctl
+    from numba import njit, prange
+except ImportError:  # the NumPy path runs
+    numba = None
+
+
+def mode() -> str:
+    """``jit`` or ``numpy``: what the environment asks for (ValueError on anything else)."""
+    value = os.environ.get(ENV, "jit").strip().lower() or "jit"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV}: expected one of {'|'.join(CHOICES)}, got {value!r}")
+    return value
+
+
+_warned = False
+
+
+def active() -> bool:
+    """Whether the layers' CPU paths use the compiled kernels (asked once per layer, at build)."""
+    global _warned
+    if mode() == "numpy":
+        return False
+    if numba is None:
+        if not _warned and ENV in os.environ:
+            warnings.warn(f"{ENV}=jit but numba, scipy or threadpoolctl is missing: the NumPy kernels run",
+                          RuntimeWarning,
+                          stacklevel=2)
+            _warned = True
+        return False
+    return True
+
+
+def _threads() -> int:
+    """The rank's share of the cores, as ddp_cnn/__init__ gave BLAS (OMP_NUM_THREADS), else every core."""
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
+
+
+def _one_thread_for_scipy_blas() -> None:
+    """The GEMMs inside the kernels run one per thread: SciPy's BLAS (which numba's np.dot
+    calls) must not start threads of its own under them.  NumPy's BLAS, when it is
+    another library, keeps its threads for the NumPy code that calls it (BatchNorm's sums,
+    the NumPy path); when SciPy shares NumPy's BLAS it is left alone."""
+    controller = threadpoolctl.ThreadpoolController()
+    scipy_libs = [lib.filepath for lib in controller.lib_controllers
+                  if lib.user_api == "blas" and ("scipy.libs" in lib.filepath or "/scipy/" in lib.filepath)]
+    if scipy_libs:
+        controller.select(filepath=scipy_libs).limit(limits=1)
+
+
+# Below this many elements an elementwise pass runs on the calling thread:
+# waking the other threads would cost more than the pass.
+PARALLEL_MIN = 1 << 17
+
+if numba is not None:
+    numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _one_thread_for_scipy_blas()
+    _jit = njit(cache=True, nogil=True, parallel=True)
+
+    # ---- activations -----------------------------------------------------------
+
+    @_jit
+    def _leaky_forward(x, alpha, y):
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                y[i] = x[i] if x[i] > 0 else x[i] * alpha
+            return
+        for i in prange(x.size):
+            y[i] = x[i] if x[i] > 0 else x[i] * alpha
+
+    @_jit
+    def _leaky_backward(x, dy, alpha, dx):
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                dx[i] = dy[i] if x[i] > 0 else dy[i] * alpha
+            return
+        for i in prange(x.size):
+            dx[i] = dy[i] if x[i] > 0 else dy[i] * alpha
+
+    # ---- dropout ----------------------------------------------------------------
+
+    @_jit
+    def _dropout_apply(x, u, keep, scale, y):
+        zero = scale - scale
+        if x.size < PARALLEL_MIN:
+            for i in range(x.size):
+                y[i] = x[i] * (scale if u[i] < keep else zero)
+            return
+        for i in prange(x.size):
+            y[i] = x[i] * (scale if u[i] < keep else zero)
+
+    # ---- max/min pooling over exact tiles ---------------------------------------
+
+    @_jit
+    def _pool_tiles_forward(x, kh, kw, is_max, y, arg):
+        n, oh, ow, c = y.shape
+        for b in prange(n):
+            for i in range(oh):
+                for j in range(ow):
+                    # Window position by position, channels innermost: contiguous runs that vectorise.
+                    for ch in range(c):
+                        y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
+                        arg[b, i, j, ch] = 0
+                    for k in range(1, kh * kw):
+                        p, q = i * kh + k // kw, j * kw + k % kw
+                        for ch in range(c):
+                            v = x[b, p, q, ch]
+                            if (v > y[b, i, j, ch]) if is_max else (v < y[b, i, j, ch]):
+                                y[b, i, j, ch] = v
+                                arg[b, i, j, ch] = k
+
+    @_jit
+    def _pool_tiles_backward(dy, arg, kh, kw, one, zero, dx):
+        n, oh, ow, c = dy.shape
+        for b in prange(n):
+            for i in range(oh):
+                for p in range(kh):
+                    for j in range(ow):
+                        for q in range(kw):
+                            k = p * kw + q
+                            for ch in range(c):
+                                hit = one if arg[b, i, j, ch] == k else zero
+                                dx[b, i * kh + p, j * kw + q, ch] = dy[b, i, j, ch] * hit
+
+    # ---- convolution as chunks of im2col + GEMM, one chunk per thread at a time ----
+
+    @njit(cache=True, nogil=True)
+    def _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows):
+        """The im2col rows of images a..b-1 of x into rows ((b-a)*OH*OW, KH*KW*C); padding reads as 0."""
+        h, wd, c = x.shape[1], x.shape[2], x.shape[3]
+        per = oh * ow
+        for im in range(a, b):
+            for i in range(oh):
+                for j in range(ow):
+                    r = (im - a) * per + i * ow + j
+                    for p in range(kh):
+                        yy = i * stride + p - pt
+                        for q in range(kw):
+                            xx = j * stride + q - pl
+                            base = (p * kw + q) * c
+                            if 0 <= yy < h and 0 <= xx < wd:
+                                for ch in range(c):
+                                    rows[r, base + ch] = x[im, yy, xx, ch]
+                            else:
+                                for ch in range(c):
+                                    rows[r, base + ch] = 0
+
+    @_jit
+    def _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, y):
+        n = x.shape[0]
+        per = oh * ow
+        for ci in prange((n + chunk - 1) // chunk):
+            a, b = ci * chunk, min(n, ci * chunk + chunk)
+            rows = np.empty(((b - a) * per, w.shape[0]), dtype=x.dtype)
+            _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows)
+            out = y[a * per:b * per]
+            np.dot(rows, w, out)
+            if use_bias:
+                for r in range(out.shape[0]):
+                    for f in range(out.shape[1]):
+                        out[r, f] += bias[f]
+
+    @_jit
+    def _conv_backward(x, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx):
+        n, h, wd, c = x.shape
+        per, k = oh * ow, kh * kw * c
+        for ci in prange((n + chunk - 1) // chunk):
+            a, b = ci * chunk, min(n, ci * chunk + chunk)
+            rows = np.empty(((b - a) * per, k), dtype=x.dtype)  # im2col again: cheaper than keeping it
+            _im2col_chunk(x, a, b, kh, kw, stride, pt, pl, oh, ow, rows)
+            g = dy[a * per:b * per]
+            np.dot(rows.T, g, dw_parts[ci])
+            part = db_parts[ci]
+            part[:] = 0
+            for r in range(g.shape[0]):
+                for f in range(g.shape[1]):
+                    part[f] += g[r, f]
+            if not need_dx:
+                continue
+            np.dot(g, w_t, rows)  # dcols, in the rows' place
+            dx[a:b] = 0
+            for im in range(a, b):
+                for i in range(oh):
+                    for j in range(ow):
+                        r = (im - a) * per + i * ow + j
+                        for p in range(kh):
+                            yy = i * stride + p - pt
+                            if yy < 0 or yy >= h:
+                                continue
+                            for q in range(kw):
+                                xx = j * stride + q - pl
+                                if xx < 0 or xx >= wd:
+                                    continue
+                                base = (p * kw + q) * c
+                                for ch in range(c):
+                                    dx[im, yy, xx, ch] += rows[r, base + ch]
+
+    @njit(cache=True, nogil=True)
+    def _sum_parts(parts, out):
+        """out = parts[0] + parts[1] + ..., in that order for every element: on the calling thread
+        (a few thousand adds; waking the other threads would cost more)."""
+        flat = parts.reshape(parts.shape[0], -1)
+        dst = out.reshape(-1)
+        for e in range(dst.size):
+            s = flat[0, e]
+            for t in range(1, flat.shape[0]):
+                s += flat[t, e]
+            dst[e] = s
+
+    # ---- dense: row blocks for y and dx, input-feature blocks for dW (no sum across threads) ----
+
+    @njit(cache=True, nogil=True)
+    def _dense_rows(x, w, bias, use_bias, a, b, y):
+        out = y[a:b]
+        np.dot(x[a:b], w, out)
+        if use_bias:
+            for r in range(out.shape[0]):
+                for f in range(out.shape[1]):
+                    out[r, f] += bias[f]
+
+    @njit(cache=True, nogil=True)
+    def _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx):
+        """Task t: dW for input features block t, or (t >= n_dw) dx for row block t - n_dw."""
+        n, d = x.shape
+        if t < n_dw:
+            a, b = t * block, min(d, t * block + block)
+            x_t = np.empty((b - a, n), dtype=x.dtype)
+            for i in range(n):
+                for j in range(a, b):
+                    x_t[j - a, i] = x[i, j]
+            np.dot(x_t, dy, dw[a:b])
+        else:
+            a, b = (t - n_dw) * block, min(n, (t - n_dw) * block + block)
+            np.dot(dy[a:b], w.T, dx[a:b])
+
+    @_jit
+    def _dense_forward(x, w, bias, use_bias, block, parallel, y):
+        n = x.shape[0]
+        if parallel:
+            for bi in prange((n + block - 1) // block):
+                _dense_rows(x, w, bias, use_bias, bi * block, min(n, bi * block + block), y)
+        else:
+            for bi in range((n + block - 1) // block):
+                _dense_rows(x, w, bias, use_bias, bi * block, min(n, bi * block + block), y)
+
+    @_jit
+    def _dense_backward(x, dy, w, need_dx, block, parallel, dw, db, dx):
+        n, d = x.shape
+        n_dw = (d + block - 1) // block
+        tasks = n_dw + ((n + block - 1) // block if need_dx else 0)
+        if parallel:  # dW and dx in one parallel region
+            for t in prange(tasks):
+                _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx)
+        else:
+            for t in range(tasks):
+                _dense_grad_task(t, x, dy, w, block, n_dw, dw, dx)
+        db[:] = 0
+        for r in range(n):
+            for f in range(dy.shape[1]):
+                db[f] += dy[r, f]
+
+    # ---- Adam ---------------------------------------------------------------------
+
+    @_jit
+    def _adam(p, g, m, v, b1, c1, b2, c2, step, eps_hat):
+        for i in prange(p.size):
+            gi = g[i]
+            mi = m[i] * b1 + gi * c1
+            vi = v[i] * b2 + (gi * gi) * c2
+            m[i] = mi
+            v[i] = vi
+            p[i] -= (mi / (np.sqrt(vi) + eps_hat)) * step
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array (never a copy: the kernels write through it)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("cpu_kernels: expected a C-contiguous array")
+    return a.reshape(-1)
+
+
+def leaky_relu_forward(x, alpha: float, y):
+    """y = x where x > 0, else alpha * x (any alpha); into `y`, returns it.
+    Twin: kernels.leaky_relu (whose y is x * slope, slope exactly 1 or alpha)."""
+    _leaky_forward(_flat(x), x.dtype.type(alpha), _flat(y))
+    return y
+
+
+def leaky_relu_backward(x, dy, alpha: float, dx):
+    """dx = dy where x > 0, else alpha * dy; into `dx`, returns it (twin: dy * slope)."""
+    _leaky_backward(_flat(x), _flat(dy), dy.dtype.type(alpha), _flat(dx))
+    return dx
+
+
+def dropout_apply(x, uniform, keep: float, y):
+    """y = x * (1/keep if uniform < keep else 0), into `y`; the mask is never stored.
+
+    Twin: kernels.dropout_mask's ``less(uniform, keep) * scale`` times x.  The
+    comparison is in float32, as NumPy makes it (the Python float `keep`
+    becomes a float32, as NEP 50 casts a weak scalar to the array's type).
+    """
+    scale = x.dtype.type(1.0 / keep)
+    _dropout_apply(_flat(x), _flat(uniform), np.float32(keep), scale, _flat(y))
+    return y
+
+
+_draw_pool = None
+
+
+def uniform_draw(shape, key: tuple, offset: int, out):
+    """kernels.uniform_draw split over the cores, into `out`: part i continues the one stream
+    at its own offset (PCG64 jumps ahead), so the values are bitwise those of a single draw;
+    NumPy fills each part without holding the GIL."""
+    global _draw_pool
+    threads = numba.get_num_threads()
+    flat = out.reshape(-1)
+    if threads < 2 or flat.size < PARALLEL_MIN:
+        return kernels.uniform_draw(shape, key, offset, out)
+    if _draw_pool is None:
+        _draw_pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="ddp_cnn-draw")
+    cuts = [flat.size * i // threads for i in range(threads + 1)]
+
+    def part(i):
+        a, b = cuts[i], cuts[i + 1]
+        kernels.uniform_draw(b - a, key, offset + a, flat[a:b])
+
+    list(_draw_pool.map(part, range(threads)))
+    return out
+
+
+def pool_tiles_forward(x, kh: int, kw: int, mode: str, y, arg):
+    """Twin of kernels.pool_tiles_forward (ties keep the earlier position); returns (y, arg)."""
+    _pool_tiles_forward(x, kh, kw, mode == "max", y, arg)
+    return y, arg
+
+
+def pool_tiles_backward(dy, arg, kh: int, kw: int, dx):
+    """Twin of kernels.pool_tiles_backward: every element of `dx` written once; returns dx."""
+    t = dy.dtype.type
+    _pool_tiles_backward(dy, arg, kh, kw, t(1), t(0), dx)
+    return dx
+
+
+def adam_update(params, grads, m, v, beta1, beta2, step, eps_hat):
+    """One pass of Adam over the flat buffers, in place: the operations of optim.Adam._adam_cpu."""
+    t = params.dtype.type
+    _adam(_flat(params), _flat(grads), _flat(m), _flat(v), t(beta1), t(1 - beta1), t(beta2), t(1 - beta2),
+          t(step), t(eps_hat))
+
+
+def conv_forward(x, w, bias, kh, kw, stride, pads, oh, ow, chunk, y):
+    """Conv2D forward on NHWC `x`, a `chunk` of images per task: im2col into the task's own
+    rows (padding read as zeros, no padded copy), one GEMM with `w` (K, F), the bias, into
+    y (N*OH*OW, F).  Nothing is kept: backward builds the rows again from x.
+    Twin: Conv2D's NumPy forward (pad, kernels.im2col_into, matmul, + bias)."""
+    (pt, _), (pl, _) = pads
+    use_bias = bias is not None
+    bias = bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype)
+    _conv_forward(x, w, bias, use_bias, kh, kw, stride, pt, pl, oh, ow, chunk, y)
+    return y
+
+
+def conv_backward(x, dy, w_t, kh, kw, stride, pads, oh, ow, chunk, dw, db, dx):
+    """Conv2D backward from the forward's input x, a chunk per task: the chunk's im2col rows
+    again, dW (K, F) and db (F,) as per-chunk partial sums added in chunk order (the same
+    result whatever the thread count), and dx into `dx` (N, H, W, C) unless it is None.
+    `w_t`: the weights as (F, K), C-contiguous."""
+    (pt, _), (pl, _) = pads
+    n_chunks = -(-x.shape[0] // chunk)
+    dw_parts = np.empty((n_chunks,) + dw.shape, dtype=dy.dtype)
+    db_parts = np.empty((n_chunks, dy.shape[1]), dtype=dy.dtype)
+    need_dx = dx is not None
+    dx_arr = dx if need_dx else np.empty((0, 0, 0, 0), dtype=dy.dtype)
+    _conv_backward(x, dy, w_t, need_dx, kh, kw, stride, pt, pl, oh, ow, chunk, dw_parts, db_parts, dx_arr)
+    _sum_parts(dw_parts, dw)
+    if db is not None:
+        _sum_parts(db_parts, db)
+    return dx
+
+
+DENSE_BLOCK = 64  # rows of y and dx, or input features of dW, per task
+DENSE_PARALLEL_MIN = 1 << 22  # multiply-adds below which a dense layer runs on the calling thread
+
+
+def dense_forward(x, w, bias, y):
+    """y = x @ w (+ bias), DENSE_BLOCK rows per task, into `y` (twin: Dense's matmul + bias)."""
+    use_bias = bias is not None
+    _dense_forward(x, w, bias if use_bias else np.zeros(w.shape[1], dtype=x.dtype), use_bias, DENSE_BLOCK,
+                   x.size * w.shape[1] >= DENSE_PARALLEL_MIN, y)
+    return y
+
+
+def dense_backward(x, dy, w, dw, db, dx):
+    """dW = x.T @ dy by blocks of input features, db = dy summed over rows in row order (into
+    `db` unless None), dx = dy @ w.T by row blocks into `dx` unless None; returns dx."""
+    need_dx = dx is not None
+    _dense_backward(x, dy, w, need_dx, DENSE_BLOCK, x.size * w.shape[1] >= DENSE_PARALLEL_MIN, dw,
+                    db if db is not None else np.empty(dy.shape[1], dy.dtype),
+                    dx if need_dx else np.empty((0, 0), dtype=dy.dtype))
+    return dx
