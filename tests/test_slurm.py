@@ -5,6 +5,7 @@ requeue (the job comes back and ends on the same parameters as a run never stopp
 
 Every wait on SLURM has a deadline; the daemons stop in the fixture's finally, and each test looks
 for the job's processes once SLURM says it is over."""
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -32,11 +33,15 @@ def cluster():
     reason = slurm_cluster.why_not() or system_openmpi.why_not()
     if reason:
         pytest.skip(reason)
-    cluster = slurm_cluster.Cluster()
-    try:
-        yield cluster.start()
-    finally:
-        leftover = cluster.stop()
+    # One test SLURM on a machine at a time: two clusters whose slurmd share the node's name fail each other's
+    # step launches ("task launch failed"), e.g. when two checkouts run their suites side by side.
+    with open("/tmp/ddp_cnn-test-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cluster = slurm_cluster.Cluster()
+        try:
+            yield cluster.start()
+        finally:
+            leftover = cluster.stop()
     assert not leftover, f"processes left after the SLURM shut down (killed now): {leftover}"
 
 
