@@ -32,9 +32,9 @@ _default_blas_threads()
 def __getattr__(name):
     """``ddp_cnn.Trainer`` and ``ddp_cnn.TrainConfig``, imported on first use (they bring NumPy and h5py)."""
     if name == "Trainer":
-        from .trainer import Trainer
+        from ddp_cnn.trainer import Trainer
         return Trainer
     if name == "TrainConfig":
-        from .config import TrainConfig
+        from ddp_cnn.config import TrainConfig
         return TrainConfig
     raise AttributeError(f"module 'ddp_cnn' has no attribute {name!r}")

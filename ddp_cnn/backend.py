@@ -88,7 +88,7 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
         reason = "CuPy is not installed" if _cupy is None else "CuPy sees no CUDA device"
         raise RuntimeError(f"--device gpu: {reason}; install cupy-cuda12x/cupy-cuda13x or use --device cpu")
     if n_gpus == 0:
-        from . import cpu_kernels  # here, not at the top: it imports kernels, which imports this module
+        from ddp_cnn import cpu_kernels  # here, not at the top: it imports kernels, which imports this module
         cpu_kernels.mode()  # a bad DDP_CNN_CPU_KERNELS is refused now, naming the variable
         return Backend(np, DTYPES[dtype], None)
     device_id = local_rank % n_gpus

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import kernels
+from ddp_cnn import kernels
 
 CHOICES = ("jit", "numpy")
 ENV = "DDP_CNN_CPU_KERNELS"

@@ -132,12 +132,12 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
     data_dir = Path(data_dir)
     try:
         if split == "train" and data_order == "global" and stream:
-            from .global_order import open_global_train
+            from ddp_cnn.global_order import open_global_train
             data, error = open_global_train(data_dir, cache), None
         elif split == "train" and data_order == "global":  # every shard, whole, on every rank
             data, error = read_planned([(path, None, None) for path in find_shards(data_dir)]), None
         elif stream:
-            from .stream import open_chunked
+            from ddp_cnn.stream import open_chunked
             reads = plan_reads(data_dir, split, comm.rank, comm.size, slice_single)
             data, error = open_chunked(reads, cache), None
         else:
@@ -292,7 +292,7 @@ def normalize(pixels, mean, std, dtype, xp=np):
 # ---------------------------------------------------------------- batches
 
 def _is_streamed(images) -> bool:
-    from .stream import ChunkedRows
+    from ddp_cnn.stream import ChunkedRows
     return isinstance(images, ChunkedRows)
 
 
@@ -402,7 +402,7 @@ class Loader:
         self.wait_seconds = 0.0  # time the consumer waited for batches (reset by whoever reports it)
         self.streamed = _is_streamed(data.images)
         if self.streamed:
-            from .stream import DEFAULT_WINDOW
+            from ddp_cnn.stream import DEFAULT_WINDOW
             self.window = DEFAULT_WINDOW if window is None else window
             if self.window < 0:
                 raise DataError(f"shuffle window must be >= 0 chunks, got {self.window}")
@@ -450,13 +450,13 @@ class Loader:
         if not self.shuffle:
             return np.arange(n)
         if self.streamed:  # a block shuffle: chunks in a random order, rows within windows of chunks
-            from .global_order import epoch_rng
-            from .stream import block_order
+            from ddp_cnn.global_order import epoch_rng
+            from ddp_cnn.stream import block_order
             rng = (epoch_rng(self.seed, epoch) if self.data_order == "global"
                    else np.random.default_rng([self.seed, epoch, self.comm.rank]))
             return block_order(rng, self.data.images.chunk_of_row, self.window)
         if self.data_order == "global":
-            from .global_order import epoch_order
+            from ddp_cnn.global_order import epoch_order
             return epoch_order(self.seed, epoch, n)
         return np.random.default_rng([self.seed, epoch, self.comm.rank]).permutation(n)
 
@@ -506,7 +506,7 @@ class Loader:
         images = self.data.images[rows] if images is None else images
         if self.augment is not None:
             if self.data_order == "global":  # drawn for the global batch, this rank's slice used
-                from .global_order import BatchSlice
+                from ddp_cnn.global_order import BatchSlice
                 rng = BatchSlice(np.random.default_rng([self.seed, epoch, step, 1]), self.start, self.global_batch)
             else:
                 rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])

@@ -25,7 +25,7 @@ class Distiller:
     @classmethod
     def load(cls, path, backend, student, class_names, data_attrs, weight=0.5, temperature=4.0) -> "Distiller":
         """The teacher of checkpoint (or run folder) ``path``, checked against the student and its data."""
-        from .inference import load_teacher
+        from ddp_cnn.inference import load_teacher
         return cls(load_teacher(path, backend, student, class_names, data_attrs), weight, temperature)
 
     def cache_rows(self, loader) -> None:
@@ -42,7 +42,7 @@ class Distiller:
 
     @property
     def cache_xp(self):
-        from .backend import array_module
+        from ddp_cnn.backend import array_module
         return array_module(self.cache)
 
     def describe(self) -> str:

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from .backend import to_host
-from .layers import SoftmaxCrossEntropy
+from ddp_cnn.backend import to_host
+from ddp_cnn.layers import SoftmaxCrossEntropy
 
 
 def evaluate(model, loader, comm, num_classes: int) -> dict:
@@ -64,10 +64,10 @@ def print_report(split: str, result: dict, names) -> None:
 
 
 def main(argv=None) -> int:
-    from . import comm as comm_mod
-    from .data import Loader, open_rank_data
-    from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
-    from .inference import load_model
+    from ddp_cnn import comm as comm_mod
+    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
+    from ddp_cnn.inference import load_model
 
     p = RankZeroParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")

@@ -24,10 +24,10 @@ import numpy as np
 
 from data_tools.atomic import fsync_dir, temp_path
 
-from . import checkpoint as ckpt
-from .backend import to_host
-from .faults import EXIT_USAGE
-from .inference import NPZ_FORMAT, NPZ_VERSION, load_model, pixel_stats_of
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.backend import to_host
+from ddp_cnn.faults import EXIT_USAGE
+from ddp_cnn.inference import NPZ_FORMAT, NPZ_VERSION, load_model, pixel_stats_of
 
 
 class ExportError(ValueError):

@@ -27,15 +27,15 @@ import numpy as np
 
 # The images are read chunk by chunk through a bounded cache (ddp_cnn.stream); ``GlobalRows`` is the
 # name they had here first.
-from .stream import ChunkCache, ChunkedRows as GlobalRows  # noqa: F401  (re-exported)
+from ddp_cnn.stream import ChunkCache, ChunkedRows as GlobalRows  # noqa: F401  (re-exported)
 
 
 def open_global_train(data_dir: Path, cache: ChunkCache | None = None):
     """Every training shard of ``data_dir`` as one :class:`~ddp_cnn.data.ShardData` whose images are a
     :class:`~ddp_cnn.stream.ChunkedRows` (global row i = the i-th row of the shards taken in order).
     DataError (one line naming the file) on a missing, damaged or mismatched shard."""
-    from .data import find_shards
-    from .stream import open_chunked
+    from ddp_cnn.data import find_shards
+    from ddp_cnn.stream import open_chunked
     return open_chunked([(path, None, None) for path in find_shards(data_dir)], cache)
 
 

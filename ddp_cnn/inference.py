@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import model as model_mod
-from .backend import get_backend, to_host
-from .data import DataError, channel_stats
-from .memory import TooLarge
-from .data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn import model as model_mod
+from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.data import DataError, channel_stats
+from ddp_cnn.memory import TooLarge
+from ddp_cnn.data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
 
 
 def model_from_state(source: str, desc, params, buffers: dict, backend):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import init as initializers
-from . import layers as L
-from . import memory
-from .backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
+from ddp_cnn import init as initializers
+from ddp_cnn import layers as L
+from ddp_cnn import memory
+from ddp_cnn.backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
 
 
 class Sequential:

@@ -34,10 +34,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from . import layers as L
-from .backend import Backend, get_backend
-from .memory import TooLarge
-from .model import LAYER_TYPES, Sequential
+from ddp_cnn import layers as L
+from ddp_cnn.backend import Backend, get_backend
+from ddp_cnn.memory import TooLarge
+from ddp_cnn.model import LAYER_TYPES, Sequential
 
 # What a file may name: the layers a description rebuilds, and the pooling shorthands of the Python API.
 TYPES = {**LAYER_TYPES, "MaxPool2D": L.MaxPool2D, "AvgPool2D": L.AvgPool2D, "MinPool2D": L.MinPool2D}

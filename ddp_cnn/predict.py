@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError
-from .faults import EXIT_USAGE
-from .data import DataError, normalize
-from .inference import load_model, pixel_stats_of, probabilities, top_k
+from ddp_cnn.checkpoint import CheckpointError
+from ddp_cnn.faults import EXIT_USAGE
+from ddp_cnn.data import DataError, normalize
+from ddp_cnn.inference import load_model, pixel_stats_of, probabilities, top_k
 
 NPY_MAGIC = b"\x93NUMPY"
 PILLOW_HINT = "pip install 'ddp_cnn[images]' (or pip install pillow); .npy arrays work without it"

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .trace import NO_TRACE
+from ddp_cnn.trace import NO_TRACE
 
 
 def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):

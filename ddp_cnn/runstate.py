@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import rundir
-from .backend import to_host
-from .faults import SetupError, agreed
-from .shrink import maybe_die
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn import rundir
+from ddp_cnn.backend import to_host
+from ddp_cnn.faults import SetupError, agreed
+from ddp_cnn.shrink import maybe_die
 
 
 class RunState:

@@ -22,10 +22,10 @@ import os
 import signal
 import time
 
-from .backend import to_host
+from ddp_cnn.backend import to_host
 
-from .comm import hostname
-from .faults import EXIT_BELOW_MIN_RANKS
+from ddp_cnn.comm import hostname
+from ddp_cnn.faults import EXIT_BELOW_MIN_RANKS
 
 MODES = ("auto", "shrink", "restart")
 
@@ -45,7 +45,7 @@ def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=N
         if mode == "shrink":
             raise ValueError(f"--on-rank-loss shrink: {why}")
         return "restart", why
-    from .comm import ulfm
+    from ddp_cnn.comm import ulfm
     ok, why = ulfm.support() if getattr(world, "name", "") == "mpi" else (False, f"--comm {world.name}")
     if not ok:
         if mode == "shrink":
@@ -92,15 +92,15 @@ class AfterShrink:
     def rebuild(self) -> None:
         """Collective over the new communicator ``self.world``: each rank's share of the global batch
         and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
-        from . import comm as comm_mod
-        from . import rundir
-        from .config import batch_sizes
-        from .faults import install_abort_hook
-        from .layers import BatchNorm
-        from .layers.normalization import SyncStatistics
-        from .progress import RootLog
-        from .reducer import GradReducer
-        from .splits import open_data
+        from ddp_cnn import comm as comm_mod
+        from ddp_cnn import rundir
+        from ddp_cnn.config import batch_sizes
+        from ddp_cnn.faults import install_abort_hook
+        from ddp_cnn.layers import BatchNorm
+        from ddp_cnn.layers.normalization import SyncStatistics
+        from ddp_cnn.progress import RootLog
+        from ddp_cnn.reducer import GradReducer
+        from ddp_cnn.splits import open_data
         cfg, world, model = self.config, self.world, self.model
         install_abort_hook(world)
         if isinstance(self.log, RootLog):
@@ -149,7 +149,7 @@ def maybe_die(where: str, world_rank: int, step: int) -> None:
             _record_kill_time()
             os.kill(os.getpid(), signal.SIGKILL)
         if point == "write" and where == "checkpoint":  # after the temporary file is written, before its rename
-            from . import checkpoint as ckpt
+            from ddp_cnn import checkpoint as ckpt
 
             def die(path):
                 _record_kill_time()
@@ -179,7 +179,7 @@ class LiveRecovery:
     def _world_ranks(world) -> list[int]:
         if getattr(world, "name", "") != "mpi":
             return list(range(world.size))
-        from .comm import ulfm
+        from ddp_cnn.comm import ulfm
         return ulfm.world_ranks(world)
 
     @property
@@ -207,7 +207,7 @@ class LiveRecovery:
 
     def run(self, loop):
         """``loop()`` to its end; after each lost rank (shrink mode), the shrink, then ``loop()`` again."""
-        from .comm import ulfm
+        from ddp_cnn.comm import ulfm
         while True:
             try:
                 return loop()
@@ -221,7 +221,7 @@ class LiveRecovery:
 
     def recover(self, failed_at: float, seen_at: float):
         """Collective over the survivors: shrink, agree on the state, rebuild; None to go on, or an exit status."""
-        from .comm import ulfm
+        from ddp_cnn.comm import ulfm
         t = self.trainer
         old_ranks = self.world_ranks
         step_seen = t.global_step
@@ -260,7 +260,7 @@ class LiveRecovery:
         every, step = t.config.checkpoint_every, t.global_step
         if not (every and step and step % every == 0):
             return
-        from . import checkpoint as ckpt
+        from ddp_cnn import checkpoint as ckpt
         if not world.bcast_obj(ckpt.checkpoint_path(t.checkpoint_dir, step).exists() if world.is_root else None):
             t.save_checkpoint()
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, ShardData, channel_stats, open_rank_data
-from .global_order import take
+from ddp_cnn.data import DataError, ShardData, channel_stats, open_rank_data
+from ddp_cnn.global_order import take
 
 
 def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:
@@ -53,7 +53,7 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
 
     Problems raise :class:`ddp_cnn.faults.SetupError` on every rank at once.
     """
-    from .faults import SetupError, agreed
+    from ddp_cnn.faults import SetupError, agreed
     folder = Path(config.data)
     # Rank 0 looks, every rank follows: node-local copies of the data must not send ranks down different paths.
     has_val = comm.bcast_obj((folder / "val.h5").exists() if comm.is_root else None)
@@ -88,7 +88,7 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
 
 def chunk_cache(config, comm):
     """The one chunk cache of this rank's splits: --data-cache-mb, else sized for the machine."""
-    from .stream import ChunkCache, default_cache_mb
+    from ddp_cnn.stream import ChunkCache, default_cache_mb
     mb = config.data_cache_mb or default_cache_mb(getattr(comm, "local_size", 1))
     cache = ChunkCache(mb * 2**20)
     cache.origin = "--data-cache-mb" if config.data_cache_mb else "default: 1/8 of the memory available, per rank"
@@ -98,7 +98,7 @@ def chunk_cache(config, comm):
 def agree_on_attributes(train: ShardData, comm) -> None:
     """Collective: SetupError on every rank unless every rank's shards carry the same, usable pixel
     mean/std and class names (a rank that normalised differently would train another problem)."""
-    from .faults import SetupError, agreed, require_same
+    from ddp_cnn.faults import SetupError, agreed, require_same
     first = train.paths[0] if train.paths else "the training shards"
     attrs = train.attrs
 

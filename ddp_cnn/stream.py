@@ -32,7 +32,7 @@ READ_AHEAD = 4  # chunk reads queued per read thread, at most, beyond the batch 
 def machine_memory() -> int:
     """Bytes of memory this process can still get: MemAvailable lowered by its cgroup's limit and its
     address-space limit (:mod:`ddp_cnn.memory`), else the physical memory."""
-    from .memory import _host_available
+    from ddp_cnn.memory import _host_available
     return _host_available() or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -284,7 +284,7 @@ def open_chunked(reads, cache: ChunkCache | None = None):
     indices read now, images when a batch needs them.  DataError (one line naming the file) on a
     missing, damaged or mismatched file."""
     from data_tools import h5format
-    from .data import ShardData
+    from ddp_cnn.data import ShardData
     labels, source_index, row_key, first, paths = [], [], [], None, [p for p, _, _ in reads]
     for number, (path, start, stop) in enumerate(reads):
         with h5format.open_checked(path) as f:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import model as model_mod
-from . import modelfile
-from .backend import get_backend
+from ddp_cnn import model as model_mod
+from ddp_cnn import modelfile
+from ddp_cnn.backend import get_backend
 
 
 def format_summary(model) -> str:

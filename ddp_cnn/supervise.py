@@ -32,9 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from .argtypes import non_negative_int, positive_float, positive_int
-from .faults import EXIT_PREEMPTED, NOT_RETRIED
-from .rundir import remove_dead_temps
+from ddp_cnn.argtypes import non_negative_int, positive_float, positive_int
+from ddp_cnn.faults import EXIT_PREEMPTED, NOT_RETRIED
+from ddp_cnn.rundir import remove_dead_temps
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "mpirun.sh"
 TRAIN_MODULE = "ddp_cnn.train"
@@ -98,8 +98,8 @@ def resumed_flags(flags: list[str]) -> list[str]:
 
 def run_paths(flags: list[str]) -> tuple[Path, Path]:
     """(checkpoint folder, metrics file) the job will use, as the Trainer resolves them."""
-    from . import modelfile
-    from .train import parse_args
+    from ddp_cnn import modelfile
+    from ddp_cnn.train import parse_args
     cfg = parse_args(flags)  # a bad flag: its usage line, exit 2, before anything starts
     name = Path(cfg.model).stem if cfg.model and modelfile.is_model_file(cfg.model) else (cfg.model or "lenet")
     run_dir = Path(cfg.run_dir or f"runs/{name}")
@@ -151,7 +151,7 @@ def reachable(launcher: str, host_line: str, timeout: float, folder: str) -> boo
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> tuple[int, str | None]:
     """(global step, file) of the newest checkpoint that verifies; (0, None) when there is none."""
-    from . import checkpoint as ckpt
+    from ddp_cnn import checkpoint as ckpt
     state = ckpt.load_latest(checkpoint_dir, warn=lambda message: None)
     return (state["meta"]["global_step"], Path(state["path"]).name) if state else (0, None)
 

@@ -21,18 +21,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from . import comm as comm_mod
-from . import model as model_mod
-from . import modelfile
-from . import optim
-from .backend import get_backend
-from . import checkpoint as ckpt
-from .config import TrainConfig
-from .splits import class_names_of, open_data
-from .faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
-from .progress import MODES, RootLog
-from .trainer import Trainer
-from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
+from ddp_cnn import comm as comm_mod
+from ddp_cnn import model as model_mod
+from ddp_cnn import modelfile
+from ddp_cnn import optim
+from ddp_cnn.backend import get_backend
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.config import TrainConfig
+from ddp_cnn.splits import class_names_of, open_data
+from ddp_cnn.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
+from ddp_cnn.progress import MODES, RootLog
+from ddp_cnn.trainer import Trainer
+from ddp_cnn.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
 
 D = TrainConfig()
 
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
         model = agreed(world, lambda: build_model(cfg, backend, data[0]))
         distiller = None
         if cfg.teacher:
-            from .distill import Distiller
+            from ddp_cnn.distill import Distiller
             distiller = agreed(world, lambda: Distiller.load(cfg.teacher, backend, model, class_names_of(data[0]),
                                                              data[0].attrs, cfg.distill_weight,
                                                              cfg.distill_temperature))

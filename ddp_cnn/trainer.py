@@ -24,25 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import comm as comm_mod
-from . import memory, optim, rundir
-from .config import TrainConfig, batch_shares, batch_sizes
-from .data import Augment, DataError, Loader
-from .splits import class_names_of, open_data
-from .evaluate import split_scores
-from .comm import CollectiveTimeout
-from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
+from ddp_cnn import checkpoint as ckpt
+from ddp_cnn import comm as comm_mod
+from ddp_cnn import memory, optim, rundir
+from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
+from ddp_cnn.data import Augment, DataError, Loader
+from ddp_cnn.splits import class_names_of, open_data
+from ddp_cnn.evaluate import split_scores
+from ddp_cnn.comm import CollectiveTimeout
+from ddp_cnn.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
                      abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
-from .layers import BatchNorm, SoftmaxCrossEntropy
-from .layers.normalization import SyncStatistics
-from .nospace import DiskFull
-from .reducer import GradReducer
-from .progress import Progress, RootLog
-from .runstate import RunState
-from .shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
-from .step import compute_gradients
-from .trace import Tracer
+from ddp_cnn.layers import BatchNorm, SoftmaxCrossEntropy
+from ddp_cnn.layers.normalization import SyncStatistics
+from ddp_cnn.nospace import DiskFull
+from ddp_cnn.reducer import GradReducer
+from ddp_cnn.progress import Progress, RootLog
+from ddp_cnn.runstate import RunState
+from ddp_cnn.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
+from ddp_cnn.step import compute_gradients
+from ddp_cnn.trace import Tracer
 
 
 class Trainer(RunState, AfterShrink):
@@ -303,7 +303,7 @@ class Trainer(RunState, AfterShrink):
             self.log("no validation split (shard with --val-fraction, or train with --val-fraction): epochs are not "
                      "scored and no best checkpoint is kept; the test set is scored once, at the end")
         if self.global_step == 0:
-            from .summary import format_summary
+            from ddp_cnn.summary import format_summary
             self.log(format_summary(model))
             self.metrics.write({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import init as initializers
-from .. import kernels
+from ddp_cnn import init as initializers
+from ddp_cnn import kernels
 
 
 @dataclass

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import cpu_kernels, kernels
-from ..backend import STREAM_DROPOUT
-from .base import Layer
+from ddp_cnn import cpu_kernels, kernels
+from ddp_cnn.backend import STREAM_DROPOUT
+from ddp_cnn.layers.base import Layer
 
 
 class Dropout(Layer):
