@@ -6,6 +6,7 @@ kernel really differs live in :mod:`ddp_cnn.kernels`, beside their NumPy twins.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -88,14 +89,27 @@ def get_backend(device: str = "auto", dtype: str = "float32", local_rank: int = 
         reason = "CuPy is not installed" if _cupy is None else "CuPy sees no CUDA device"
         raise RuntimeError(f"--device gpu: {reason}; install cupy-cuda12x/cupy-cuda13x or use --device cpu")
     if n_gpus == 0:
-        from ddp_cnn import cpu_kernels  # here, not at the top: it imports kernels, which imports this module
-        cpu_kernels.mode()  # a bad DDP_CNN_CPU_KERNELS is refused now, naming the variable
+        cpu_kernel_mode()  # a bad DDP_CNN_CPU_KERNELS is refused now, naming the variable
         return Backend(np, DTYPES[dtype], None)
     device_id = local_rank % n_gpus
     if local_size > n_gpus and local_rank < n_gpus:
         warnings.warn(f"{local_size} ranks on this node share {n_gpus} GPU(s)", RuntimeWarning, stacklevel=2)
     _cupy.cuda.Device(device_id).use()
     return Backend(_cupy, DTYPES[dtype], device_id)
+
+
+CPU_KERNELS_ENV = "DDP_CNN_CPU_KERNELS"
+CPU_KERNEL_CHOICES = ("jit", "numpy")
+
+
+def cpu_kernel_mode() -> str:
+    """``jit`` or ``numpy``: what the environment asks of the CPU kernels (ValueError on anything else).
+
+    Read here, where the backend is chosen, so that a bad value is refused before anything runs."""
+    value = os.environ.get(CPU_KERNELS_ENV, "jit").strip().lower() or "jit"
+    if value not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"{CPU_KERNELS_ENV}: expected one of {'|'.join(CPU_KERNEL_CHOICES)}, got {value!r}")
+    return value
 
 
 def host_rng(*key: int) -> np.random.Generator:

@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ddp_cnn import kernels
-
-CHOICES = ("jit", "numpy")
-ENV = "DDP_CNN_CPU_KERNELS"
+from ddp_cnn.backend import CPU_KERNEL_CHOICES as CHOICES  # noqa: F401
+from ddp_cnn.backend import CPU_KERNELS_ENV as ENV
+from ddp_cnn.backend import cpu_kernel_mode as mode
 
 try:  # Numba compiles the kernels; its np.dot calls SciPy's BLAS; threadpoolctl sizes that BLAS.
     import numba
@@ -43,14 +43,6 @@ try:  # Numba compiles the kernels; its np.dot calls SciPy's BLAS; threadpoolctl
     from numba import njit, prange
 except ImportError:  # the NumPy path runs
     numba = None
-
-
-def mode() -> str:
-    """``jit`` or ``numpy``: what the environment asks for (ValueError on anything else)."""
-    value = os.environ.get(ENV, "jit").strip().lower() or "jit"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}: expected one of {'|'.join(CHOICES)}, got {value!r}")
-    return value
 
 
 _warned = False
