@@ -109,7 +109,7 @@ def ddp_setup(args):
     sys.path.insert(0, str(ROOT))
     from ddp_cnn import model as model_mod
     from ddp_cnn import optim
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.layers import SoftmaxCrossEntropy
 
     x_all, y_all = load_images(args.data, N_IMAGES)
@@ -190,7 +190,7 @@ def worker_profile(args) -> dict:
     """Seconds per step of each layer's forward and backward, the loss and the optimizer (ddp_cnn)."""
     import numpy as np
     model, opt, loss_fn, x_all, y_all = ddp_setup(args)
-    from ddp_cnn.backend import STREAM_DROPOUT
+    from ddp_cnn.system.backend import STREAM_DROPOUT
     from ddp_cnn.layers import Dropout
     b = args.batch
     per_epoch = N_IMAGES // b
@@ -241,7 +241,7 @@ def worker_mpi(args) -> dict:
     from ddp_cnn import comm as comm_mod
     from ddp_cnn import model as model_mod
     from ddp_cnn import optim
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.layers import SoftmaxCrossEntropy
     from ddp_cnn.reducer import GradReducer
     from ddp_cnn.step import compute_gradients

@@ -27,7 +27,7 @@ import numpy as np
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
 from ddp_cnn.faults import PARTIAL_FILES
-from ddp_cnn.nospace import naming
+from ddp_cnn.system.nospace import naming
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")
 BEST_NAME = "best.h5"  # the checkpoint with the best validation accuracy (outside the --keep rotation)

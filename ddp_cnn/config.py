@@ -79,7 +79,7 @@ class TrainConfig:
     log_every: int = 0
     progress: str = "auto"           # auto | bar | lines | off (ddp_cnn.progress)
     overwrite: bool = False          # replace the run already in run_dir
-    trace: str | None = None         # a Chrome trace-event timeline of every rank's steps (ddp_cnn.trace)
+    trace: str | None = None         # a Chrome trace-event timeline of every rank's steps (ddp_cnn.system.trace)
     config: str | None = None        # the TOML recipe these settings came from (train --config)
 
     # Settings that may differ between ranks without changing what is computed.

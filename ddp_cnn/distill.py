@@ -42,7 +42,7 @@ class Distiller:
 
     @property
     def cache_xp(self):
-        from ddp_cnn.backend import array_module
+        from ddp_cnn.system.backend import array_module
         return array_module(self.cache)
 
     def describe(self) -> str:

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ddp_cnn.backend import to_host
+from ddp_cnn.system.backend import to_host
 from ddp_cnn.layers import SoftmaxCrossEntropy
 
 

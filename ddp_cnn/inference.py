@@ -13,9 +13,9 @@ import numpy as np
 
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import model as model_mod
-from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.data import DataError, channel_stats
-from ddp_cnn.memory import TooLarge
+from ddp_cnn.system.memory import TooLarge
 from ddp_cnn.data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
 
 

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from ddp_cnn.backend import array_module, on_gpu
+from ddp_cnn.system.backend import array_module, on_gpu
 
 
 def pair(value, what: str) -> tuple:

@@ -20,8 +20,8 @@ import numpy as np
 
 from ddp_cnn import init as initializers
 from ddp_cnn import layers as L
-from ddp_cnn import memory
-from ddp_cnn.backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
+from ddp_cnn.system import memory
+from ddp_cnn.system.backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
 
 
 class Sequential:

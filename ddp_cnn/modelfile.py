@@ -35,8 +35,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ddp_cnn import layers as L
-from ddp_cnn.backend import Backend, get_backend
-from ddp_cnn.memory import TooLarge
+from ddp_cnn.system.backend import Backend, get_backend
+from ddp_cnn.system.memory import TooLarge
 from ddp_cnn.model import LAYER_TYPES, Sequential
 
 # What a file may name: the layers a description rebuilds, and the pooling shorthands of the Python API.

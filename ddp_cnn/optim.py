@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ddp_cnn import cpu_kernels
-from ddp_cnn.backend import array_module, on_gpu
+from ddp_cnn.system.backend import array_module, on_gpu
 
 # Elements per slice of the fused CPU updates: five float32 slices of 1 MiB stay in L2.
 _CHUNK = 1 << 18

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from ddp_cnn.trace import NO_TRACE
+from ddp_cnn.system.trace import NO_TRACE
 
 
 def plan_buckets(layer_ranges, bucket_bytes: int, itemsize: int):
@@ -67,7 +67,7 @@ class GradReducer:
 
     def __init__(self, comm, buffer, layer_ranges, bucket_mb: float = 4.0, tracer=NO_TRACE):
         self.comm, self.buffer = comm, buffer
-        self.tracer = tracer  # a ddp_cnn.trace.Tracer: each bucket's allreduce as a span (--trace)
+        self.tracer = tracer  # a ddp_cnn.system.trace.Tracer: each bucket's allreduce as a span (--trace)
         self.n = buffer.size - 1  # gradients; buffer[n] is the flag
         planned = plan_buckets(layer_ranges, int(bucket_mb * 2**20), buffer.dtype.itemsize)
         if not planned:  # a model without parameters still agrees on the flag

@@ -9,7 +9,7 @@ from pathlib import Path
 from data_tools.atomic import AtomicOutput
 
 from ddp_cnn.checkpoint import BEST_NAME, CORRUPT_SUFFIX, list_checkpoints
-from ddp_cnn.nospace import naming
+from ddp_cnn.system.nospace import naming
 
 
 def prepare(metrics_path: Path, checkpoint_dir: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:

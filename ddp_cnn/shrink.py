@@ -22,7 +22,7 @@ import os
 import signal
 import time
 
-from ddp_cnn.backend import to_host
+from ddp_cnn.system.backend import to_host
 
 from ddp_cnn.comm import hostname
 from ddp_cnn.faults import EXIT_BELOW_MIN_RANKS

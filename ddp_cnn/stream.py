@@ -31,8 +31,8 @@ READ_AHEAD = 4  # chunk reads queued per read thread, at most, beyond the batch 
 
 def machine_memory() -> int:
     """Bytes of memory this process can still get: MemAvailable lowered by its cgroup's limit and its
-    address-space limit (:mod:`ddp_cnn.memory`), else the physical memory."""
-    from ddp_cnn.memory import _host_available
+    address-space limit (:mod:`ddp_cnn.system.memory`), else the physical memory."""
+    from ddp_cnn.system.memory import _host_available
     return _host_available() or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

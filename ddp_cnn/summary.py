@@ -6,7 +6,7 @@ import sys
 
 from ddp_cnn import model as model_mod
 from ddp_cnn import modelfile
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 
 
 def format_summary(model) -> str:

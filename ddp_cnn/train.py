@@ -25,7 +25,7 @@ from ddp_cnn import comm as comm_mod
 from ddp_cnn import model as model_mod
 from ddp_cnn import modelfile
 from ddp_cnn import optim
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.config import TrainConfig
 from ddp_cnn.splits import class_names_of, open_data

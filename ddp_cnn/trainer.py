@@ -26,7 +26,8 @@ import numpy as np
 
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import comm as comm_mod
-from ddp_cnn import memory, optim, rundir
+from ddp_cnn.system import memory
+from ddp_cnn import optim, rundir
 from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
 from ddp_cnn.data import Augment, DataError, Loader
 from ddp_cnn.splits import class_names_of, open_data
@@ -36,13 +37,13 @@ from ddp_cnn.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_
                      abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
 from ddp_cnn.layers import BatchNorm, SoftmaxCrossEntropy
 from ddp_cnn.layers.normalization import SyncStatistics
-from ddp_cnn.nospace import DiskFull
+from ddp_cnn.system.nospace import DiskFull
 from ddp_cnn.reducer import GradReducer
 from ddp_cnn.progress import Progress, RootLog
 from ddp_cnn.runstate import RunState
 from ddp_cnn.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from ddp_cnn.step import compute_gradients
-from ddp_cnn.trace import Tracer
+from ddp_cnn.system.trace import Tracer
 
 
 class Trainer(RunState, AfterShrink):

@@ -210,7 +210,7 @@ def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, caps
 
 def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
     from ddp_cnn import model as model_mod
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.comm import SingleComm
     from ddp_cnn.data import Loader, open_rank_data
     from ddp_cnn.distill import Distiller

@@ -15,7 +15,7 @@ import pytest
 from ddp_cnn import cpu_kernels, kernels, optim
 from ddp_cnn import layers as L
 from ddp_cnn import model as model_mod
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.layers import SoftmaxCrossEntropy
 from ddp_cnn.model import Sequential
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import kernels
-from ddp_cnn.backend import gpu_available
+from ddp_cnn.system.backend import gpu_available
 from helpers import GPU_REASON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=GPU_REASON)]
@@ -43,7 +43,7 @@ def test_im2col_and_col2im_match_the_generic_pair(dtype, h, w, c, kh, kw, stride
 def test_maxpool_kernels_match_the_layer_on_numpy(h, w, c, kh, kw, stride, padding):
     import cupy
     from ddp_cnn import cuda_kernels as ck
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.layers import Pool2D
     from ddp_cnn.model import Sequential
     rng = np.random.default_rng(1)
@@ -79,7 +79,7 @@ def test_fused_adam_matches_the_numpy_update():
 @pytest.mark.parametrize("shape", [(4, 5, 6, 3), (7, 4), (0, 3)])
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm_on_the_gpu_matches_the_cpu_path(shape, train):
-    from ddp_cnn.backend import get_backend, to_host
+    from ddp_cnn.system.backend import get_backend, to_host
     from ddp_cnn.layers import BatchNorm
     from ddp_cnn.model import Sequential
     rng = np.random.default_rng(2)

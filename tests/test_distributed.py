@@ -12,7 +12,7 @@ import pytest
 
 from ddp_cnn import layers as L
 from ddp_cnn import optim
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.comm import MPIComm, SingleComm
 from ddp_cnn.evaluate import evaluate
 from ddp_cnn.model import Sequential

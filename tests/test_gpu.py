@@ -6,7 +6,7 @@ import pytest
 from ddp_cnn import layers as L
 from ddp_cnn import model as M
 from ddp_cnn import optim
-from ddp_cnn.backend import get_backend, gpu_available, to_host
+from ddp_cnn.system.backend import get_backend, gpu_available, to_host
 from ddp_cnn.reducer import GradReducer
 from helpers import GPU_REASON
 

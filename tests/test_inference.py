@@ -15,7 +15,7 @@ from data_tools import datasets
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import export, inference, predict
 from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.data import normalize as loader_normalize
 from ddp_cnn.model import Sequential
 from helpers import make_synthetic_shards

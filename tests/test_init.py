@@ -6,7 +6,7 @@ import pytest
 
 from ddp_cnn import init
 from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.model import Sequential
 
 

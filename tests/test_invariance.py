@@ -90,7 +90,7 @@ def test_global_rows_read_the_rows_of_every_shard_in_any_order(tmp_path):
 
 def test_sync_batchnorm_on_one_rank_is_batchnorm():
     from ddp_cnn import layers as L
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.layers.normalization import SyncStatistics
     bk = get_backend("cpu", "float64")
     rng = np.random.default_rng(0)

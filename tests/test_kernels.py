@@ -7,7 +7,7 @@ import pytest
 from ddp_cnn import kernels
 from ddp_cnn import layers as L
 from ddp_cnn import optim
-from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.model import Sequential, build
 from helpers import BACKENDS
 

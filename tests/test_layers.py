@@ -5,7 +5,7 @@ import pytest
 
 from ddp_cnn import cpu_kernels
 from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.model import Sequential
 from helpers import BACKENDS, backend64, check_layer_gradients, rel_error
 

@@ -9,7 +9,7 @@ import pytest
 
 from ddp_cnn import layers as L
 from ddp_cnn import modelfile
-from ddp_cnn.backend import get_backend
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.inference import load_model_from_checkpoint
 from ddp_cnn.model import Sequential, from_description
 from ddp_cnn.train import main as train_main

@@ -152,7 +152,7 @@ def write_trace(path, steps=4, slow_step=3):
     """Two ranks; each step 10 ms (step `slow_step`: 20 ms): forward 0-3 ms, backward 4-8 (layer b 4-6, then
     layer a 6-8), bucket 0 issued at 6 (queued 1 ms) done at 9, bucket 1 issued at 8 done at 9.5, the wait
     8-9.5, the optimizer 9.5-10.  Backward hides 2 of the 3.5 ms the allreduce is in flight."""
-    from ddp_cnn.trace import chrome_trace
+    from ddp_cnn.system.trace import chrome_trace
     ranks = []
     for rank in (0, 1):
         events = []

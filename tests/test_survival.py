@@ -186,7 +186,7 @@ def test_a_disk_full_at_start_names_the_file_it_could_not_write(data, small_disk
 
 
 def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
-    from ddp_cnn.nospace import DiskFull
+    from ddp_cnn.system.nospace import DiskFull
     from ddp_cnn.rundir import MetricsLog
     path = small_disk / "metrics.jsonl"
     path.write_text('{"kind": "start"}'.ljust(4090) + "\n")  # one page, all but a few bytes
@@ -200,7 +200,7 @@ def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
 def test_a_checkpoint_write_that_finds_no_space_names_the_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
     """Where no tmpfs can be mounted: ENOSPC injected at the checkpoint's fsync."""
     import errno
-    from ddp_cnn.nospace import DiskFull
+    from ddp_cnn.system.nospace import DiskFull
 
     def no_space(path):
         raise OSError(errno.ENOSPC, "No space left on device")

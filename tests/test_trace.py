@@ -13,7 +13,7 @@ import pytest
 
 from ddp_cnn import model as model_mod
 from ddp_cnn.comm import SingleComm
-from ddp_cnn.trace import NO_TRACE, Tracer, chrome_trace
+from ddp_cnn.system.trace import NO_TRACE, Tracer, chrome_trace
 from ddp_cnn.train import main as train_main
 from helpers import make_synthetic_shards
 

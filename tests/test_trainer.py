@@ -63,7 +63,7 @@ def test_readme_example_runs_unchanged_under_mpirun(data, tmp_path):
 
 
 def test_library_trainer_equals_the_command_line(data, tmp_path):
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.train import main
     flags = dict(max_steps=6, batch_size=32, eval_every=0, optimizer="nesterov", lr=0.05, augment_shift=1, seed=4)
     argv = ["--data", data[1], "--model", "lenet", "--comm", "single", "--device", "cpu", "--progress", "off",

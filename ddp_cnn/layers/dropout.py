@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddp_cnn import cpu_kernels, kernels
-from ddp_cnn.backend import STREAM_DROPOUT
+from ddp_cnn.system.backend import STREAM_DROPOUT
 from ddp_cnn.layers.base import Layer
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn.backend import array_module
+from ddp_cnn.system.backend import array_module
 
 
 class SoftmaxCrossEntropy:
