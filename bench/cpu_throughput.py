@@ -238,12 +238,12 @@ def worker_mpi(args) -> dict:
     """Data-parallel steps over the ranks of mpirun: local batch = batch / ranks, the real GradReducer."""
     import numpy as np
     sys.path.insert(0, str(ROOT))
-    from ddp_cnn import comm as comm_mod
+    from ddp_cnn.dist import comm as comm_mod
     from ddp_cnn import model as model_mod
     from ddp_cnn import optim
     from ddp_cnn.system.backend import get_backend
     from ddp_cnn.layers import SoftmaxCrossEntropy
-    from ddp_cnn.reducer import GradReducer
+    from ddp_cnn.dist.reducer import GradReducer
     from ddp_cnn.step import compute_gradients
 
     comm, _ = comm_mod.for_device(comm_mod.create("auto"), get_backend("cpu"))

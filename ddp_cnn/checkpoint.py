@@ -26,7 +26,7 @@ import numpy as np
 
 from data_tools.atomic import AtomicOutput, fsync_dir, fsync_file, temp_path
 
-from ddp_cnn.faults import PARTIAL_FILES
+from ddp_cnn.dist.faults import PARTIAL_FILES
 from ddp_cnn.system.nospace import naming
 
 NAME_RE = re.compile(r"^ckpt-(\d{8})\.h5$")

@@ -64,9 +64,9 @@ def print_report(split: str, result: dict, names) -> None:
 
 
 def main(argv=None) -> int:
-    from ddp_cnn import comm as comm_mod
+    from ddp_cnn.dist import comm as comm_mod
     from ddp_cnn.data import Loader, open_rank_data
-    from ddp_cnn.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
+    from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
     from ddp_cnn.inference import load_model
 
     p = RankZeroParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ddp_cnn.checkpoint import CheckpointError
-from ddp_cnn.faults import EXIT_USAGE
+from ddp_cnn.dist.faults import EXIT_USAGE
 from ddp_cnn.data import DataError, normalize
 from ddp_cnn.inference import load_model, pixel_stats_of, probabilities, top_k
 

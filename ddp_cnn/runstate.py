@@ -17,7 +17,7 @@ import numpy as np
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import rundir
 from ddp_cnn.system.backend import to_host
-from ddp_cnn.faults import SetupError, agreed
+from ddp_cnn.dist.faults import SetupError, agreed
 from ddp_cnn.shrink import maybe_die
 
 

@@ -3,7 +3,7 @@
 ``--on-rank-loss shrink``: every rank holds the whole model and optimizer
 state, so a dead rank takes nothing with it but its share of the step in
 flight.  The survivors' pending collective fails (ULFM: no deadline
-involved), they shrink the communicator (:mod:`ddp_cnn.comm.ulfm`), agree
+involved), they shrink the communicator (:mod:`ddp_cnn.dist.comm.ulfm`), agree
 on the newest state one of them holds complete, take it from that rank,
 rebuild what depends on the rank count (each rank's share of the global
 batch and of the evaluation splits, the gradient buckets, the watchdog,
@@ -24,8 +24,8 @@ import time
 
 from ddp_cnn.system.backend import to_host
 
-from ddp_cnn.comm import hostname
-from ddp_cnn.faults import EXIT_BELOW_MIN_RANKS
+from ddp_cnn.dist.comm import hostname
+from ddp_cnn.dist.faults import EXIT_BELOW_MIN_RANKS
 
 MODES = ("auto", "shrink", "restart")
 
@@ -45,7 +45,7 @@ def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=N
         if mode == "shrink":
             raise ValueError(f"--on-rank-loss shrink: {why}")
         return "restart", why
-    from ddp_cnn.comm import ulfm
+    from ddp_cnn.dist.comm import ulfm
     ok, why = ulfm.support() if getattr(world, "name", "") == "mpi" else (False, f"--comm {world.name}")
     if not ok:
         if mode == "shrink":
@@ -92,14 +92,14 @@ class AfterShrink:
     def rebuild(self) -> None:
         """Collective over the new communicator ``self.world``: each rank's share of the global batch
         and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
-        from ddp_cnn import comm as comm_mod
+        from ddp_cnn.dist import comm as comm_mod
         from ddp_cnn import rundir
         from ddp_cnn.config import batch_sizes
-        from ddp_cnn.faults import install_abort_hook
+        from ddp_cnn.dist.faults import install_abort_hook
         from ddp_cnn.layers import BatchNorm
         from ddp_cnn.layers.normalization import SyncStatistics
         from ddp_cnn.progress import RootLog
-        from ddp_cnn.reducer import GradReducer
+        from ddp_cnn.dist.reducer import GradReducer
         from ddp_cnn.splits import open_data
         cfg, world, model = self.config, self.world, self.model
         install_abort_hook(world)
@@ -179,7 +179,7 @@ class LiveRecovery:
     def _world_ranks(world) -> list[int]:
         if getattr(world, "name", "") != "mpi":
             return list(range(world.size))
-        from ddp_cnn.comm import ulfm
+        from ddp_cnn.dist.comm import ulfm
         return ulfm.world_ranks(world)
 
     @property
@@ -207,7 +207,7 @@ class LiveRecovery:
 
     def run(self, loop):
         """``loop()`` to its end; after each lost rank (shrink mode), the shrink, then ``loop()`` again."""
-        from ddp_cnn.comm import ulfm
+        from ddp_cnn.dist.comm import ulfm
         while True:
             try:
                 return loop()
@@ -221,7 +221,7 @@ class LiveRecovery:
 
     def recover(self, failed_at: float, seen_at: float):
         """Collective over the survivors: shrink, agree on the state, rebuild; None to go on, or an exit status."""
-        from ddp_cnn.comm import ulfm
+        from ddp_cnn.dist.comm import ulfm
         t = self.trainer
         old_ranks = self.world_ranks
         step_seen = t.global_step

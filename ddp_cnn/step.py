@@ -2,7 +2,7 @@
 
 The step issues no host synchronisation of its own: the loss and the
 correct count stay on the device, and the ranks' agreement on stopping or
-skipping rides in the gradient allreduce (:mod:`ddp_cnn.reducer`).
+skipping rides in the gradient allreduce (:mod:`ddp_cnn.dist.reducer`).
 
 The averaged gradient is the mean over the GLOBAL batch, however it is cut:
 each (micro-)batch's gradient, a mean over its m images, is weighted by

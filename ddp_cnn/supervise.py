@@ -2,7 +2,7 @@
 
 Starts the training job through launch/mpirun.sh (whatever MPI launcher it
 finds), passes its output through, and reads how it ended from its exit code
-(:mod:`ddp_cnn.faults`): a rank that died, stalled or lost its link (the job
+(:mod:`ddp_cnn.dist.faults`): a rank that died, stalled or lost its link (the job
 aborted, a rank was killed, a deadline passed) ends the job, and the job is
 started again from the newest valid checkpoint (``--resume auto``); a
 usage error, bad data or a divergence would only happen again, and end the
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from ddp_cnn.argtypes import non_negative_int, positive_float, positive_int
-from ddp_cnn.faults import EXIT_PREEMPTED, NOT_RETRIED
+from ddp_cnn.dist.faults import EXIT_PREEMPTED, NOT_RETRIED
 from ddp_cnn.rundir import remove_dead_temps
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "mpirun.sh"

@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ddp_cnn import comm as comm_mod
+from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn import model as model_mod
 from ddp_cnn import modelfile
 from ddp_cnn import optim
@@ -29,7 +29,7 @@ from ddp_cnn.system.backend import get_backend
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.config import TrainConfig
 from ddp_cnn.splits import class_names_of, open_data
-from ddp_cnn.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
+from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from ddp_cnn.progress import MODES, RootLog
 from ddp_cnn.trainer import Trainer
 from ddp_cnn.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight

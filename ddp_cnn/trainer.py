@@ -25,20 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from ddp_cnn import checkpoint as ckpt
-from ddp_cnn import comm as comm_mod
+from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn.system import memory
 from ddp_cnn import optim, rundir
 from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
 from ddp_cnn.data import Augment, DataError, Loader
 from ddp_cnn.splits import class_names_of, open_data
 from ddp_cnn.evaluate import split_scores
-from ddp_cnn.comm import CollectiveTimeout
-from ddp_cnn.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
+from ddp_cnn.dist.comm import CollectiveTimeout
+from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
                      abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
 from ddp_cnn.layers import BatchNorm, SoftmaxCrossEntropy
 from ddp_cnn.layers.normalization import SyncStatistics
 from ddp_cnn.system.nospace import DiskFull
-from ddp_cnn.reducer import GradReducer
+from ddp_cnn.dist.reducer import GradReducer
 from ddp_cnn.progress import Progress, RootLog
 from ddp_cnn.runstate import RunState
 from ddp_cnn.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die

@@ -211,7 +211,7 @@ def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, caps
 def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
     from ddp_cnn import model as model_mod
     from ddp_cnn.system.backend import get_backend
-    from ddp_cnn.comm import SingleComm
+    from ddp_cnn.dist.comm import SingleComm
     from ddp_cnn.data import Loader, open_rank_data
     from ddp_cnn.distill import Distiller
     train = open_rank_data(data, "train", SingleComm())
@@ -385,7 +385,7 @@ def test_a_resume_that_changes_the_batch_optimizer_or_shards_is_refused_with_one
 
 
 def test_a_diverging_run_ends_with_one_line_and_exit_65(data, tmp_path, capsys):
-    from ddp_cnn.faults import EXIT_DIVERGED
+    from ddp_cnn.dist.faults import EXIT_DIVERGED
     code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--progress",
                      "off", "--eval-every", 0, "--optimizer", "sgd", "--lr", "1e6", "--epochs", 3], capsys)
     errors = [line for line in err if line.startswith("error:")]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_tools import h5format
-from ddp_cnn.comm import SingleComm
+from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.data import (Augment, DataError, Loader, ShardData, find_shards, normalize, open_rank_data,
                           plan_reads, random_erase, random_hflip, random_shift, slice_rows)
 
@@ -426,7 +426,7 @@ def test_closing_an_epoch_early_stops_the_thread_without_hanging():
 # ---------------------------------------------------------------- several ranks (mpirun -n N, N >= 2)
 
 def _mpi():
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     return MPIComm()
 
 

@@ -13,10 +13,10 @@ import pytest
 from ddp_cnn import layers as L
 from ddp_cnn import optim
 from ddp_cnn.system.backend import get_backend
-from ddp_cnn.comm import MPIComm, SingleComm
+from ddp_cnn.dist.comm import MPIComm, SingleComm
 from ddp_cnn.evaluate import evaluate
 from ddp_cnn.model import Sequential
-from ddp_cnn.reducer import GradReducer, plan_buckets
+from ddp_cnn.dist.reducer import GradReducer, plan_buckets
 from ddp_cnn.step import compute_gradients
 from helpers import make_synthetic_shards
 
@@ -266,8 +266,8 @@ def test_distributed_evaluation_equals_single_process(tmp_path_factory):
 
 def test_a_wait_past_its_deadline_raises_instead_of_hanging():
     import time
-    from ddp_cnn.comm import CollectiveTimeout
-    from ddp_cnn.comm.mpi import ThreadHandle
+    from ddp_cnn.dist.comm import CollectiveTimeout
+    from ddp_cnn.dist.comm.mpi import ThreadHandle
     handle = ThreadHandle(size=1000, on_gpu=False)  # never completed: a rank that stalled
     t0 = time.monotonic()
     with pytest.raises(CollectiveTimeout, match="allreduce of 1000 gradient values not complete by its deadline"):

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from ddp_cnn.checkpoint import list_checkpoints, load
-from ddp_cnn.comm import MPIComm, SingleComm
-from ddp_cnn.faults import EXIT_PREEMPTED
+from ddp_cnn.dist.comm import MPIComm, SingleComm
+from ddp_cnn.dist.faults import EXIT_PREEMPTED
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_BELOW_MIN_RANKS
+from ddp_cnn.dist.faults import EXIT_BELOW_MIN_RANKS
 from helpers import HANG_S, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn.comm import SingleComm
+from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.data import DataError, Loader, open_rank_data
 from ddp_cnn.stream import ChunkCache, block_order
 from helpers import make_synthetic_shards
@@ -105,7 +105,7 @@ def test_a_resumed_streamed_epoch_continues_with_the_batches_of_the_whole_epoch(
 PEAK = r"""
 import json, sys
 import numpy as np
-from ddp_cnn.comm import SingleComm
+from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.data import Loader, open_rank_data
 from ddp_cnn.stream import ChunkCache
 folder, stream = sys.argv[1], sys.argv[2] == "stream"
@@ -321,7 +321,7 @@ BLOCKS = ["--shuffle-window", 1, "--data-cache-mb", 4]  # 3 shards of one chunk 
 
 @pytest.mark.mpi(min_size=2)
 def test_the_block_shuffled_global_stream_on_n_ranks_equals_one_rank(tmp_path_factory):
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
     comm = MPIComm()
     base = shared_data(comm, tmp_path_factory, "stream-global")
@@ -339,7 +339,7 @@ def test_the_block_shuffled_global_stream_on_n_ranks_equals_one_rank(tmp_path_fa
 
 @pytest.mark.mpi(min_size=2)
 def test_a_block_shuffled_stream_stopped_mid_epoch_on_n_ranks_continues_on_one(tmp_path_factory):
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
     comm = MPIComm()
     base = shared_data(comm, tmp_path_factory, "stream-elastic")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_DISK_FULL
+from ddp_cnn.dist.faults import EXIT_DISK_FULL
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn import model as model_mod
-from ddp_cnn.comm import SingleComm
+from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.system.trace import NO_TRACE, Tracer, chrome_trace
 from ddp_cnn.train import main as train_main
 from helpers import make_synthetic_shards
@@ -207,7 +207,7 @@ def test_with_one_bucket_the_allreduce_starts_after_backward(tmp_path):
 
 
 def test_a_stopped_run_writes_its_trace_too(tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
     from ddp_cnn.trainer import Trainer
     data = make_synthetic_shards(tmp_path / "data", 1)
     trainer = Trainer(model_mod.build("lenet"), comm=SingleComm(), data=str(data), run_dir=str(tmp_path / "run"),

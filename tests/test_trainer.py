@@ -11,10 +11,10 @@ import pytest
 from ddp_cnn import layers as L
 from ddp_cnn import model as model_mod
 from ddp_cnn.checkpoint import list_checkpoints, load
-from ddp_cnn.comm import SingleComm
+from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.config import TrainConfig
 from ddp_cnn.model import Sequential
-from ddp_cnn.faults import SetupError
+from ddp_cnn.dist.faults import SetupError
 from ddp_cnn.trainer import Trainer
 from helpers import make_synthetic_shards
 
@@ -97,7 +97,7 @@ def test_a_model_that_does_not_fit_the_data_is_a_setup_error(data, tmp_path, mak
 def test_the_step_alone_memorises_a_batch():
     """The step under the Trainer (compute_gradients + the optimizer), driven by hand as before the Trainer."""
     from ddp_cnn import optim
-    from ddp_cnn.reducer import GradReducer
+    from ddp_cnn.dist.reducer import GradReducer
     from ddp_cnn.step import compute_gradients
     model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),
                         L.Flatten(), L.Dropout(0.2), L.Dense(10)], input_shape=(28, 28, 1), seed=0)
@@ -128,7 +128,7 @@ def metric_kinds(run_dir):
 
 
 def test_a_signal_during_backward_stops_after_that_step(data, tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
 
     def during_backward_of_step_3(trainer):
         layer_done = trainer.reducer.layer_done
@@ -144,7 +144,7 @@ def test_a_signal_during_backward_stops_after_that_step(data, tmp_path):
 
 
 def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
 
     def after_the_last_allreduce(trainer):
         step = trainer.opt.step

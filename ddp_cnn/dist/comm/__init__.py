@@ -13,8 +13,8 @@ import os
 import socket
 import sys
 
-from ddp_cnn.comm.base import CollectiveTimeout, Communicator, DoneHandle, Handle
-from ddp_cnn.comm.single import SingleComm
+from ddp_cnn.dist.comm.base import CollectiveTimeout, Communicator, DoneHandle, Handle
+from ddp_cnn.dist.comm.single import SingleComm
 
 KINDS = ("auto", "single", "mpi", "nccl")
 _world: Communicator | None = None
@@ -79,7 +79,7 @@ def create(kind: str = "auto") -> Communicator:
             raise RuntimeError(f"--comm {kind}: mpi4py with an MPI library is needed ({exc}); "
                                "install it with `pip install mpi4py mpich` or use --comm single") from exc
         return SingleComm()
-    from ddp_cnn.comm.mpi import MPIComm
+    from ddp_cnn.dist.comm.mpi import MPIComm
     if launched_by_mpi():
         die_with_launcher()
     _world = MPIComm()
@@ -117,16 +117,16 @@ def for_device(world: Communicator, backend, kind: str = "auto") -> tuple[Commun
         if kind == "nccl":
             raise ValueError(f"--comm nccl: {why_not}")
         return world, f"MPI with host staging: {why_not}"
-    from ddp_cnn.comm.nccl import NCCLComm
+    from ddp_cnn.dist.comm.nccl import NCCLComm
     return NCCLComm(world), "NCCL: every rank owns a distinct GPU"
 
 
 def __getattr__(name):  # MPIComm and NCCLComm import mpi4py / CuPy only when asked for
     if name == "MPIComm":
-        from ddp_cnn.comm.mpi import MPIComm
+        from ddp_cnn.dist.comm.mpi import MPIComm
         return MPIComm
     if name == "NCCLComm":
-        from ddp_cnn.comm.nccl import NCCLComm
+        from ddp_cnn.dist.comm.nccl import NCCLComm
         return NCCLComm
     raise AttributeError(name)
 

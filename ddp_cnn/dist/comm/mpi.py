@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ddp_cnn.comm.base import CollectiveTimeout, Communicator, Handle, check_op, remaining
+from ddp_cnn.dist.comm.base import CollectiveTimeout, Communicator, Handle, check_op, remaining
 
 _OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
 
@@ -70,7 +70,7 @@ class Watchdog:
             self.current = None
 
     def _run(self):
-        from ddp_cnn.faults import abort_lost_rank
+        from ddp_cnn.dist.faults import abort_lost_rank
         while True:
             time.sleep(0.25)
             current = self.current

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ddp_cnn.comm.base import Communicator
+from ddp_cnn.dist.comm.base import Communicator
 
 
 def support() -> tuple[bool, str]:
@@ -64,7 +64,7 @@ def shrink(old: Communicator) -> Communicator:
     Raises an MPI.Exception (:func:`is_rank_loss`) when another rank dies meanwhile; call it again then.
     The old communicators are revoked, not freed (freeing one with a dead member may block).
     """
-    from ddp_cnn.comm.mpi import MPIComm
+    from ddp_cnn.dist.comm.mpi import MPIComm
     for comm in (old.comm, old.grad_comm):
         if not comm.Is_revoked():
             comm.Revoke()  # every survivor still waiting in a collective of the old world gets MPI_ERR_REVOKED

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn.comm.base import Communicator, Handle
+from ddp_cnn.dist.comm.base import Communicator, Handle
 
 
 class StreamHandle(Handle):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn.comm.base import Communicator, DoneHandle, check_op
+from ddp_cnn.dist.comm.base import Communicator, DoneHandle, check_op
 
 
 class SingleComm(Communicator):

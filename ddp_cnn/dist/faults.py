@@ -7,7 +7,7 @@ kills every rank.
 
 SIGTERM/SIGINT (what SLURM sends on preemption, what Ctrl-C sends) only set
 a flag; the flag rides in the next step's gradient allreduce (see
-:mod:`ddp_cnn.reducer`), so every rank stops after the same step, rank 0
+:mod:`ddp_cnn.dist.reducer`), so every rank stops after the same step, rank 0
 writes a checkpoint and the job exits with :data:`EXIT_PREEMPTED`.
 
 The exit codes say what a supervisor (:mod:`ddp_cnn.supervise`) may do
@@ -251,7 +251,7 @@ class RankZeroParser(argparse.ArgumentParser):
     """Usage errors printed once: by rank 0 only when an MPI launcher started every rank (exit 2 everywhere)."""
 
     def error(self, message):
-        from ddp_cnn.comm import launcher_rank
+        from ddp_cnn.dist.comm import launcher_rank
         if launcher_rank() not in (None, 0):
             self.exit(2)
         super().error(message)
