@@ -24,7 +24,7 @@ import time
 
 from ddp_cnn.system.backend import to_host
 
-from ddp_cnn.dist.comm import hostname
+from ddp_cnn.dist.launcher import hostname
 from ddp_cnn.dist.faults import EXIT_BELOW_MIN_RANKS
 
 MODES = ("auto", "shrink", "restart")

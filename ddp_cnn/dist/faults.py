@@ -251,7 +251,7 @@ class RankZeroParser(argparse.ArgumentParser):
     """Usage errors printed once: by rank 0 only when an MPI launcher started every rank (exit 2 everywhere)."""
 
     def error(self, message):
-        from ddp_cnn.dist.comm import launcher_rank
+        from ddp_cnn.dist.launcher import launcher_rank
         if launcher_rank() not in (None, 0):
             self.exit(2)
         super().error(message)
