@@ -35,8 +35,8 @@ PEAK = "[int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.starts
 LOADER = f"""
 import json, sys, time
 from ddp_cnn.dist.comm import SingleComm
-from ddp_cnn.data import Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache
 folder, stream, limit, cache_mb = sys.argv[1], sys.argv[2] == "stream", int(sys.argv[3]), float(sys.argv[4])
 try:
     started = time.perf_counter()

@@ -65,7 +65,7 @@ def print_report(split: str, result: dict, names) -> None:
 
 def main(argv=None) -> int:
     from ddp_cnn.dist import comm as comm_mod
-    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.data.loader import Loader, open_rank_data
     from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
     from ddp_cnn.inference import load_model
 

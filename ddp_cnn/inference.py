@@ -1,6 +1,6 @@
 """Rebuilding a trained model from a checkpoint (.h5) or an exported .npz; pixels to class probabilities.
 
-``normalize`` (pixels to model input) is :func:`ddp_cnn.data.normalize`, the
+``normalize`` (pixels to model input) is :func:`ddp_cnn.data.pixels.normalize`, the
 data loader's own, re-exported here for users of a trained model.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import model as model_mod
 from ddp_cnn.system.backend import get_backend, to_host
-from ddp_cnn.data import DataError, channel_stats
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.data.pixels import channel_stats
 from ddp_cnn.system.memory import TooLarge
-from ddp_cnn.data import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
+from ddp_cnn.data.pixels import normalize  # noqa: F401  (the README's `from ddp_cnn.inference import load, normalize, ...`)
 
 
 def model_from_state(source: str, desc, params, buffers: dict, backend):

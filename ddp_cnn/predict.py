@@ -44,7 +44,8 @@ import numpy as np
 
 from ddp_cnn.checkpoint import CheckpointError
 from ddp_cnn.dist.faults import EXIT_USAGE
-from ddp_cnn.data import DataError, normalize
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.data.pixels import normalize
 from ddp_cnn.inference import load_model, pixel_stats_of, probabilities, top_k
 
 NPY_MAGIC = b"\x93NUMPY"

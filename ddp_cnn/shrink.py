@@ -100,7 +100,7 @@ class AfterShrink:
         from ddp_cnn.layers.normalization import SyncStatistics
         from ddp_cnn.progress import RootLog
         from ddp_cnn.dist.reducer import GradReducer
-        from ddp_cnn.splits import open_data
+        from ddp_cnn.data.splits import open_data
         cfg, world, model = self.config, self.world, self.model
         install_abort_hook(world)
         if isinstance(self.log, RootLog):

@@ -28,7 +28,7 @@ from ddp_cnn import optim
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.config import TrainConfig
-from ddp_cnn.splits import class_names_of, open_data
+from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from ddp_cnn.progress import MODES, RootLog
 from ddp_cnn.trainer import Trainer

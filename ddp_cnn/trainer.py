@@ -29,8 +29,10 @@ from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn.system import memory
 from ddp_cnn import optim, rundir
 from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
-from ddp_cnn.data import Augment, DataError, Loader
-from ddp_cnn.splits import class_names_of, open_data
+from ddp_cnn.data.pixels import Augment
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.data.loader import Loader
+from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.evaluate import split_scores
 from ddp_cnn.dist.comm import CollectiveTimeout
 from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,

@@ -16,8 +16,9 @@ import pytest
 
 from data_tools import h5format
 from ddp_cnn.dist.comm import SingleComm
-from ddp_cnn.data import (Augment, DataError, Loader, ShardData, find_shards, normalize, open_rank_data,
-                          plan_reads, random_erase, random_hflip, random_shift, slice_rows)
+from ddp_cnn.data.pixels import Augment, normalize, random_erase, random_hflip, random_shift
+from ddp_cnn.data.shards import DataError, ShardData, find_shards, plan_reads, slice_rows
+from ddp_cnn.data.loader import Loader, open_rank_data
 
 SHAPE = (5, 6)
 try:

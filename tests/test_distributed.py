@@ -242,7 +242,7 @@ def test_resume_is_bitwise_exact_on_n_ranks(tmp_path_factory):
 
 @pytest.mark.mpi(min_size=2)
 def test_distributed_evaluation_equals_single_process(tmp_path_factory):
-    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.data.loader import Loader, open_rank_data
     comm = MPIComm()
     base = shared_folder(comm, tmp_path_factory, "eval")
     if comm.rank == 0:

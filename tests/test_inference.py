@@ -16,7 +16,7 @@ from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import export, inference, predict
 from ddp_cnn import layers as L
 from ddp_cnn.system.backend import get_backend
-from ddp_cnn.data import normalize as loader_normalize
+from ddp_cnn.data.pixels import normalize as loader_normalize
 from ddp_cnn.model import Sequential
 from helpers import make_synthetic_shards
 

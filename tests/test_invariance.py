@@ -61,8 +61,8 @@ def on_one_rank(comm, args):
 # ---- pieces ------------------------------------------------------------------
 
 def test_batch_slices_draw_what_the_whole_batch_draws():
-    from ddp_cnn.data import Augment
-    from ddp_cnn.global_order import BatchSlice
+    from ddp_cnn.data.pixels import Augment
+    from ddp_cnn.data.order import BatchSlice
     images = np.random.default_rng(0).integers(0, 255, (10, 12, 12), dtype=np.uint8)
     augment = Augment(shift=2, hflip=True, erase=0.5)
     whole = augment(images, np.random.default_rng(7), fill=30)
@@ -74,8 +74,8 @@ def test_batch_slices_draw_what_the_whole_batch_draws():
 
 
 def test_global_rows_read_the_rows_of_every_shard_in_any_order(tmp_path):
-    from ddp_cnn.data import read_planned
-    from ddp_cnn.global_order import open_global_train
+    from ddp_cnn.data.shards import read_planned
+    from ddp_cnn.data.order import open_global_train
     data_dir = make_synthetic_shards(tmp_path / "data", 3)
     everything = open_global_train(data_dir)
     parts = [read_planned([(p, None, None)]) for p in everything.paths]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ddp_cnn.dist.comm import SingleComm
-from ddp_cnn.data import DataError, Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache, block_order
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache, block_order
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,8 +107,8 @@ PEAK = r"""
 import json, sys
 import numpy as np
 from ddp_cnn.dist.comm import SingleComm
-from ddp_cnn.data import Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache
 folder, stream = sys.argv[1], sys.argv[2] == "stream"
 data = open_rank_data(folder, "train", SingleComm(), stream=stream, cache=ChunkCache(8 * 2**20))
 loader = Loader(data, batch_size=64, comm=SingleComm(), seed=0, window=4, prefetch=2)

@@ -176,8 +176,8 @@ def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypa
 
 
 def test_held_out_validation_rows_are_the_same_whatever_the_ranks_and_disjoint_from_training(data):
-    from ddp_cnn.data import open_rank_data
-    from ddp_cnn.splits import hold_out, holdout_mask
+    from ddp_cnn.data.loader import open_rank_data
+    from ddp_cnn.data.splits import hold_out, holdout_mask
     whole = open_rank_data(data[1], "train", SingleComm())
     train, val = hold_out(whole, 0.25)
     assert len(train) + len(val) == len(whole) and abs(len(val) / len(whole) - 0.25) < 0.05

@@ -14,7 +14,7 @@ the same trajectory.
 
 Every rank needs every shard: the images stay on disk (a shared file
 system, as on any cluster) and are streamed chunk by chunk
-(:mod:`ddp_cnn.stream`); the epoch's order is then a block shuffle over
+(:mod:`ddp_cnn.data.stream`); the epoch's order is then a block shuffle over
 the chunks of every shard, seeded by (seed, epoch) alone, so it keeps this
 independence; labels and source indices (a few bytes a row) are read whole.
 """
@@ -25,17 +25,17 @@ from pathlib import Path
 import numpy as np
 
 
-# The images are read chunk by chunk through a bounded cache (ddp_cnn.stream); ``GlobalRows`` is the
+# The images are read chunk by chunk through a bounded cache (ddp_cnn.data.stream); ``GlobalRows`` is the
 # name they had here first.
-from ddp_cnn.stream import ChunkCache, ChunkedRows as GlobalRows  # noqa: F401  (re-exported)
+from ddp_cnn.data.stream import ChunkCache, ChunkedRows as GlobalRows  # noqa: F401  (re-exported)
 
 
 def open_global_train(data_dir: Path, cache: ChunkCache | None = None):
-    """Every training shard of ``data_dir`` as one :class:`~ddp_cnn.data.ShardData` whose images are a
-    :class:`~ddp_cnn.stream.ChunkedRows` (global row i = the i-th row of the shards taken in order).
+    """Every training shard of ``data_dir`` as one :class:`~ddp_cnn.data.shards.ShardData` whose images are a
+    :class:`~ddp_cnn.data.stream.ChunkedRows` (global row i = the i-th row of the shards taken in order).
     DataError (one line naming the file) on a missing, damaged or mismatched shard."""
-    from ddp_cnn.data import find_shards
-    from ddp_cnn.stream import open_chunked
+    from ddp_cnn.data.shards import find_shards
+    from ddp_cnn.data.stream import open_chunked
     return open_chunked([(path, None, None) for path in find_shards(data_dir)], cache)
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.data import DataError, ShardData, channel_stats, open_rank_data
-from ddp_cnn.global_order import take
+from ddp_cnn.data.shards import DataError, ShardData
+from ddp_cnn.data.pixels import channel_stats
+from ddp_cnn.data.loader import open_rank_data
+from ddp_cnn.data.order import take
 
 
 def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:
@@ -88,7 +90,7 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
 
 def chunk_cache(config, comm):
     """The one chunk cache of this rank's splits: --data-cache-mb, else sized for the machine."""
-    from ddp_cnn.stream import ChunkCache, default_cache_mb
+    from ddp_cnn.data.stream import ChunkCache, default_cache_mb
     mb = config.data_cache_mb or default_cache_mb(getattr(comm, "local_size", 1))
     cache = ChunkCache(mb * 2**20)
     cache.origin = "--data-cache-mb" if config.data_cache_mb else "default: 1/8 of the memory available, per rank"

@@ -280,11 +280,11 @@ class ChunkedRows:
 
 def open_chunked(reads, cache: ChunkCache | None = None):
     """Rows [start, stop) of each (path, start, stop) (None: the whole file) as one
-    :class:`~ddp_cnn.data.ShardData` whose images are a :class:`ChunkedRows`: labels and source
+    :class:`~ddp_cnn.data.shards.ShardData` whose images are a :class:`ChunkedRows`: labels and source
     indices read now, images when a batch needs them.  DataError (one line naming the file) on a
     missing, damaged or mismatched file."""
     from data_tools import h5format
-    from ddp_cnn.data import ShardData
+    from ddp_cnn.data.shards import ShardData
     labels, source_index, row_key, first, paths = [], [], [], None, [p for p, _, _ in reads]
     for number, (path, start, stop) in enumerate(reads):
         with h5format.open_checked(path) as f:

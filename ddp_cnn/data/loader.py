@@ -17,101 +17,19 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from data_tools.errors import DataError
+from ddp_cnn.data.pixels import Augment, channel_stats, normalize
+from ddp_cnn.data.shards import ShardData, find_shards, plan_reads, read_planned
 
-# data_tools.h5format (and with it h5py) is imported where shards are read, not here: ``normalize``
-# also serves models exported to .npz, whose loading promises to need NumPy alone.
-
-__all__ = ["DataError", "ShardData", "find_shards", "open_rank_data", "Augment", "normalize", "channel_stats",
-           "Loader"]
+__all__ = ["open_rank_data", "Loader"]
 
 
 # ---------------------------------------------------------------- opening a rank's rows
-
-@dataclass
-class ShardData:
-    """The rows one rank trains or evaluates on, in host memory."""
-
-    images: np.ndarray  # uint8 (n, H, W, C) (the reader gives 4-D; (n, H, W) is taken as C = 1)
-    labels: np.ndarray  # int64 (n,)
-    attrs: dict  # decoded attributes of the first file read (mean, std, class_names, sharding_id, ...)
-    paths: list[Path] = field(default_factory=list)
-    source_index: np.ndarray | None = None  # row of each sample in its source IDX file
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def find_shards(data_dir) -> list[Path]:
-    """Sorted training shard paths of ``data_dir``; DataError if there are none or the set is incomplete."""
-    from data_tools import h5format
-    return h5format.list_shards(Path(data_dir))
-
-
-def _row_counts(paths: list[Path]) -> list[int]:
-    from data_tools import h5format
-    return [h5format.num_rows(p) for p in paths]
-
-
-def slice_rows(counts: list[int], rank: int, size: int) -> list[tuple[int, int, int]]:
-    """(file number, start, stop) hyperslabs giving ``rank`` its contiguous share of the concatenated files.
-
-    Rank r gets global rows [r*n//size, (r+1)*n//size): every row on exactly one rank.
-    """
-    total = sum(counts)
-    lo, hi = rank * total // size, (rank + 1) * total // size
-    out, offset = [], 0
-    for i, n in enumerate(counts):
-        start, stop = max(lo - offset, 0), min(hi - offset, n)
-        if start < stop:
-            out.append((i, start, stop))
-        offset += n
-    return out
-
-
-def plan_reads(data_dir: Path, split: str, rank: int, size: int, slice_single: bool):
-    """[(path, start, stop)] this rank must read; start/stop None means the whole file."""
-    from data_tools import h5format
-    if split in ("test", "val"):
-        path = data_dir / h5format.split_name(split)
-        if split == "val" and not path.exists():
-            raise DataError(f"{path}: no validation file; shard with --val-fraction to make one")
-        return [(path, *rows) for _, *rows in slice_rows(_row_counts([path]), rank, size)] or [(path, 0, 0)]
-    if split != "train":
-        raise DataError(f"split must be train, test or val, got {split!r}")
-    shards = find_shards(data_dir)
-    m = len(shards)
-    if slice_single:
-        # Treat all shards as one array and cut it by rank: any shard count works.
-        return [(shards[i], a, b) for i, a, b in slice_rows(_row_counts(shards), rank, size)] or [(shards[0], 0, 0)]
-    if m % size == 0:
-        return [(shards[i], None, None) for i in range(rank, m, size)]
-    fix = f"re-shard with --shards {size} (or a multiple of it), or slice the shards by rank (--slice-data)"
-    if m < size:
-        raise DataError(f"{data_dir}: {m} training shards for {size} ranks, fewer shards than ranks: {fix}")
-    raise DataError(f"{data_dir}: {m} training shards cannot be shared evenly by {size} ranks: {fix}")
-
-
-def read_planned(reads) -> ShardData:
-    """Read the hyperslabs, check they come from one sharding run, and concatenate them."""
-    from data_tools import h5format
-    parts = [h5format.read_rows(path, start, stop) for path, start, stop in reads]
-    first = parts[0][3]
-    for (path, *_), (*_, attrs) in zip(reads, parts):
-        if attrs["sharding_id"] != first["sharding_id"] or attrs["image_shape"] != first["image_shape"]:
-            raise DataError(f"{path}: from another sharding run than {reads[0][0]} (sharding_id differs)")
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    if len(labels) and labels.max() >= len(first["class_names"]):
-        raise DataError(f"{reads[0][0]}: label {labels.max()} but only {len(first['class_names'])} class names")
-    return ShardData(images, labels, first, [p for p, *_ in reads], np.concatenate([p[2] for p in parts]))
-
 
 def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, data_order: str = "shard",
                    stream: bool = False, cache=None) -> ShardData:
@@ -123,21 +41,21 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
     file) into N contiguous hyperslabs.  test/val: the single file cut the same
     way, so every sample is evaluated on exactly one rank.  Only the rows this
     rank needs are read.  With ``data_order`` "global", train is every
-    shard on every rank (:mod:`ddp_cnn.global_order`).  Every rank raises the
+    shard on every rank (:mod:`ddp_cnn.data.order`).  Every rank raises the
     same DataError when any rank fails or when ranks read files of different
     sharding runs.  ``stream``: the images stay on disk, read chunk by chunk
-    through ``cache`` (a :class:`ddp_cnn.stream.ChunkCache`) as batches need
-    them, so memory does not grow with the data (ddp_cnn.stream).
+    through ``cache`` (a :class:`ddp_cnn.data.stream.ChunkCache`) as batches need
+    them, so memory does not grow with the data (ddp_cnn.data.stream).
     """
     data_dir = Path(data_dir)
     try:
         if split == "train" and data_order == "global" and stream:
-            from ddp_cnn.global_order import open_global_train
+            from ddp_cnn.data.order import open_global_train
             data, error = open_global_train(data_dir, cache), None
         elif split == "train" and data_order == "global":  # every shard, whole, on every rank
             data, error = read_planned([(path, None, None) for path in find_shards(data_dir)]), None
         elif stream:
-            from ddp_cnn.stream import open_chunked
+            from ddp_cnn.data.stream import open_chunked
             reads = plan_reads(data_dir, split, comm.rank, comm.size, slice_single)
             data, error = open_chunked(reads, cache), None
         else:
@@ -160,139 +78,10 @@ def open_rank_data(data_dir, split: str, comm, *, slice_single: bool = False, da
     return data
 
 
-# ---------------------------------------------------------------- augmentation
-
-# The augmentations take uint8 images (B, H, W, C) or (B, H, W).  Every random draw has the batch as
-# its last axis and is drawn with size b = len(images), so a generator drawing for a larger global
-# batch can be sliced to any rank's part of it.
-
-def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Translate each image by a random (dy, dx) in [-shift, shift]^2, zero filling: a crop of the padded image."""
-    b, h, w = images.shape[:3]
-    pad = ((0, 0), (shift, shift), (shift, shift)) + ((0, 0),) * (images.ndim - 3)
-    padded = np.pad(images, pad)
-    oy, ox = rng.integers(0, 2 * shift + 1, size=(2, b))
-    # A (b, 2s+1, 2s+1, [C,] h, w) view of every crop; picking one per image copies whole rows (3x faster
-    # than gathering single pixels with three broadcast index arrays).
-    crops = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))[np.arange(b), oy, ox]
-    return crops if images.ndim == 3 else np.ascontiguousarray(np.moveaxis(crops, 1, 3))  # (b, C, h, w) -> last
-
-
-def random_hflip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirror each image left-right with probability 1/2 (axis 2, the width, whatever the channels)."""
-    flip = rng.random(len(images)) < 0.5
-    out = images.copy()
-    out[flip] = images[flip, :, ::-1]
-    return out
-
-
-def random_erase(images: np.ndarray, p: float, rng: np.random.Generator, fill) -> np.ndarray:
-    """With probability p per image, set one random rectangle (2-25% of the area, aspect 0.3-3.3) to ``fill``
-    (one uint8 value, or one per channel)."""
-    b, h, w = images.shape[:3]
-    chosen = rng.random(b) < p
-    area = rng.uniform(0.02, 0.25, b) * h * w
-    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3), b))
-    eh = np.clip(np.rint(np.sqrt(area * aspect)), 1, h).astype(np.int64)
-    ew = np.clip(np.rint(np.sqrt(area / aspect)), 1, w).astype(np.int64)
-    y0 = (rng.random(b) * (h - eh + 1)).astype(np.int64)
-    x0 = (rng.random(b) * (w - ew + 1)).astype(np.int64)
-    ys, xs = np.arange(h), np.arange(w)
-    in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]) & chosen[:, None]  # (b, h)
-    in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (b, w)
-    mask = in_rows[:, :, None] & in_cols[:, None, :]  # (b, h, w)
-    if images.ndim == 4:
-        mask = mask[..., None]
-    return np.where(mask, np.asarray(fill, dtype=np.uint8), images)
-
-
-@dataclass
-class Augment:
-    """Random training-time changes to uint8 images (B, H, W, C) or (B, H, W), vectorised over the batch.
-
-    shift: random translation in [-shift, shift] pixels (zero padding, then a crop);
-    hflip: mirror half the images (leave off for digits: a mirrored 2 is no 2);
-    erase: probability of blanking one random rectangle (to ``fill``: the Loader gives the mean
-    pixel of each channel).
-    """
-
-    shift: int = 0
-    hflip: bool = False
-    erase: float = 0.0
-
-    def __post_init__(self):
-        if self.shift < 0:
-            raise DataError(f"augment shift must be >= 0, got {self.shift}")
-        if not 0.0 <= self.erase <= 1.0:
-            raise DataError(f"augment erase must be a probability in [0, 1], got {self.erase}")
-
-    @property
-    def changes_images(self) -> bool:
-        return bool(self.shift or self.hflip or self.erase)
-
-    def __call__(self, images: np.ndarray, rng: np.random.Generator, fill=0) -> np.ndarray:
-        if self.shift:
-            images = random_shift(images, self.shift, rng)
-        if self.hflip:
-            images = random_hflip(images, rng)
-        if self.erase:
-            images = random_erase(images, self.erase, rng, fill)
-        return images
-
-
-# ---------------------------------------------------------------- normalisation
-
-def channel_stats(mean, std, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) as float64 arrays of one value per channel, from scalars (files and checkpoints
-    written before per-channel statistics: one channel) or sequences.
-
-    DataError unless both have the same length (``channels`` if given; a
-    scalar then serves every channel), the mean is finite and the std > 0."""
-    m = np.atleast_1d(np.asarray(mean, dtype=np.float64))
-    s = np.atleast_1d(np.asarray(std, dtype=np.float64))
-    if channels is not None:
-        m, s = (np.repeat(v, channels) if v.shape == (1,) else v for v in (m, s))
-    if m.ndim != 1 or m.shape != s.shape or (channels is not None and len(m) != channels):
-        raise DataError(f"pixel mean/std of {m.size}/{s.size} values for "
-                        f"{channels if channels is not None else max(m.size, s.size)} channels")
-    if not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()):
-        raise DataError(f"pixel std must be a number > 0 and the mean finite, got mean {m.tolist()} std {s.tolist()}")
-    return m, s
-
-
-def normalize(pixels, mean, std, dtype, xp=np):
-    """Pixels (N, H, W) or (N, H, W, C) -> model input (N, H, W, C) in ``dtype`` on ``xp``.
-
-    uint8 pixels are 0..255, float pixels 0..1: x = (pixel/255 - mean)/std
-    (without the /255 for floats), computed in ``dtype`` in this order, with
-    ``mean``/``std`` a scalar or one value per channel.  The
-    one normalisation of the package: training and evaluation batches
-    (``Loader``), ``predict`` and ``inference`` all go through it, so an image
-    gives the model the same input whichever way it comes in.  The pixels are
-    moved to ``xp`` before the cast, so uint8 crosses to a GPU at 1 byte a pixel.
-    """
-    x = xp.asarray(pixels)
-    if x.dtype != np.uint8 and x.dtype.kind != "f":
-        raise ValueError(f"pixels of dtype {x.dtype}; expected uint8 (0..255) or floats (0..1)")
-    if x.ndim == 3:
-        x = x[..., None]  # grayscale: one channel, last
-    if x.ndim != 4:
-        raise ValueError(f"pixels of shape {tuple(x.shape)}; expected (N, H, W) or (N, H, W, C)")
-    is_uint8 = x.dtype == np.uint8
-    dtype = np.dtype(dtype)
-    x = x.astype(dtype)  # always a fresh array: the in-place steps below never touch the caller's pixels
-    if is_uint8:
-        x /= 255
-    mean, std = channel_stats(mean, std, x.shape[3])  # ValueError (DataError) on a channel count that differs
-    x -= xp.asarray(mean, dtype=dtype)  # in the model dtype even when mean/std come as float64
-    x /= xp.asarray(std, dtype=dtype)
-    return x
-
-
 # ---------------------------------------------------------------- batches
 
 def _is_streamed(images) -> bool:
-    from ddp_cnn.stream import ChunkedRows
+    from ddp_cnn.data.stream import ChunkedRows
     return isinstance(images, ChunkedRows)
 
 
@@ -361,10 +150,10 @@ class Loader:
     ``data_order="global"``: ``data`` is every rank's (all the training rows),
     batch t is rows [t*G, (t+1)*G) of one order seeded by (seed, epoch), and
     this rank reads its share [r*G//N, (r+1)*G//N) of it (``batch_size``),
-    so the batches do not depend on the rank count (ddp_cnn.global_order).
-    Data opened with ``stream`` (images a :class:`ddp_cnn.stream.ChunkedRows`)
+    so the batches do not depend on the rank count (ddp_cnn.data.order).
+    Data opened with ``stream`` (images a :class:`ddp_cnn.data.stream.ChunkedRows`)
     is read chunk by chunk ahead of the step, and its order is a block shuffle
-    over windows of ``window`` chunks (:func:`ddp_cnn.stream.block_order`).
+    over windows of ``window`` chunks (:func:`ddp_cnn.data.stream.block_order`).
     """
 
     def __init__(self, data: ShardData, *, batch_size: int, comm, seed: int, xp=np, dtype=np.float32,
@@ -380,7 +169,7 @@ class Loader:
         self.augment, self.prefetch = augment, prefetch
         if data_order not in ("shard", "global"):
             raise DataError(f"data order must be shard or global, got {data_order!r}")
-        # global (ddp_cnn.global_order): every rank holds every row; batch t of the epoch is the
+        # global (ddp_cnn.data.order): every rank holds every row; batch t of the epoch is the
         # same global batch on any rank count, and this rank takes its slice of it.
         self.data_order = data_order
         self.global_batch, self.start = batch_size, 0  # rows of this rank in each batch of the order
@@ -402,7 +191,7 @@ class Loader:
         self.wait_seconds = 0.0  # time the consumer waited for batches (reset by whoever reports it)
         self.streamed = _is_streamed(data.images)
         if self.streamed:
-            from ddp_cnn.stream import DEFAULT_WINDOW
+            from ddp_cnn.data.stream import DEFAULT_WINDOW
             self.window = DEFAULT_WINDOW if window is None else window
             if self.window < 0:
                 raise DataError(f"shuffle window must be >= 0 chunks, got {self.window}")
@@ -450,13 +239,13 @@ class Loader:
         if not self.shuffle:
             return np.arange(n)
         if self.streamed:  # a block shuffle: chunks in a random order, rows within windows of chunks
-            from ddp_cnn.global_order import epoch_rng
-            from ddp_cnn.stream import block_order
+            from ddp_cnn.data.order import epoch_rng
+            from ddp_cnn.data.stream import block_order
             rng = (epoch_rng(self.seed, epoch) if self.data_order == "global"
                    else np.random.default_rng([self.seed, epoch, self.comm.rank]))
             return block_order(rng, self.data.images.chunk_of_row, self.window)
         if self.data_order == "global":
-            from ddp_cnn.global_order import epoch_order
+            from ddp_cnn.data.order import epoch_order
             return epoch_order(self.seed, epoch, n)
         return np.random.default_rng([self.seed, epoch, self.comm.rank]).permutation(n)
 
@@ -506,7 +295,7 @@ class Loader:
         images = self.data.images[rows] if images is None else images
         if self.augment is not None:
             if self.data_order == "global":  # drawn for the global batch, this rank's slice used
-                from ddp_cnn.global_order import BatchSlice
+                from ddp_cnn.data.order import BatchSlice
                 rng = BatchSlice(np.random.default_rng([self.seed, epoch, step, 1]), self.start, self.global_batch)
             else:
                 rng = np.random.default_rng([self.seed, epoch, self.comm.rank, step, 1])
