@@ -30,7 +30,11 @@ _default_blas_threads()
 
 
 def __getattr__(name):
-    """``ddp_cnn.Trainer`` and ``ddp_cnn.TrainConfig``, imported on first use (they bring NumPy and h5py)."""
+    """``ddp_cnn.Trainer``, ``ddp_cnn.TrainConfig`` and the modules ``ddp_cnn.comm`` and ``ddp_cnn.layers``
+    (``from ddp_cnn import comm, layers as L``), imported on first use (they bring NumPy and h5py)."""
+    if name in ("comm", "layers"):
+        import importlib
+        return importlib.import_module({"comm": "ddp_cnn.dist.comm", "layers": "ddp_cnn.model.layers"}[name])
     if name == "Trainer":
         from ddp_cnn.trainer import Trainer
         return Trainer

@@ -1,6 +1,6 @@
 """Knowledge distillation (``train --teacher``): one object owns the teacher, its cache and its identity.
 
-The loss (:class:`ddp_cnn.layers.SoftmaxCrossEntropy` with a distill weight)
+The loss (:class:`ddp_cnn.model.layers.SoftmaxCrossEntropy` with a distill weight)
 needs the teacher's logits for each training batch.  Without augmentation
 an image's soft targets never change, so the teacher labels each of the
 rank's rows once and every step looks its batch up; with augmentation the

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from ddp_cnn.system.backend import to_host
-from ddp_cnn.layers import SoftmaxCrossEntropy
+from ddp_cnn.model.layers import SoftmaxCrossEntropy
 
 
 def evaluate(model, loader, comm, num_classes: int) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ddp_cnn import checkpoint as ckpt
-from ddp_cnn import model as model_mod
+from ddp_cnn.model import network as model_mod
 from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.pixels import channel_stats

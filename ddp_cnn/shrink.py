@@ -96,8 +96,8 @@ class AfterShrink:
         from ddp_cnn import rundir
         from ddp_cnn.config import batch_sizes
         from ddp_cnn.dist.faults import install_abort_hook
-        from ddp_cnn.layers import BatchNorm
-        from ddp_cnn.layers.normalization import SyncStatistics
+        from ddp_cnn.model.layers import BatchNorm
+        from ddp_cnn.model.layers.normalization import SyncStatistics
         from ddp_cnn.progress import RootLog
         from ddp_cnn.dist.reducer import GradReducer
         from ddp_cnn.data.splits import open_data

@@ -98,7 +98,7 @@ def resumed_flags(flags: list[str]) -> list[str]:
 
 def run_paths(flags: list[str]) -> tuple[Path, Path]:
     """(checkpoint folder, metrics file) the job will use, as the Trainer resolves them."""
-    from ddp_cnn import modelfile
+    from ddp_cnn.model import modelfile
     from ddp_cnn.train import parse_args
     cfg = parse_args(flags)  # a bad flag: its usage line, exit 2, before anything starts
     name = Path(cfg.model).stem if cfg.model and modelfile.is_model_file(cfg.model) else (cfg.model or "lenet")

@@ -22,9 +22,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ddp_cnn.dist import comm as comm_mod
-from ddp_cnn import model as model_mod
-from ddp_cnn import modelfile
-from ddp_cnn import optim
+from ddp_cnn.model import network as model_mod
+from ddp_cnn.model import modelfile
+from ddp_cnn.model import optim
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.config import TrainConfig

@@ -27,7 +27,8 @@ import numpy as np
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn.system import memory
-from ddp_cnn import optim, rundir
+from ddp_cnn.model import optim
+from ddp_cnn import rundir
 from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
 from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
@@ -37,8 +38,8 @@ from ddp_cnn.evaluate import split_scores
 from ddp_cnn.dist.comm import CollectiveTimeout
 from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
                      abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
-from ddp_cnn.layers import BatchNorm, SoftmaxCrossEntropy
-from ddp_cnn.layers.normalization import SyncStatistics
+from ddp_cnn.model.layers import BatchNorm, SoftmaxCrossEntropy
+from ddp_cnn.model.layers.normalization import SyncStatistics
 from ddp_cnn.system.nospace import DiskFull
 from ddp_cnn.dist.reducer import GradReducer
 from ddp_cnn.progress import Progress, RootLog

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (ddp_cnn.cpu_kernels) against their NumPy twins, in float64 and float32.
+"""The compiled CPU kernels (ddp_cnn.model.cpu_kernels) against their NumPy twins, in float64 and float32.
 
 Elementwise kernels must be bitwise their twins; the convolution, whose GEMMs
 are cut into other blocks, agrees to rounding.  Also: the switch, the
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import cpu_kernels, kernels, optim
-from ddp_cnn import layers as L
+from ddp_cnn.model import cpu_kernels, kernels, optim
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as model_mod
 from ddp_cnn.system.backend import get_backend
-from ddp_cnn.layers import SoftmaxCrossEntropy
+from ddp_cnn.model.layers import SoftmaxCrossEntropy
 from ddp_cnn.model import Sequential
 
 numba = pytest.importorskip("numba", reason="Numba is not installed: the compiled CPU kernels cannot run")

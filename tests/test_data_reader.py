@@ -253,7 +253,7 @@ def test_normalize_refuses_pixels_it_cannot_read():
 
 
 def test_evaluate_takes_the_loader_batches_as_they_come_for_a_cnn_and_an_mlp():
-    from ddp_cnn import layers as L
+    from ddp_cnn.model import layers as L
     from ddp_cnn import model as model_mod
     from ddp_cnn.system.backend import get_backend
     from ddp_cnn.evaluate import evaluate

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
-from ddp_cnn import optim
+from ddp_cnn.model import layers as L
+from ddp_cnn.model import optim
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn.dist.comm import MPIComm, SingleComm
 from ddp_cnn.evaluate import evaluate

@@ -3,9 +3,9 @@ transports.  Skipped, with the reason shown, where CuPy or a GPU is missing."""
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as M
-from ddp_cnn import optim
+from ddp_cnn.model import optim
 from ddp_cnn.system.backend import get_backend, gpu_available, to_host
 from ddp_cnn.dist.reducer import GradReducer
 from helpers import GPU_REASON

@@ -14,7 +14,7 @@ import pytest
 from data_tools import datasets
 from ddp_cnn import checkpoint as ckpt
 from ddp_cnn import export, inference, predict
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn.data.pixels import normalize as loader_normalize
 from ddp_cnn.model import Sequential

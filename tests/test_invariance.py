@@ -89,9 +89,9 @@ def test_global_rows_read_the_rows_of_every_shard_in_any_order(tmp_path):
 
 
 def test_sync_batchnorm_on_one_rank_is_batchnorm():
-    from ddp_cnn import layers as L
+    from ddp_cnn.model import layers as L
     from ddp_cnn.system.backend import get_backend
-    from ddp_cnn.layers.normalization import SyncStatistics
+    from ddp_cnn.model.layers.normalization import SyncStatistics
     bk = get_backend("cpu", "float64")
     rng = np.random.default_rng(0)
     x, dy = rng.standard_normal((6, 5, 5, 3)), rng.standard_normal((6, 5, 5, 3))
@@ -234,7 +234,7 @@ def test_sigterm_on_4_ranks_then_resume_on_2_and_on_1_continues_the_4_rank_run(t
 
 
 def test_dropout_masks_of_any_slice_are_the_whole_batch_masks_of_its_rows():
-    from ddp_cnn.kernels import dropout_mask
+    from ddp_cnn.model.kernels import dropout_mask
     key, shape = (5, 2, 0, 7, 3), (7, 3, 5)  # 15 values a row: odd offsets too
     whole = dropout_mask(shape, 0.4, key, np, np.float64)
     for a in range(7):

@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
-from ddp_cnn import modelfile
+from ddp_cnn.model import layers as L
+from ddp_cnn.model import modelfile
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn.inference import load_model_from_checkpoint
 from ddp_cnn.model import Sequential, from_description

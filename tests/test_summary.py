@@ -68,7 +68,7 @@ def test_mlp_counts_by_hand(capsys):
 
 def test_pool_flops_count_each_window_per_axis():
     """One compare (or add) per window cell: OH x OW x C x KH x KW, with a stride per axis."""
-    from ddp_cnn import layers as L
+    from ddp_cnn.model import layers as L
     from ddp_cnn.system.backend import get_backend
     from ddp_cnn.model import Sequential
     model = Sequential([L.MaxPool2D((2, 3)), L.AvgPool2D((3, 2), stride=(1, 2), padding=(1, 0))], (6, 9, 4),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as model_mod
 from ddp_cnn.checkpoint import list_checkpoints, load
 from ddp_cnn.dist.comm import SingleComm
@@ -96,7 +96,7 @@ def test_a_model_that_does_not_fit_the_data_is_a_setup_error(data, tmp_path, mak
 
 def test_the_step_alone_memorises_a_batch():
     """The step under the Trainer (compute_gradients + the optimizer), driven by hand as before the Trainer."""
-    from ddp_cnn import optim
+    from ddp_cnn.model import optim
     from ddp_cnn.dist.reducer import GradReducer
     from ddp_cnn.step import compute_gradients
     model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),

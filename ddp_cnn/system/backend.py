@@ -2,7 +2,7 @@
 
 Layers never import numpy or cupy for computation: they use ``xp`` from the
 backend, so CPU and GPU share one code path.  The few places where a GPU
-kernel really differs live in :mod:`ddp_cnn.kernels`, beside their NumPy twins.
+kernel really differs live in :mod:`ddp_cnn.model.kernels`, beside their NumPy twins.
 """
 from __future__ import annotations
 

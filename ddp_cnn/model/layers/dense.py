@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn import cpu_kernels
-from ddp_cnn.layers.base import Layer, ParamSpec, init_name
+from ddp_cnn.model import cpu_kernels
+from ddp_cnn.model.layers.base import Layer, ParamSpec, init_name
 
 
 class Flatten(Layer):

@@ -9,7 +9,7 @@ Conventions (every layer):
 - ``forward(x, train)`` keeps what backward needs; ``backward(dy, need_dx)``
   *overwrites* ``self.grads`` and returns dL/dx (or None when not needed);
 - in train mode (and in backward) every working and output array comes from
-  the layer's :class:`~ddp_cnn.kernels.Scratch` (:meth:`Layer.buffer`), so it
+  the layer's :class:`~ddp_cnn.model.kernels.Scratch` (:meth:`Layer.buffer`), so it
   is overwritten at the next training step; in eval mode arrays are fresh;
 - a wrong input shape or dtype raises ValueError naming the layer.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddp_cnn import init as initializers
-from ddp_cnn import kernels
+from ddp_cnn.model import init as initializers
+from ddp_cnn.model import kernels
 
 
 @dataclass

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn import init as initializers
-from ddp_cnn import layers as L
+from ddp_cnn.model import init as initializers
+from ddp_cnn.model import layers as L
 from ddp_cnn.system import memory
 from ddp_cnn.system.backend import STREAM_DROPOUT, STREAM_INIT, Backend, get_backend, host_rng
 

@@ -10,8 +10,8 @@ way on every core, and keep their input x for backward instead of a mask:
 x is the previous layer's output, which nothing overwrites before this
 layer's backward has run.
 """
-from ddp_cnn import cpu_kernels, kernels
-from ddp_cnn.layers.base import Layer, ParamSpec
+from ddp_cnn.model import cpu_kernels, kernels
+from ddp_cnn.model.layers.base import Layer, ParamSpec
 
 
 class _Compiled:

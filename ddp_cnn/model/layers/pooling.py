@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn import cpu_kernels, kernels
-from ddp_cnn.layers.base import Layer, image_input
+from ddp_cnn.model import cpu_kernels, kernels
+from ddp_cnn.model.layers.base import Layer, image_input
 
 
 class Pool2D(Layer):
@@ -75,12 +75,12 @@ class Pool2D(Layer):
 
     def _forward_gpu(self, x, train):
         """One kernel, the winner's slot kept (cuda_kernels)."""
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         y, self.arg = cuda_kernels.maxpool_forward(x, self.kh, self.kw, self.sh, self.pads, self.oh, self.ow)
         return y
 
     def _backward_gpu(self, dy):
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         dx = cuda_kernels.maxpool_backward(dy, self.arg, (dy.shape[0],) + self.input_shape, self.kh, self.kw,
                                            self.sh, self.pads, self.oh, self.ow)
         self.arg = None

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn import cpu_kernels, kernels
-from ddp_cnn.layers.base import Layer, ParamSpec, image_input, init_name
+from ddp_cnn.model import cpu_kernels, kernels
+from ddp_cnn.model.layers.base import Layer, ParamSpec, image_input, init_name
 
 
 JIT_CHUNK_IMAGES = 8
@@ -130,7 +130,7 @@ class Conv2D(Layer):
 
     def _forward_gpu(self, x, train):
         """im2col as one kernel reading the unpadded input (cuda_kernels), then one GEMM."""
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         self.cols = cuda_kernels.im2col(x, self.kh, self.kw, self.stride, self.pads, self.oh, self.ow)
         y = self.xp.matmul(self.cols, self.params["W"].reshape(self.k, self.filters))
         if self.use_bias:
@@ -151,7 +151,7 @@ class Conv2D(Layer):
 
     def _input_grad_gpu(self, dy2):
         """One GEMM, then one gathering col2im kernel."""
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         dcols = self.xp.matmul(dy2, self.params["W"].reshape(self.k, self.filters).T)
         n = dy2.shape[0] // (self.oh * self.ow)
         return cuda_kernels.col2im(dcols, (n,) + self.input_shape, self.kh, self.kw, self.stride, self.pads,

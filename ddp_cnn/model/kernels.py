@@ -328,7 +328,7 @@ def dropout_mask(shape, p: float, key: tuple, xp, dtype, out=None, uniform=None,
         # One hashing pass (cuda_kernels.dropout_mask): setting up a CuPy generator
         # every step costs more than the mask.  Not the CPU's stream: GPU runs are
         # reproducible on the GPU.
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         seed = int(np.random.default_rng([int(k) for k in key] + ([int(offset)] if offset else [])).integers(2**63))
         return cuda_kernels.dropout_mask(shape, keep, scale, seed, dtype)
     mask = np.empty(shape, dtype=dtype) if out is None else out

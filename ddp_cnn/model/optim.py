@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ddp_cnn import cpu_kernels
+from ddp_cnn.model import cpu_kernels
 from ddp_cnn.system.backend import array_module, on_gpu
 
 # Elements per slice of the fused CPU updates: five float32 slices of 1 MiB stay in L2.
@@ -156,7 +156,7 @@ class Adam(Optimizer):
         step = lr * math.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
         eps_hat = self.eps * math.sqrt(1 - self.beta2 ** self.t)
         if self.gpu:  # one fused kernel over the whole flat buffer (cuda_kernels.adam_update)
-            from ddp_cnn import cuda_kernels
+            from ddp_cnn.model import cuda_kernels
             cuda_kernels.adam_update(self.params, self.grads, self.state["m"], self.state["v"],
                                      self.beta1, self.beta2, step, eps_hat)
             return

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from ddp_cnn import kernels
-from ddp_cnn.layers.base import Layer, ParamSpec
+from ddp_cnn.model import kernels
+from ddp_cnn.model.layers.base import Layer, ParamSpec
 
 
 class SyncStatistics:
@@ -111,7 +111,7 @@ class BatchNorm(Layer):
 
     # ---- GPU -----------------------------------------------------------------
     def _forward_gpu(self, x, train):
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         x2 = self.xp.ascontiguousarray(x).reshape(-1, self.c)
         ones = self.scratch.ones("ones", x2.shape[0], x2.dtype, self.xp)
 
@@ -132,7 +132,7 @@ class BatchNorm(Layer):
         return y.reshape(x.shape)
 
     def _backward_gpu(self, dy, need_dx):
-        from ddp_cnn import cuda_kernels
+        from ddp_cnn.model import cuda_kernels
         dy2 = self.xp.ascontiguousarray(dy).reshape(-1, self.c)
         m = dy2.shape[0]
         ones = self.scratch.ones("ones", m, dy2.dtype, self.xp)

@@ -1,7 +1,7 @@
 """A network from a TOML file: ``ddp_cnn.train --model net.toml``, ``ddp_cnn.summary --model net.toml``.
 
 The file lists the layers in order, one ``[[layers]]`` table each: ``type`` is
-a layer of :mod:`ddp_cnn.layers` and the other keys are that layer's Python
+a layer of :mod:`ddp_cnn.model.layers` and the other keys are that layer's Python
 arguments, by the same names::
 
     [[layers]]
@@ -34,10 +34,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn.system.backend import Backend, get_backend
 from ddp_cnn.system.memory import TooLarge
-from ddp_cnn.model import LAYER_TYPES, Sequential
+from ddp_cnn.model.network import LAYER_TYPES, Sequential
 
 # What a file may name: the layers a description rebuilds, and the pooling shorthands of the Python API.
 TYPES = {**LAYER_TYPES, "MaxPool2D": L.MaxPool2D, "AvgPool2D": L.AvgPool2D, "MinPool2D": L.MinPool2D}

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn import cpu_kernels, kernels
+from ddp_cnn.model import cpu_kernels, kernels
 from ddp_cnn.system.backend import STREAM_DROPOUT
-from ddp_cnn.layers.base import Layer
+from ddp_cnn.model.layers.base import Layer
 
 
 class Dropout(Layer):
