@@ -34,7 +34,7 @@ from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.loader import Loader
 from ddp_cnn.data.splits import class_names_of, open_data
-from ddp_cnn.evaluate import split_scores
+from ddp_cnn.run.evaluation import split_scores
 from ddp_cnn.dist.comm import CollectiveTimeout
 from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
                      abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
@@ -307,7 +307,7 @@ class Trainer(RunState, AfterShrink):
             self.log("no validation split (shard with --val-fraction, or train with --val-fraction): epochs are not "
                      "scored and no best checkpoint is kept; the test set is scored once, at the end")
         if self.global_step == 0:
-            from ddp_cnn.summary import format_summary
+            from ddp_cnn.model.network import format_summary
             self.log(format_summary(model))
             self.metrics.write({"kind": "start", "step": 0, "model": model.name, "params": model.num_params,
                                 "world_size": world.size, "device": backend.name, "comm": self.comm.name,

@@ -256,7 +256,7 @@ def test_evaluate_takes_the_loader_batches_as_they_come_for_a_cnn_and_an_mlp():
     from ddp_cnn.model import layers as L
     from ddp_cnn import model as model_mod
     from ddp_cnn.system.backend import get_backend
-    from ddp_cnn.evaluate import evaluate
+    from ddp_cnn.run.evaluation import evaluate
     data = memory_data(10)
     backend = get_backend("cpu", "float64")
     cnn = model_mod.Sequential([L.Conv2D(2, 3, padding="same"), L.ReLU(), L.Flatten(), L.Dense(3)],

@@ -14,7 +14,7 @@ from ddp_cnn.model import layers as L
 from ddp_cnn.model import optim
 from ddp_cnn.system.backend import get_backend
 from ddp_cnn.dist.comm import MPIComm, SingleComm
-from ddp_cnn.evaluate import evaluate
+from ddp_cnn.run.evaluation import evaluate
 from ddp_cnn.model import Sequential
 from ddp_cnn.dist.reducer import GradReducer, plan_buckets
 from ddp_cnn.step import compute_gradients

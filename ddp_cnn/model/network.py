@@ -334,3 +334,18 @@ def from_description(desc: dict, backend: Backend | None = None, seed: int = 0) 
                           arch_kwargs=desc.get("arch_kwargs"))
     except (TypeError, AttributeError) as exc:
         raise ValueError(f"model description: {type(exc).__name__}: {exc}") from None
+
+
+def format_summary(model) -> str:
+    """A table of the model's layers and the totals (forward MFLOP per image)."""
+    rows = model.summary_rows()
+    lines = [f"{'layer':<16}{'type':<16}{'output shape':<18}{'params':>12}{'MFLOP':>10}"]
+    lines.append("-" * len(lines[0]))
+    for name, kind, shape, n, mflop in rows:
+        lines.append(f"{name:<16}{kind:<16}{str(tuple(shape)):<18}{n:>12,}{mflop:>10.3f}")
+    lines.append("-" * len(lines[0]))
+    total_params = sum(r[3] for r in rows)
+    total_mflop = sum(r[4] for r in rows)
+    lines.append(f"{'total':<50}{total_params:>12,}{total_mflop:>10.3f}")
+    lines.append(f"input {tuple(model.input_shape)}; forward+backward is about 3x the forward MFLOP")
+    return "\n".join(lines)
