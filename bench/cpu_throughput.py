@@ -244,7 +244,7 @@ def worker_mpi(args) -> dict:
     from ddp_cnn.system.backend import get_backend
     from ddp_cnn.model.layers import SoftmaxCrossEntropy
     from ddp_cnn.dist.reducer import GradReducer
-    from ddp_cnn.step import compute_gradients
+    from ddp_cnn.run.step import compute_gradients
 
     comm, _ = comm_mod.for_device(comm_mod.create("auto"), get_backend("cpu"))
     x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)

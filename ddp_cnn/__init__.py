@@ -36,9 +36,9 @@ def __getattr__(name):
         import importlib
         return importlib.import_module({"comm": "ddp_cnn.dist.comm", "layers": "ddp_cnn.model.layers"}[name])
     if name == "Trainer":
-        from ddp_cnn.trainer import Trainer
+        from ddp_cnn.run.trainer import Trainer
         return Trainer
     if name == "TrainConfig":
-        from ddp_cnn.config import TrainConfig
+        from ddp_cnn.run.config import TrainConfig
         return TrainConfig
     raise AttributeError(f"module 'ddp_cnn' has no attribute {name!r}")

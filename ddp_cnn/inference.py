@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.model import network as model_mod
 from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.data.shards import DataError

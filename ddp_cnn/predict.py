@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.checkpoint import CheckpointError
+from ddp_cnn.run.checkpoint import CheckpointError
 from ddp_cnn.dist.faults import EXIT_USAGE
 from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.pixels import normalize

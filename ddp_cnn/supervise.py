@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ddp_cnn.argtypes import non_negative_int, positive_float, positive_int
 from ddp_cnn.dist.faults import EXIT_PREEMPTED, NOT_RETRIED
-from ddp_cnn.rundir import remove_dead_temps
+from ddp_cnn.run.rundir import remove_dead_temps
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "mpirun.sh"
 TRAIN_MODULE = "ddp_cnn.train"
@@ -151,7 +151,7 @@ def reachable(launcher: str, host_line: str, timeout: float, folder: str) -> boo
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> tuple[int, str | None]:
     """(global step, file) of the newest checkpoint that verifies; (0, None) when there is none."""
-    from ddp_cnn import checkpoint as ckpt
+    from ddp_cnn.run import checkpoint as ckpt
     state = ckpt.load_latest(checkpoint_dir, warn=lambda message: None)
     return (state["meta"]["global_step"], Path(state["path"]).name) if state else (0, None)
 

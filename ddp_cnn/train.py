@@ -6,8 +6,8 @@ applies the same optimizer step.  Rank 0 alone prints, logs and saves.
 Without mpirun the same command trains in one process.
 
 A thin layer over the library: flags (or a TOML recipe) -> one
-:class:`~ddp_cnn.config.TrainConfig` -> data, model and teacher (each step's
-errors agreed by every rank) -> :class:`~ddp_cnn.trainer.Trainer`.
+:class:`~ddp_cnn.run.config.TrainConfig` -> data, model and teacher (each step's
+errors agreed by every rank) -> :class:`~ddp_cnn.run.trainer.Trainer`.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from ddp_cnn.model import network as model_mod
 from ddp_cnn.model import modelfile
 from ddp_cnn.model import optim
 from ddp_cnn.system.backend import get_backend
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.config import TrainConfig
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.run.config import TrainConfig
 from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
-from ddp_cnn.progress import MODES, RootLog
-from ddp_cnn.trainer import Trainer
+from ddp_cnn.run.progress import MODES, RootLog
+from ddp_cnn.run.trainer import Trainer
 from ddp_cnn.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
 
 D = TrainConfig()
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     status = trainer.fit()
-    trainer.recovery.leave(status)  # after a shrink: ends here, without MPI_Finalize (ddp_cnn.shrink)
+    trainer.recovery.leave(status)  # after a shrink: ends here, without MPI_Finalize (ddp_cnn.run.shrink)
     return status
 
 

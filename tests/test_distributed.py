@@ -17,7 +17,7 @@ from ddp_cnn.dist.comm import MPIComm, SingleComm
 from ddp_cnn.run.evaluation import evaluate
 from ddp_cnn.model import Sequential
 from ddp_cnn.dist.reducer import GradReducer, plan_buckets
-from ddp_cnn.step import compute_gradients
+from ddp_cnn.run.step import compute_gradients
 from helpers import make_synthetic_shards
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
@@ -192,7 +192,7 @@ def run_train(args):
 
 
 def final_params(run_dir):
-    from ddp_cnn.checkpoint import list_checkpoints, load
+    from ddp_cnn.run.checkpoint import list_checkpoints, load
     return load(list_checkpoints(run_dir / "checkpoints")[-1])
 
 

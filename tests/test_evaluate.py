@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_cnn.checkpoint import list_checkpoints
+from ddp_cnn.run.checkpoint import list_checkpoints
 from ddp_cnn.evaluate import main as evaluate_main
 from ddp_cnn.export import main as export_main
 from ddp_cnn.train import main as train_main

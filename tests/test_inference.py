@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_tools import datasets
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn import export, inference, predict
 from ddp_cnn.model import layers as L
 from ddp_cnn.system.backend import get_backend

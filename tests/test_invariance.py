@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn.checkpoint import list_checkpoints, load
+from ddp_cnn.run.checkpoint import list_checkpoints, load
 from ddp_cnn.dist.comm import MPIComm, SingleComm
 from ddp_cnn.dist.faults import EXIT_PREEMPTED
 from helpers import make_synthetic_shards

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.dist.faults import EXIT_DISK_FULL
 from helpers import make_synthetic_shards
 
@@ -187,7 +187,7 @@ def test_a_disk_full_at_start_names_the_file_it_could_not_write(data, small_disk
 
 def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
     from ddp_cnn.system.nospace import DiskFull
-    from ddp_cnn.rundir import MetricsLog
+    from ddp_cnn.run.rundir import MetricsLog
     path = small_disk / "metrics.jsonl"
     path.write_text('{"kind": "start"}'.ljust(4090) + "\n")  # one page, all but a few bytes
     fill(small_disk)
@@ -320,7 +320,7 @@ def test_the_time_left_with_max_steps_covers_the_steps_that_will_run(monkeypatch
     """A clock that moves 1 s per step: 2 steps done of the 10 that --max-steps lets run, 8 s left (not the 98 s
     of the whole 100-step epoch)."""
     import types
-    from ddp_cnn import progress as progress_mod
+    from ddp_cnn.run import progress as progress_mod
     clock = {"t": 0.0}
     monkeypatch.setattr(progress_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
     progress = progress_mod.Progress("lines", 0, 2, steps=100, start_step=0, world_size=1, every_s=0.0, end=10)

@@ -208,7 +208,7 @@ def test_with_one_bucket_the_allreduce_starts_after_backward(tmp_path):
 
 def test_a_stopped_run_writes_its_trace_too(tmp_path):
     from ddp_cnn.dist.faults import EXIT_PREEMPTED
-    from ddp_cnn.trainer import Trainer
+    from ddp_cnn.run.trainer import Trainer
     data = make_synthetic_shards(tmp_path / "data", 1)
     trainer = Trainer(model_mod.build("lenet"), comm=SingleComm(), data=str(data), run_dir=str(tmp_path / "run"),
                       epochs=1, batch_size=100, progress="off", trace=str(tmp_path / "t.json"))

@@ -10,12 +10,12 @@ import pytest
 
 from ddp_cnn.model import layers as L
 from ddp_cnn import model as model_mod
-from ddp_cnn.checkpoint import list_checkpoints, load
+from ddp_cnn.run.checkpoint import list_checkpoints, load
 from ddp_cnn.dist.comm import SingleComm
-from ddp_cnn.config import TrainConfig
+from ddp_cnn.run.config import TrainConfig
 from ddp_cnn.model import Sequential
 from ddp_cnn.dist.faults import SetupError
-from ddp_cnn.trainer import Trainer
+from ddp_cnn.run.trainer import Trainer
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_the_step_alone_memorises_a_batch():
     """The step under the Trainer (compute_gradients + the optimizer), driven by hand as before the Trainer."""
     from ddp_cnn.model import optim
     from ddp_cnn.dist.reducer import GradReducer
-    from ddp_cnn.step import compute_gradients
+    from ddp_cnn.run.step import compute_gradients
     model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),
                         L.Flatten(), L.Dropout(0.2), L.Dense(10)], input_shape=(28, 28, 1), seed=0)
     opt = optim.create("adam", model.params, model.grads, lr=1e-3, decay_ranges=model.decay_ranges)
@@ -162,7 +162,7 @@ def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
 
 
 def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypatch):
-    from ddp_cnn.progress import Progress
+    from ddp_cnn.run.progress import Progress
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # as under mpirun
     progress = Progress("auto", epoch=1, epochs=3, steps=4, start_step=0, world_size=2, every_s=0.0)
     assert progress.mode == "lines"
@@ -201,7 +201,7 @@ class _FakeRank(SingleComm):
 
 def test_epochs_are_scored_on_validation_the_best_is_kept_and_the_test_set_once_at_the_end(data, tmp_path):
     import json
-    from ddp_cnn.checkpoint import BEST_NAME
+    from ddp_cnn.run.checkpoint import BEST_NAME
     model = model_mod.build("lenet", seed=1)
     trainer = Trainer(model, comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path), epochs=3, batch_size=64,
                       progress="off", val_fraction=0.2, keep=1, lr=3e-3)

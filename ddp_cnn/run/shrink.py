@@ -72,7 +72,7 @@ def choose(mode: str, world, data_order: str, min_ranks: int, local_batch_size=N
 
 class AfterShrink:
     """The Trainer's side of a shrink: its state for the other survivors, and what it rebuilds on the
-    new communicator (a mixin of :class:`ddp_cnn.trainer.Trainer`: the methods use its attributes)."""
+    new communicator (a mixin of :class:`ddp_cnn.run.trainer.Trainer`: the methods use its attributes)."""
 
     def state_for_peers(self) -> dict:
         """Everything a survivor needs to continue from this rank's position (host arrays)."""
@@ -93,12 +93,12 @@ class AfterShrink:
         """Collective over the new communicator ``self.world``: each rank's share of the global batch
         and of the evaluation splits, the gradient transport and buckets, and rank 0's role."""
         from ddp_cnn.dist import comm as comm_mod
-        from ddp_cnn import rundir
-        from ddp_cnn.config import batch_sizes
+        from ddp_cnn.run import rundir
+        from ddp_cnn.run.config import batch_sizes
         from ddp_cnn.dist.faults import install_abort_hook
         from ddp_cnn.model.layers import BatchNorm
         from ddp_cnn.model.layers.normalization import SyncStatistics
-        from ddp_cnn.progress import RootLog
+        from ddp_cnn.run.progress import RootLog
         from ddp_cnn.dist.reducer import GradReducer
         from ddp_cnn.data.splits import open_data
         cfg, world, model = self.config, self.world, self.model
@@ -149,7 +149,7 @@ def maybe_die(where: str, world_rank: int, step: int) -> None:
             _record_kill_time()
             os.kill(os.getpid(), signal.SIGKILL)
         if point == "write" and where == "checkpoint":  # after the temporary file is written, before its rename
-            from ddp_cnn import checkpoint as ckpt
+            from ddp_cnn.run import checkpoint as ckpt
 
             def die(path):
                 _record_kill_time()
@@ -260,7 +260,7 @@ class LiveRecovery:
         every, step = t.config.checkpoint_every, t.global_step
         if not (every and step and step % every == 0):
             return
-        from ddp_cnn import checkpoint as ckpt
+        from ddp_cnn.run import checkpoint as ckpt
         if not world.bcast_obj(ckpt.checkpoint_path(t.checkpoint_dir, step).exists() if world.is_root else None):
             t.save_checkpoint()
 

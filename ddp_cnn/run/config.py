@@ -77,7 +77,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 1000
     log_every: int = 0
-    progress: str = "auto"           # auto | bar | lines | off (ddp_cnn.progress)
+    progress: str = "auto"           # auto | bar | lines | off (ddp_cnn.run.progress)
     overwrite: bool = False          # replace the run already in run_dir
     trace: str | None = None         # a Chrome trace-event timeline of every rank's steps (ddp_cnn.system.trace)
     config: str | None = None        # the TOML recipe these settings came from (train --config)

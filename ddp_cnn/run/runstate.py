@@ -4,7 +4,7 @@ Parameters, optimizer state and BatchNorm statistics; the position (epoch,
 step in the epoch, global step); the epoch's running sums so far, so that a
 resumed epoch reports all of its steps; the best validation accuracy.  Rank 0
 writes, every rank restores from rank 0's broadcast.  A mixin of
-:class:`ddp_cnn.trainer.Trainer`: the methods use its attributes.
+:class:`ddp_cnn.run.trainer.Trainer`: the methods use its attributes.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn import rundir
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.run import rundir
 from ddp_cnn.system.backend import to_host
 from ddp_cnn.dist.faults import SetupError, agreed
-from ddp_cnn.shrink import maybe_die
+from ddp_cnn.run.shrink import maybe_die
 
 
 class RunState:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn.system import memory
 from ddp_cnn.model import optim
-from ddp_cnn import rundir
-from ddp_cnn.config import TrainConfig, batch_shares, batch_sizes
+from ddp_cnn.run import rundir
+from ddp_cnn.run.config import TrainConfig, batch_shares, batch_sizes
 from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.loader import Loader
@@ -42,10 +42,10 @@ from ddp_cnn.model.layers import BatchNorm, SoftmaxCrossEntropy
 from ddp_cnn.model.layers.normalization import SyncStatistics
 from ddp_cnn.system.nospace import DiskFull
 from ddp_cnn.dist.reducer import GradReducer
-from ddp_cnn.progress import Progress, RootLog
-from ddp_cnn.runstate import RunState
-from ddp_cnn.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
-from ddp_cnn.step import compute_gradients
+from ddp_cnn.run.progress import Progress, RootLog
+from ddp_cnn.run.runstate import RunState
+from ddp_cnn.run.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
+from ddp_cnn.run.step import compute_gradients
 from ddp_cnn.system.trace import Tracer
 
 
@@ -78,7 +78,7 @@ class Trainer(RunState, AfterShrink):
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         rank, size = self.world.rank, self.world.size
         self.global_batch, self.local_batch = agreed(self.world, lambda: batch_sizes(cfg, rank, size))
-        # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.shrink).
+        # A lost rank: shrink and go on (ULFM), or end for the supervisor (ddp_cnn.run.shrink).
         on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
             cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size, model.backend.is_gpu))
         self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data_tools.atomic import AtomicOutput
 
-from ddp_cnn.checkpoint import BEST_NAME, CORRUPT_SUFFIX, list_checkpoints
+from ddp_cnn.run.checkpoint import BEST_NAME, CORRUPT_SUFFIX, list_checkpoints
 from ddp_cnn.system.nospace import naming
 
 
