@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     from ddp_cnn.dist import comm as comm_mod
     from ddp_cnn.data.loader import Loader, open_rank_data
     from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
-    from ddp_cnn.inference import load_model
+    from ddp_cnn.inference.models import load_model
 
     p = RankZeroParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",
                                 description="Accuracy, per-class accuracy and confusion matrix of a saved model.")

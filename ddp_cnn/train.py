@@ -368,7 +368,7 @@ def main(argv=None) -> int:
         model = agreed(world, lambda: build_model(cfg, backend, data[0]))
         distiller = None
         if cfg.teacher:
-            from ddp_cnn.distill import Distiller
+            from ddp_cnn.inference.distill import Distiller
             distiller = agreed(world, lambda: Distiller.load(cfg.teacher, backend, model, class_names_of(data[0]),
                                                              data[0].attrs, cfg.distill_weight,
                                                              cfg.distill_temperature))

@@ -213,7 +213,7 @@ def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
     from ddp_cnn.system.backend import get_backend
     from ddp_cnn.dist.comm import SingleComm
     from ddp_cnn.data.loader import Loader, open_rank_data
-    from ddp_cnn.distill import Distiller
+    from ddp_cnn.inference.distill import Distiller
     train = open_rank_data(data, "train", SingleComm())
     loader = Loader(train, batch_size=32, comm=SingleComm(), seed=3, dtype=np.float64, prefetch=0)
     teacher = model_mod.build("lenet", get_backend("cpu", "float64"), seed=2)

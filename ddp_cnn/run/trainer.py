@@ -56,7 +56,7 @@ class Trainer(RunState, AfterShrink):
     else: the data folder, batch size, optimizer, schedule, checkpoints,
     evaluation.  ``rank_data``: (train, val, test) already opened with
     :func:`open_data` (else ``config.data`` is opened); ``distiller``: a
-    :class:`~ddp_cnn.distill.Distiller`.
+    :class:`~ddp_cnn.inference.distill.Distiller`.
     Start-up problems raise :class:`SetupError` on every rank.
     """
 

@@ -25,7 +25,7 @@ class Distiller:
     @classmethod
     def load(cls, path, backend, student, class_names, data_attrs, weight=0.5, temperature=4.0) -> "Distiller":
         """The teacher of checkpoint (or run folder) ``path``, checked against the student and its data."""
-        from ddp_cnn.inference import load_teacher
+        from ddp_cnn.inference.models import load_teacher
         return cls(load_teacher(path, backend, student, class_names, data_attrs), weight, temperature)
 
     def cache_rows(self, loader) -> None:
