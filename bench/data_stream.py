@@ -56,7 +56,7 @@ except MemoryError:
 
 TRAIN = f"""
 import json, os, sys
-from ddp_cnn.train import main
+from ddp_cnn.cli.train import main
 code = main(sys.argv[2:])
 from mpi4py import MPI
 rank = MPI.COMM_WORLD.rank

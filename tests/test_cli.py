@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddp_cnn.train import main as train_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_unknown_config_key_and_bad_value_exit_2(tmp_path, capsys):
 
 
 def test_config_supplies_defaults_and_flags_override(tmp_path):
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "mlp"\nlr = 0.5\nhflip = true\nbatch-size = 64\n')
     args = parse_args(["--config", str(cfg), "--lr", "0.25"])
@@ -78,7 +78,7 @@ def test_config_supplies_defaults_and_flags_override(tmp_path):
 
 
 def test_recipes_parse():
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     for recipe in sorted((REPO / "recipes").glob("*.toml")):
         parse_args(["--config", str(recipe)])
 

@@ -187,7 +187,7 @@ def shared_folder(comm, tmp_path_factory, name):
 
 
 def run_train(args):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     return main([str(a) for a in args])
 
 

@@ -29,7 +29,7 @@ AUGMENT = ["--augment-shift", 2, "--hflip", "--erase", 0.3]
 
 
 def train(args, single=False):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     return main([str(a) for a in args] + (["--comm", "single"] if single else []))
 
 

@@ -390,7 +390,7 @@ def test_the_cli_and_model_build_give_the_same_network(name):
     """The command line has always trained with dropout (--no-dropout removes it); build(name) now does too."""
     from ddp_cnn import model as model_mod
     from ddp_cnn.run.config import TrainConfig
-    from ddp_cnn.train import arch_kwargs
+    from ddp_cnn.cli.train import arch_kwargs
     bk = get_backend("cpu")
     cli = model_mod.build(name, bk, seed=1, **arch_kwargs(TrainConfig(model=name)))
     lib = model_mod.build(name, bk, seed=1)

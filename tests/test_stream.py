@@ -145,7 +145,7 @@ def test_a_cache_too_small_for_one_batch_is_refused_with_the_size_it_needs(tmp_p
     with pytest.raises(DataError, match=r"--data-cache-mb 0\.5: too small for one batch of 64 .* give "
                                         r"--data-cache-mb 1 or more"):
         Loader(streamed(data_dir, mb=0.5), batch_size=64, comm=SingleComm(), seed=0, window=1)
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     code = main(["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--run-dir", str(tmp_path / "r"),
                  "--batch-size", "64", "--data-cache-mb", "0.5", "--shuffle-window", "1", "--comm", "single"])
     err = capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_a_cache_too_small_for_one_batch_is_refused_with_the_size_it_needs(tmp_p
 
 
 def test_a_run_prints_its_cache_and_logs_each_epochs_data_wait(tmp_path, capsys):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     data_dir = make_synthetic_shards(tmp_path / "data", 2)
     flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64", "--epochs", "2",
              "--eval-every", "0", "--comm", "single"]
@@ -173,7 +173,7 @@ def test_a_run_prints_its_cache_and_logs_each_epochs_data_wait(tmp_path, capsys)
 ])
 def test_a_resume_that_would_change_the_epochs_order_is_refused(tmp_path, capsys, change, needle):
     """Mid-epoch, another window (or the in-memory loader's order) would see some rows twice and others never."""
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     data_dir = make_synthetic_shards(tmp_path / "data", 1)
     flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64",
              "--eval-every", "0", "--comm", "single", "--run-dir", str(tmp_path / "run"), "--checkpoint-every", "4"]

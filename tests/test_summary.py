@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_cnn import summary
+from ddp_cnn.cli import summary
 from ddp_cnn.model.network import format_summary
 
 REPO = Path(__file__).resolve().parents[1]

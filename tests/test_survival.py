@@ -365,7 +365,7 @@ def test_a_one_process_run_reports_no_communication_and_one_epoch_numbering(data
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ddp_cnn.report import confusion_figure, read_metrics, summary_markdown
+    from ddp_cnn.cli.report import confusion_figure, read_metrics, summary_markdown
     run_dir = tmp_path / "run"
     proc = train(data, run_dir, "--model", "mlp", "--epochs", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -387,7 +387,7 @@ def test_report_reads_a_log_whose_test_record_counted_epochs_from_1(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ddp_cnn.report import confusion_figure
+    from ddp_cnn.cli.report import confusion_figure
     epoch = {"kind": "epoch", "complete": True, "train_loss": 1.0, "train_acc": 0.5, "images_per_s": 10.0,
              "seconds": 1.0}
     records = [{"kind": "start", "step": 0, "world_size": 2, "class_names": ["a", "b"]},

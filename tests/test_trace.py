@@ -14,7 +14,7 @@ import pytest
 from ddp_cnn import model as model_mod
 from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.system.trace import NO_TRACE, Tracer, chrome_trace
-from ddp_cnn.train import main as train_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_a_stopped_run_writes_its_trace_too(tmp_path):
 
 def test_the_report_draws_a_step_of_the_two_rank_trace(two_rank_trace, tmp_path):
     pytest.importorskip("matplotlib")
-    from ddp_cnn.report import main as report_main
+    from ddp_cnn.cli.report import main as report_main
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(two_rank_trace))
     assert report_main(["--trace", str(trace), "--step", "4"]) == 0

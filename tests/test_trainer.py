@@ -64,7 +64,7 @@ def test_readme_example_runs_unchanged_under_mpirun(data, tmp_path):
 
 def test_library_trainer_equals_the_command_line(data, tmp_path):
     from ddp_cnn.system.backend import get_backend
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     flags = dict(max_steps=6, batch_size=32, eval_every=0, optimizer="nesterov", lr=0.05, augment_shift=1, seed=4)
     argv = ["--data", data[1], "--model", "lenet", "--comm", "single", "--device", "cpu", "--progress", "off",
             "--run-dir", tmp_path / "cli"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", v)]
@@ -231,7 +231,7 @@ def test_without_a_validation_split_epochs_are_not_scored(data, tmp_path, capsys
 
 
 def test_adamw_weight_decay_zero_means_none_from_the_command_line_and_the_library(data, tmp_path):
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     assert parse_args(["--optimizer", "adamw"]).weight_decay is None  # the optimizer's default: 0.01
     assert parse_args(["--optimizer", "adamw", "--weight-decay", "0"]).weight_decay == 0.0
     common = dict(comm=SingleComm(), data=str(data[1]), optimizer="adamw", eval_every=0, progress="off")
