@@ -176,7 +176,7 @@ def write_trace(path, steps=4, slow_step=3):
 
 
 def test_the_timeline_shows_a_typical_step_with_the_allreduce_hidden_behind_backward(tmp_path, plt):
-    from ddp_cnn.cli.report import read_trace, timeline_figure
+    from ddp_cnn.cli.timeline import read_trace, timeline_figure
     trace = read_trace(write_trace(tmp_path / "trace.json"))
     ax = timeline_figure(trace, plt).axes[0]  # later half: steps 2 and 3; step 3 is slow
     assert ax.get_title().startswith("Step 2, 2 rank(s): backward and the gradient allreduce")
