@@ -13,8 +13,6 @@ Every method is called on every rank unless its name or docstring says root.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -26,9 +24,8 @@ import numpy as np
 
 from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.dist import comm as comm_mod
-from ddp_cnn.system import memory
 from ddp_cnn.model import optim
-from ddp_cnn.run import rundir
+from ddp_cnn.run import rundir, startup
 from ddp_cnn.run.config import TrainConfig, batch_shares, batch_sizes
 from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
@@ -36,8 +33,8 @@ from ddp_cnn.data.loader import Loader
 from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.run.evaluation import split_scores
 from ddp_cnn.dist.comm import CollectiveTimeout
-from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag, abort_job,
-                     abort_lost_rank, agreed, install_abort_hook, maybe_fail, require_same)
+from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag,
+                                  abort_job, abort_lost_rank, agreed, install_abort_hook, maybe_fail)
 from ddp_cnn.model.layers import BatchNorm, SoftmaxCrossEntropy
 from ddp_cnn.model.layers.normalization import SyncStatistics
 from ddp_cnn.system.nospace import DiskFull
@@ -82,15 +79,16 @@ class Trainer(RunState, AfterShrink):
         on_rank_loss = agreed(self.world, lambda: choose_on_rank_loss(
             cfg.on_rank_loss, self.world, cfg.data_order, cfg.min_ranks, cfg.local_batch_size, model.backend.is_gpu))
         self.recovery = LiveRecovery(self, *on_rank_loss, cfg.min_ranks)
-        agreed(self.world, self._prepare_run_dir)
+        agreed(self.world, lambda: startup.prepare_run_dir(self.world, cfg, self.run_dir, self.checkpoint_dir,
+                                                           self.metrics_path))
         self.train_data, self.val_data, self.test_data = (rank_data if rank_data is not None
                                                           else open_data(cfg, self.world))
         self.class_names = class_names_of(self.train_data)
         self.opt, self.resume = agreed(self.world, self._optimizer_and_resume)
-        self._check_same_everywhere()
+        startup.check_same_everywhere(self.world, cfg, model, distiller, self.train_data)
         self.augment = agreed(self.world, lambda: Augment(shift=cfg.augment_shift, hflip=cfg.hflip, erase=cfg.erase))
         self.train_loader, self.val_loader, self.test_loader = agreed(self.world, self._loaders)
-        agreed(self.world, self._check_batch_memory)
+        agreed(self.world, lambda: startup.check_batch_memory(model, *self._micro_batch()))
         self.comm, reason = agreed(self.world, lambda: comm_mod.for_device(self.world, model.backend, cfg.comm))
         if self.world.size > 1 and model.backend.is_gpu:  # NCCL or host staging: say which, and why
             self.log(f"comm: {reason}")
@@ -108,7 +106,7 @@ class Trainer(RunState, AfterShrink):
         self.processes = self.world.allgather_obj((comm_mod.hostname(), os.getpid()))
         self.checkpoint_due, self.checkpoint_clock = False, time.monotonic()  # --checkpoint-every-seconds
         self.lock = rundir.RunLock(self.run_dir)  # from here on this job writes in the run dir
-        agreed(self.world, self._lock_run_dir)
+        agreed(self.world, lambda: startup.lock_run_dir(self.world, self.lock, self.checkpoint_dir, self.log))
         try:
             self._restore_or_broadcast()
         except SetupError:
@@ -124,27 +122,6 @@ class Trainer(RunState, AfterShrink):
         self.stop = StopFlag()
 
     # ---- setup (each step local, then agreed) ----------------------------
-    def _prepare_run_dir(self):
-        if self.world.is_root:
-            trace = self.config.trace
-            if trace:
-                if Path(trace).is_dir():
-                    raise ValueError(f"--trace {trace}: is a folder; give the trace's file name")
-                try:
-                    rundir.check_writable(Path(trace).parent)
-                except ValueError as exc:
-                    raise ValueError(f"--trace {trace}: {exc}") from None
-            if self.config.resume == "latest":
-                rundir.check_resumable(self.run_dir, self.checkpoint_dir, bool(self.config.checkpoint_dir))
-            rundir.prepare(self.metrics_path, self.checkpoint_dir, self.run_dir, resume=bool(self.config.resume),
-                           overwrite=self.config.overwrite)
-
-    def _lock_run_dir(self):
-        if self.world.is_root:
-            self.lock.acquire(warn=self.log)
-            for path in rundir.remove_dead_temps(self.checkpoint_dir):
-                self.log(f"removed {path}: the temporary file of a checkpoint writer that died")
-
     def _optimizer_and_resume(self):
         cfg, model = self.config, self.model
         smallest, setting = self._micro_batch()
@@ -168,30 +145,7 @@ class Trainer(RunState, AfterShrink):
                                          self.distiller.record if self.distiller else None, run, warn=self.log)
 
     def _micro_batch(self):
-        """(images per rank in one forward, the flags that made it: None for --local-batch-size)."""
-        cfg = self.config
-        smallest = self.local_batch // cfg.accumulate  # the smallest micro-batch
-        return smallest, (f"--accumulate {cfg.accumulate} of {self.local_batch} images per rank: micro-batches of "
-                          f"{smallest}" if cfg.accumulate > 1 else None if cfg.local_batch_size
-                          else f"--batch-size {self.global_batch} on {self.world.size} rank(s): {smallest} per rank")
-
-    def _check_batch_memory(self) -> None:
-        """TooLarge (one line) when one batch's activations cannot fit: before the first step allocates them."""
-        smallest, setting = self._micro_batch()
-        memory.check_batch(self.model.name, self.model.layers, self.model.backend, smallest,
-                           setting or f"--local-batch-size {smallest}")
-
-    def _check_same_everywhere(self) -> None:
-        """Collective: SetupError on every rank when the ranks disagree on what they are about to train."""
-        cfg = {k: v for k, v in self.config.record().items() if k not in TrainConfig.LOCAL_ONLY}
-        ident = {"model": _sha(self.model.describe()), "num_params": self.model.num_params,
-                 "teacher": self.distiller.digest if self.distiller else None,
-                 "dataset": self.train_data.attrs.get("sharding_id"), "config": _sha(cfg)}
-        require_same(self.world, ident, {
-            "model": "model architecture", "num_params": "parameter count",
-            "teacher": "--teacher weights (a run folder that resolved to different checkpoints?)",
-            "dataset": "dataset (sharding_id of the shards: shards from different sharding runs?)",
-            "config": "training configuration (flags or code)"})
+        return startup.micro_batch(self.config, self.local_batch, self.global_batch, self.world.size)
 
     def _loaders(self):
         cfg, dtype = self.config, self.model.backend.dtype
@@ -257,7 +211,7 @@ class Trainer(RunState, AfterShrink):
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
         except DiskFull as exc:  # rank 0 alone writes; the other ranks wait in the next collective
-            message = self._disk_full_message(exc)
+            message = startup.disk_full_message(exc, self.global_step, self.checkpoint_dir)
             if self.world.size > 1:
                 abort_job(self.world, message, EXIT_DISK_FULL)
             else:
@@ -363,21 +317,6 @@ class Trainer(RunState, AfterShrink):
                  "continue with --resume latest")
         return EXIT_PREEMPTED
 
-    def _disk_full_message(self, exc: DiskFull) -> str:
-        """Rank 0: one line naming what could not be written, the checkpoint that survives, the way on."""
-        newest = None
-        for path in reversed(ckpt.list_checkpoints(self.checkpoint_dir)):
-            try:
-                ckpt.verify(path)
-                newest = path
-                break
-            except ckpt.CheckpointError:
-                continue
-        kept = (f"the earlier checkpoints are intact (newest: {newest})" if newest is not None
-                else "no checkpoint was written before it")
-        return (f"error: global step {self.global_step}: {exc}; nothing half-written is left, {kept}; free space "
-                f"there (or move the run dir), then run the same command with --resume latest")
-
     def _after_step(self, loss):
         cfg, step = self.config, self.global_step
         if cfg.log_every and step % cfg.log_every == 0:
@@ -454,6 +393,3 @@ class Trainer(RunState, AfterShrink):
         self.log(f"test (final model, scored once): loss {record['test_loss']:.4f} acc {record['test_acc'] * 100:.2f}% "
                  f"({record['test_count']} images)")
 
-
-def _sha(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
