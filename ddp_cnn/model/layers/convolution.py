@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn.model import cpu_kernels, kernels
+from ddp_cnn.model import cpu_gemm, cpu_kernels, kernels
 from ddp_cnn.model.layers.base import Layer, ParamSpec, image_input, init_name
 
 
@@ -91,25 +91,25 @@ class Conv2D(Layer):
         return y
 
     def _forward_jit(self, x, train):
-        """cpu_kernels.conv_forward.  Keeps x (the previous layer's output, which nothing
+        """cpu_gemm.conv_forward.  Keeps x (the previous layer's output, which nothing
         overwrites before this layer's backward), not the im2col rows: backward builds a
         chunk's rows again while they fit in cache, instead of reading them back from memory."""
         n, per = x.shape[0], self.oh * self.ow
         self.chunk = self._chunk(n)
         self.x = np.ascontiguousarray(x)
         y = self.buffer("y", (n * per, self.filters), reuse=train)
-        cpu_kernels.conv_forward(self.x, self.params["W"].reshape(self.k, self.filters),
+        cpu_gemm.conv_forward(self.x, self.params["W"].reshape(self.k, self.filters),
                                  self.params["b"] if self.use_bias else None, self.kh, self.kw, self.stride,
                                  self.pads, self.oh, self.ow, self.chunk, y)
         return y
 
     def _backward_jit(self, dy2, need_dx):
-        """cpu_kernels.conv_backward: dW, db and dx chunk by chunk, on every core."""
+        """cpu_gemm.conv_backward: dW, db and dx chunk by chunk, on every core."""
         n = dy2.shape[0] // (self.oh * self.ow)
         w_t = self.buffer("w_t", (self.filters, self.k))
         w_t[...] = self.params["W"].reshape(self.k, self.filters).T
         dx = self.buffer("dx", (n,) + self.input_shape) if need_dx else None
-        cpu_kernels.conv_backward(self.x, self.xp.ascontiguousarray(dy2), w_t, self.kh, self.kw, self.stride,
+        cpu_gemm.conv_backward(self.x, self.xp.ascontiguousarray(dy2), w_t, self.kh, self.kw, self.stride,
                                   self.pads, self.oh, self.ow, self.chunk,
                                   self.grads["W"].reshape(self.k, self.filters),
                                   self.grads["b"] if self.use_bias else None, dx)

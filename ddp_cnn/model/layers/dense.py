@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddp_cnn.model import cpu_kernels
+from ddp_cnn.model import cpu_gemm, cpu_kernels
 from ddp_cnn.model.layers.base import Layer, ParamSpec, init_name
 
 
@@ -21,7 +21,7 @@ class Flatten(Layer):
 
 class Dense(Layer):
     """y = x @ W + b with W (in, out): one GEMM each for y, dW and dx (BLAS's threads); with the
-    compiled CPU kernels, GEMMs on blocks, one per core (cpu_kernels.dense_*)."""
+    compiled CPU kernels, GEMMs on blocks, one per core (cpu_gemm.dense_*)."""
 
     def __init__(self, units: int, bias: bool = True, init: str | None = None, name=None):
         super().__init__(name)
@@ -51,7 +51,7 @@ class Dense(Layer):
         self.x = x
         if self.jit:
             self.x = np.ascontiguousarray(x)
-            return cpu_kernels.dense_forward(self.x, self.params["W"], self.params["b"] if self.use_bias else None,
+            return cpu_gemm.dense_forward(self.x, self.params["W"], self.params["b"] if self.use_bias else None,
                                              self.buffer("y", (x.shape[0], self.units), reuse=train))
         y = self.xp.matmul(x, self.params["W"], out=self.buffer("y", (x.shape[0], self.units), reuse=train))
         if self.use_bias:
@@ -62,7 +62,7 @@ class Dense(Layer):
         xp = self.xp
         if self.jit:
             dx = self.buffer("dx", (dy.shape[0], self.fan_in)) if need_dx else None
-            cpu_kernels.dense_backward(self.x, np.ascontiguousarray(dy), self.params["W"], self.grads["W"],
+            cpu_gemm.dense_backward(self.x, np.ascontiguousarray(dy), self.params["W"], self.grads["W"],
                                        self.grads["b"] if self.use_bias else None, dx)
             self.x = None
             return dx
