@@ -24,10 +24,10 @@ import numpy as np
 
 from data_tools.atomic import fsync_dir, temp_path
 
-from ddp_cnn.run import checkpoint as ckpt
-from ddp_cnn.system.backend import to_host
 from ddp_cnn.dist.faults import EXIT_USAGE
 from ddp_cnn.inference.models import NPZ_FORMAT, NPZ_VERSION, load_model, pixel_stats_of
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.system.backend import to_host
 
 
 class ExportError(ValueError):

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.run.checkpoint import CheckpointError
-from ddp_cnn.dist.faults import EXIT_USAGE
-from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.pixels import normalize
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.dist.faults import EXIT_USAGE
 from ddp_cnn.inference.models import load_model, pixel_stats_of, probabilities, top_k
+from ddp_cnn.run.checkpoint import CheckpointError
 
 NPY_MAGIC = b"\x93NUMPY"
 PILLOW_HINT = "pip install 'ddp_cnn[images]' (or pip install pillow); .npy arrays work without it"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddp_cnn.model import network as model_mod
 from ddp_cnn.model import modelfile
+from ddp_cnn.model import network as model_mod
 from ddp_cnn.model.network import format_summary
 from ddp_cnn.system.backend import get_backend
 

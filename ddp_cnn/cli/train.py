@@ -21,18 +21,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from ddp_cnn.cli.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
+from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.dist import comm as comm_mod
-from ddp_cnn.model import network as model_mod
+from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from ddp_cnn.model import modelfile
+from ddp_cnn.model import network as model_mod
 from ddp_cnn.model import optim
-from ddp_cnn.system.backend import get_backend
 from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.run.config import TrainConfig
-from ddp_cnn.data.splits import class_names_of, open_data
-from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
 from ddp_cnn.run.progress import MODES, RootLog
 from ddp_cnn.run.trainer import Trainer
-from ddp_cnn.cli.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
+from ddp_cnn.system.backend import get_backend
 
 D = TrainConfig()
 

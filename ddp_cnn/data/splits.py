@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.data.shards import DataError, ShardData
-from ddp_cnn.data.pixels import channel_stats
 from ddp_cnn.data.loader import open_rank_data
 from ddp_cnn.data.order import take
+from ddp_cnn.data.pixels import channel_stats
+from ddp_cnn.data.shards import DataError, ShardData
 
 
 def holdout_mask(source_index: np.ndarray, fraction: float) -> np.ndarray:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.run import checkpoint as ckpt
-from ddp_cnn.model import network as model_mod
-from ddp_cnn.system.backend import get_backend, to_host
-from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.pixels import channel_stats
-from ddp_cnn.system.memory import TooLarge
 from ddp_cnn.data.pixels import normalize  # noqa: F401  (the README's `from ddp_cnn.inference.models import load, normalize, ...`)
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.model import network as model_mod
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.system.backend import get_backend, to_host
+from ddp_cnn.system.memory import TooLarge
 
 
 def model_from_state(source: str, desc, params, buffers: dict, backend):

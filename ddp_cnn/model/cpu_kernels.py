@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ddp_cnn.model import kernels
-from ddp_cnn.system.backend import CPU_KERNEL_CHOICES as CHOICES  # noqa: F401
 from ddp_cnn.system.backend import CPU_KERNELS_ENV as ENV
+from ddp_cnn.system.backend import CPU_KERNEL_CHOICES as CHOICES  # noqa: F401
 from ddp_cnn.system.backend import cpu_kernel_mode as mode
 
 try:  # Numba compiles the kernels; its np.dot calls SciPy's BLAS; threadpoolctl sizes that BLAS.

@@ -35,9 +35,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ddp_cnn.model import layers as L
+from ddp_cnn.model.network import LAYER_TYPES, Sequential
 from ddp_cnn.system.backend import Backend, get_backend
 from ddp_cnn.system.memory import TooLarge
-from ddp_cnn.model.network import LAYER_TYPES, Sequential
 
 # What a file may name: the layers a description rebuilds, and the pooling shorthands of the Python API.
 TYPES = {**LAYER_TYPES, "MaxPool2D": L.MaxPool2D, "AvgPool2D": L.AvgPool2D, "MinPool2D": L.MinPool2D}

@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
+from ddp_cnn.dist.faults import SetupError, agreed
 from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.run import rundir
-from ddp_cnn.system.backend import to_host
-from ddp_cnn.dist.faults import SetupError, agreed
 from ddp_cnn.run.shrink import maybe_die
+from ddp_cnn.system.backend import to_host
 
 
 class RunState:

@@ -24,8 +24,8 @@ import time
 
 from ddp_cnn.system.backend import to_host
 
-from ddp_cnn.dist.launcher import hostname
 from ddp_cnn.dist.faults import EXIT_BELOW_MIN_RANKS
+from ddp_cnn.dist.launcher import hostname
 
 MODES = ("auto", "shrink", "restart")
 

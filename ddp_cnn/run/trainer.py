@@ -22,27 +22,27 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_cnn.run import checkpoint as ckpt
-from ddp_cnn.dist import comm as comm_mod
-from ddp_cnn.model import optim
-from ddp_cnn.run import rundir, startup
-from ddp_cnn.run.config import TrainConfig, batch_shares, batch_sizes
+from ddp_cnn.data.loader import Loader
 from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
-from ddp_cnn.data.loader import Loader
 from ddp_cnn.data.splits import class_names_of, open_data
-from ddp_cnn.run.evaluation import split_scores
+from ddp_cnn.dist import comm as comm_mod
 from ddp_cnn.dist.comm import CollectiveTimeout
 from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag,
                                   abort_job, abort_lost_rank, agreed, install_abort_hook, maybe_fail)
+from ddp_cnn.dist.reducer import GradReducer
+from ddp_cnn.model import optim
 from ddp_cnn.model.layers import BatchNorm, SoftmaxCrossEntropy
 from ddp_cnn.model.layers.normalization import SyncStatistics
-from ddp_cnn.system.nospace import DiskFull
-from ddp_cnn.dist.reducer import GradReducer
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.run import rundir, startup
+from ddp_cnn.run.config import TrainConfig, batch_shares, batch_sizes
+from ddp_cnn.run.evaluation import split_scores
 from ddp_cnn.run.progress import Progress, RootLog
 from ddp_cnn.run.runstate import RunState
 from ddp_cnn.run.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
 from ddp_cnn.run.step import compute_gradients
+from ddp_cnn.system.nospace import DiskFull
 from ddp_cnn.system.trace import Tracer
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ddp_cnn.model import cpu_kernels, kernels
-from ddp_cnn.system.backend import STREAM_DROPOUT
 from ddp_cnn.model.layers.base import Layer
+from ddp_cnn.system.backend import STREAM_DROPOUT
 
 
 class Dropout(Layer):
