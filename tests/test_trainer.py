@@ -14,7 +14,7 @@ from ddp_cnn.run.checkpoint import list_checkpoints, load
 from ddp_cnn.dist.comm import SingleComm
 from ddp_cnn.run.config import TrainConfig
 from ddp_cnn.model import Sequential
-from ddp_cnn.dist.faults import SetupError
+from ddp_cnn.dist.agree import SetupError
 from ddp_cnn.run.trainer import Trainer
 from helpers import make_synthetic_shards
 

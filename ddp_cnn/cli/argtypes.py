@@ -1,6 +1,7 @@
-"""Argument types for the command lines: a number checked where it is parsed, so a bad flag is one usage line.
+"""Argument types for the command lines: a number checked where it is parsed, so a bad flag is one usage line;
+and the parser that prints a usage error once, not once per rank (``RankZeroParser``).
 
-Shared by ``train`` and ``supervise``; nothing here imports NumPy or MPI, so a launcher stays light."""
+Shared by the programs; nothing here imports NumPy or MPI, so a launcher stays light."""
 from __future__ import annotations
 
 import argparse
@@ -47,3 +48,13 @@ def weight(text):
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+class RankZeroParser(argparse.ArgumentParser):
+    """Usage errors printed once: by rank 0 only when an MPI launcher started every rank (exit 2 everywhere)."""
+
+    def error(self, message):
+        from ddp_cnn.dist.launcher import launcher_rank
+        if launcher_rank() not in (None, 0):
+            self.exit(2)
+        super().error(message)

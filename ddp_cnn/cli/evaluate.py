@@ -20,7 +20,9 @@ def print_report(split: str, result: dict, names) -> None:
 def main(argv=None) -> int:
     from ddp_cnn.dist import comm as comm_mod
     from ddp_cnn.data.loader import Loader, open_rank_data
-    from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed
+    from ddp_cnn.dist.faults import EXIT_USAGE
+    from ddp_cnn.cli.argtypes import RankZeroParser
+    from ddp_cnn.dist.agree import SetupError, agreed
     from ddp_cnn.inference.models import load_model
 
     p = RankZeroParser(allow_abbrev=False, prog="python -m ddp_cnn.evaluate",

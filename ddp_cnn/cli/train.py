@@ -21,10 +21,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ddp_cnn.cli.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int, weight
+from ddp_cnn.cli.argtypes import (RankZeroParser, fraction, non_negative_float, non_negative_int, positive_float,
+                                  positive_int, weight)
 from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.dist import comm as comm_mod
-from ddp_cnn.dist.faults import EXIT_USAGE, RankZeroParser, SetupError, agreed, install_abort_hook, parse_fail_at
+from ddp_cnn.dist.agree import SetupError, agreed
+from ddp_cnn.dist.faults import EXIT_USAGE, install_abort_hook, parse_fail_at
 from ddp_cnn.model import modelfile
 from ddp_cnn.model import network as model_mod
 from ddp_cnn.model import optim

@@ -53,9 +53,9 @@ def open_data(config, comm) -> tuple[ShardData, ShardData | None, ShardData | No
     """Collective: this rank's (train, val, test) rows of the ``config.data`` folder (a TrainConfig);
     val and test are None without evaluation (``eval_every`` 0), val also without a validation split.
 
-    Problems raise :class:`ddp_cnn.dist.faults.SetupError` on every rank at once.
+    Problems raise :class:`ddp_cnn.dist.agree.SetupError` on every rank at once.
     """
-    from ddp_cnn.dist.faults import SetupError, agreed
+    from ddp_cnn.dist.agree import SetupError, agreed
     folder = Path(config.data)
     # Rank 0 looks, every rank follows: node-local copies of the data must not send ranks down different paths.
     has_val = comm.bcast_obj((folder / "val.h5").exists() if comm.is_root else None)
@@ -100,7 +100,7 @@ def chunk_cache(config, comm):
 def agree_on_attributes(train: ShardData, comm) -> None:
     """Collective: SetupError on every rank unless every rank's shards carry the same, usable pixel
     mean/std and class names (a rank that normalised differently would train another problem)."""
-    from ddp_cnn.dist.faults import SetupError, agreed, require_same
+    from ddp_cnn.dist.agree import SetupError, agreed, require_same
     first = train.paths[0] if train.paths else "the training shards"
     attrs = train.attrs
 

@@ -10,13 +10,12 @@ a flag; the flag rides in the next step's gradient allreduce (see
 :mod:`ddp_cnn.dist.reducer`), so every rank stops after the same step, rank 0
 writes a checkpoint and the job exits with :data:`EXIT_PREEMPTED`.
 
-The exit codes say what a supervisor (:mod:`ddp_cnn.supervise`) may do
+The exit codes say what a supervisor (:mod:`ddp_cnn.cli.supervise`) may do
 next: restart from the newest checkpoint after a lost rank, never after a
 usage error, bad data or a divergence, which would only happen again.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -204,54 +203,3 @@ def parse_fail_at(spec: str | None, env: str = "DDP_CNN_FAIL_AT", flag: str = "-
 def maybe_fail(fail_at, rank: int, step: int) -> None:
     if fail_at is not None and fail_at == (rank, step):
         raise InjectedFault(f"injected failure on rank {rank} at step {step} (--fail-at)")
-
-
-SETUP_ERRORS = (ValueError, RuntimeError, OSError)  # DataError and CheckpointError are ValueErrors
-
-
-class SetupError(ValueError):
-    """A start-up problem, raised on every rank at once (the ranks agreed on it)."""
-
-
-def agreed(comm, fn):
-    """Collective: ``fn()``'s result, or SetupError on every rank when it raised on any.
-
-    The first failing rank's message wins, naming that rank unless every rank
-    failed with the same message.  Every rank reaches the same
-    collective whether its own ``fn`` failed or not, so a rank that fails
-    never leaves the others waiting.
-    """
-    try:
-        result, error = fn(), None
-    except SETUP_ERRORS as exc:
-        result, error = None, str(exc)
-    errors = comm.allgather_obj(error)
-    failed = [(rank, err) for rank, err in enumerate(errors) if err is not None]
-    if failed:
-        rank, err = failed[0]
-        same_everywhere = len(failed) == comm.size and len({e for _, e in failed}) == 1
-        raise SetupError(err if same_everywhere else f"{err} (rank {rank})")
-    return result
-
-
-def require_same(comm, ident: dict, what: dict) -> None:
-    """Collective: SetupError on every rank when any value of ``ident`` differs between ranks.
-
-    ``what`` names each key for the message, which lists every rank's value.
-    """
-    everyone = comm.allgather_obj(ident)
-    for key in ident:
-        values = [e[key] for e in everyone]
-        if len(set(map(str, values))) > 1:
-            raise SetupError(f"ranks disagree on the {what[key]}: "
-                             + ", ".join(f"rank {r}: {str(v)[:12]}" for r, v in enumerate(values)))
-
-
-class RankZeroParser(argparse.ArgumentParser):
-    """Usage errors printed once: by rank 0 only when an MPI launcher started every rank (exit 2 everywhere)."""
-
-    def error(self, message):
-        from ddp_cnn.dist.launcher import launcher_rank
-        if launcher_rank() not in (None, 0):
-            self.exit(2)
-        super().error(message)

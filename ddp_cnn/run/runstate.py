@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ddp_cnn.dist.faults import SetupError, agreed
+from ddp_cnn.dist.agree import SetupError, agreed
 from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.run import rundir
 from ddp_cnn.run.shrink import maybe_die

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ddp_cnn.dist.faults import require_same
+from ddp_cnn.dist.agree import require_same
 from ddp_cnn.run import checkpoint as ckpt
 from ddp_cnn.run import rundir
 from ddp_cnn.run.config import TrainConfig

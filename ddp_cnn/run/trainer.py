@@ -27,9 +27,10 @@ from ddp_cnn.data.pixels import Augment
 from ddp_cnn.data.shards import DataError
 from ddp_cnn.data.splits import class_names_of, open_data
 from ddp_cnn.dist import comm as comm_mod
+from ddp_cnn.dist.agree import SetupError, agreed
 from ddp_cnn.dist.comm import CollectiveTimeout
-from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, SetupError, StopFlag,
-                                  abort_job, abort_lost_rank, agreed, install_abort_hook, maybe_fail)
+from ddp_cnn.dist.faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, StopFlag,
+                                  abort_job, abort_lost_rank, install_abort_hook, maybe_fail)
 from ddp_cnn.dist.reducer import GradReducer
 from ddp_cnn.model import optim
 from ddp_cnn.model.layers import BatchNorm, SoftmaxCrossEntropy
