@@ -1,8 +1,9 @@
 """Which array library runs the math (NumPy or CuPy), on which GPU, in which dtype.
 
 Layers never import numpy or cupy for computation: they use ``xp`` from the
-backend, so CPU and GPU share one code path.  The few places where a GPU
-kernel really differs live in :mod:`ddp_cnn.model.kernels`, beside their NumPy twins.
+backend, so CPU and GPU share one code path.  Where a kernel really differs it
+has twins: NumPy in :mod:`ddp_cnn.model.kernels`, CUDA in :mod:`ddp_cnn.model.cuda_kernels`, compiled
+CPU in :mod:`ddp_cnn.model.cpu_kernels` and :mod:`ddp_cnn.model.cpu_gemm`.
 """
 from __future__ import annotations
 
