@@ -18,7 +18,7 @@ images: random ones of the Fashion-MNIST shape by default, or the real training
 set with ``--data real``.  A timed repeat is ``--steps`` steps (forward,
 backward, optimizer step, dropout on) after ``--warmup`` steps; the table shows
 the median of the repeats.  ``--cpu-kernels`` picks ddp_cnn's CPU path (``jit``: the
-compiled kernels of ddp_cnn/cpu_kernels.py; ``numpy``: the NumPy reference; ``both``: the
+compiled kernels of ddp_cnn/model/cpu_kernels.py; ``numpy``: the NumPy reference; ``both``: the
 two side by side).  The first step's time is printed too: it includes the kernels'
 compilation when their disk cache is cold, or loading them from it.
 
@@ -108,9 +108,9 @@ def ddp_setup(args):
     """The model, Adam, the loss and the images both ddp_cnn workers train on."""
     sys.path.insert(0, str(ROOT))
     from ddp_cnn import model as model_mod
-    from ddp_cnn import optim
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.layers import SoftmaxCrossEntropy
+    from ddp_cnn.model import optim
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.model.layers import SoftmaxCrossEntropy
 
     x_all, y_all = load_images(args.data, N_IMAGES)
     model = model_mod.build(args.model, get_backend("cpu"), seed=0)
@@ -131,7 +131,7 @@ def worker_ddp(args) -> dict:
         model.backward(loss_fn.backward())
         opt.step()
 
-    from ddp_cnn import cpu_kernels
+    from ddp_cnn.model import cpu_kernels
     result = serve(step, b, args.steps, args.warmup, {"framework": args.worker, "blas": blas_info(),
                                                       "cpu_kernels": "jit" if cpu_kernels.active() else "numpy"})
     assert np.isfinite(model.params).all()
@@ -190,8 +190,8 @@ def worker_profile(args) -> dict:
     """Seconds per step of each layer's forward and backward, the loss and the optimizer (ddp_cnn)."""
     import numpy as np
     model, opt, loss_fn, x_all, y_all = ddp_setup(args)
-    from ddp_cnn.backend import STREAM_DROPOUT
-    from ddp_cnn.layers import Dropout
+    from ddp_cnn.system.backend import STREAM_DROPOUT
+    from ddp_cnn.model.layers import Dropout
     b = args.batch
     per_epoch = N_IMAGES // b
     names = [f"{layer.name}" for layer in model.layers]
@@ -238,13 +238,13 @@ def worker_mpi(args) -> dict:
     """Data-parallel steps over the ranks of mpirun: local batch = batch / ranks, the real GradReducer."""
     import numpy as np
     sys.path.insert(0, str(ROOT))
-    from ddp_cnn import comm as comm_mod
+    from ddp_cnn.dist import comm as comm_mod
     from ddp_cnn import model as model_mod
-    from ddp_cnn import optim
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.layers import SoftmaxCrossEntropy
-    from ddp_cnn.reducer import GradReducer
-    from ddp_cnn.step import compute_gradients
+    from ddp_cnn.model import optim
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.model.layers import SoftmaxCrossEntropy
+    from ddp_cnn.dist.reducer import GradReducer
+    from ddp_cnn.run.step import compute_gradients
 
     comm, _ = comm_mod.for_device(comm_mod.create("auto"), get_backend("cpu"))
     x_all, y_all = load_images(args.data, N_IMAGES, seed=comm.rank)

@@ -46,7 +46,7 @@ def per_step_ms(loader, epochs=2, steps=None):
 
 
 def main(argv=None):
-    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.data.loader import Loader, open_rank_data
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data")
     p.add_argument("--ranks", type=int, default=2)

@@ -34,9 +34,9 @@ PEAK = "[int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.starts
 
 LOADER = f"""
 import json, sys, time
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.data import Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache
 folder, stream, limit, cache_mb = sys.argv[1], sys.argv[2] == "stream", int(sys.argv[3]), float(sys.argv[4])
 try:
     started = time.perf_counter()
@@ -56,7 +56,7 @@ except MemoryError:
 
 TRAIN = f"""
 import json, os, sys
-from ddp_cnn.train import main
+from ddp_cnn.cli.train import main
 code = main(sys.argv[2:])
 from mpi4py import MPI
 rank = MPI.COMM_WORLD.rank

@@ -24,10 +24,10 @@ import numpy as np
 def ddp_cnn_setup(name: str, batch: int):
     import cupy
 
-    from ddp_cnn import layers as L
+    from ddp_cnn.model import layers as L
     from ddp_cnn import model as M
-    from ddp_cnn import optim
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.model import optim
+    from ddp_cnn.system.backend import get_backend
 
     cupy.get_default_memory_pool().free_all_blocks()
     model = M.build(name, get_backend("gpu", "float32"), seed=0)
@@ -42,8 +42,8 @@ def ddp_cnn_profile(name: str, batch: int, steps: int, warmup: int) -> dict:
     """Milliseconds per step of each layer's forward and backward, the loss and the optimizer."""
     import cupy
 
-    from ddp_cnn.backend import STREAM_DROPOUT
-    from ddp_cnn.layers import Dropout
+    from ddp_cnn.system.backend import STREAM_DROPOUT
+    from ddp_cnn.model.layers import Dropout
     model, opt, loss_fn, xs, ys = ddp_cnn_setup(name, batch)
     sync = cupy.cuda.Device().synchronize
     totals: dict = {}

@@ -30,11 +30,15 @@ _default_blas_threads()
 
 
 def __getattr__(name):
-    """``ddp_cnn.Trainer`` and ``ddp_cnn.TrainConfig``, imported on first use (they bring NumPy and h5py)."""
+    """``ddp_cnn.Trainer``, ``ddp_cnn.TrainConfig`` and the modules ``ddp_cnn.comm`` and ``ddp_cnn.layers``
+    (``from ddp_cnn import comm, layers as L``), imported on first use (they bring NumPy and h5py)."""
+    if name in ("comm", "layers"):
+        import importlib
+        return importlib.import_module({"comm": "ddp_cnn.dist.comm", "layers": "ddp_cnn.model.layers"}[name])
     if name == "Trainer":
-        from .trainer import Trainer
+        from ddp_cnn.run.trainer import Trainer
         return Trainer
     if name == "TrainConfig":
-        from .config import TrainConfig
+        from ddp_cnn.run.config import TrainConfig
         return TrainConfig
     raise AttributeError(f"module 'ddp_cnn' has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddp_cnn.backend import get_backend, gpu_available, to_host
+from ddp_cnn.system.backend import get_backend, gpu_available, to_host
 from ddp_cnn.model import Sequential
 
 # How long a subprocess may take before a test calls it hung: sized for a busy 2-core machine (load 10),

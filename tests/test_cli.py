@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddp_cnn.train import main as train_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_unknown_config_key_and_bad_value_exit_2(tmp_path, capsys):
 
 
 def test_config_supplies_defaults_and_flags_override(tmp_path):
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "mlp"\nlr = 0.5\nhflip = true\nbatch-size = 64\n')
     args = parse_args(["--config", str(cfg), "--lr", "0.25"])
@@ -78,7 +78,7 @@ def test_config_supplies_defaults_and_flags_override(tmp_path):
 
 
 def test_recipes_parse():
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     for recipe in sorted((REPO / "recipes").glob("*.toml")):
         parse_args(["--config", str(recipe)])
 
@@ -210,10 +210,10 @@ def test_teacher_problems_exit_2(data, teacher, tmp_path, tmp_path_factory, caps
 
 def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
     from ddp_cnn import model as model_mod
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.comm import SingleComm
-    from ddp_cnn.data import Loader, open_rank_data
-    from ddp_cnn.distill import Distiller
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.dist.comm import SingleComm
+    from ddp_cnn.data.loader import Loader, open_rank_data
+    from ddp_cnn.inference.distill import Distiller
     train = open_rank_data(data, "train", SingleComm())
     loader = Loader(train, batch_size=32, comm=SingleComm(), seed=3, dtype=np.float64, prefetch=0)
     teacher = model_mod.build("lenet", get_backend("cpu", "float64"), seed=2)
@@ -231,7 +231,7 @@ def test_soft_targets_by_row_are_the_teachers_logits_of_each_batch(data):
 
 
 def test_width_sets_the_vgg_stages_and_survives_a_checkpoint(data, tmp_path):
-    from ddp_cnn.checkpoint import list_checkpoints
+    from ddp_cnn.run.checkpoint import list_checkpoints
     from ddp_cnn.inference import load_model_from_checkpoint
     argv = ["--data", data, "--comm", "single", "--device", "cpu", "--model", "fmnist-vgg", "--width", 4,
             "--max-steps", 1, "--batch-size", 8, "--eval-every", 0, "--run-dir", tmp_path, "--progress", "off"]
@@ -241,7 +241,7 @@ def test_width_sets_the_vgg_stages_and_survives_a_checkpoint(data, tmp_path):
 
 
 def test_a_resume_says_when_the_teacher_changed(data, teacher, tmp_path, tmp_path_factory, capsys):
-    from ddp_cnn.checkpoint import list_checkpoints, load
+    from ddp_cnn.run.checkpoint import list_checkpoints, load
     other_dir = tmp_path_factory.mktemp("teacher2")
     assert train_main([str(a) for a in ["--data", data, "--comm", "single", "--device", "cpu", "--model", "lenet",
                                         "--max-steps", 2, "--seed", 1, "--eval-every", 0, "--run-dir", other_dir,
@@ -261,7 +261,7 @@ def test_a_resume_says_when_the_teacher_changed(data, teacher, tmp_path, tmp_pat
 
 
 def test_a_run_dir_holding_a_run_is_refused_unless_resume_or_overwrite(data, tmp_path, capsys):
-    from ddp_cnn.checkpoint import list_checkpoints
+    from ddp_cnn.run.checkpoint import list_checkpoints
     common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
               "--progress", "off", "--max-steps", 2]
     assert train_main([str(a) for a in common]) == 0
@@ -346,7 +346,7 @@ def test_a_bad_flag_under_4_ranks_prints_its_usage_once():
 def test_a_checkpoint_from_before_the_classifier_init_still_resumes(data, tmp_path, capsys):
     import json
     import h5py
-    from ddp_cnn.checkpoint import list_checkpoints
+    from ddp_cnn.run.checkpoint import list_checkpoints
     common = ["--data", data, "--comm", "single", "--device", "cpu", "--eval-every", 0, "--run-dir", tmp_path,
               "--progress", "off", "--model", "lenet"]
     assert train_main([str(a) for a in common + ["--max-steps", 2]]) == 0
@@ -385,7 +385,7 @@ def test_a_resume_that_changes_the_batch_optimizer_or_shards_is_refused_with_one
 
 
 def test_a_diverging_run_ends_with_one_line_and_exit_65(data, tmp_path, capsys):
-    from ddp_cnn.faults import EXIT_DIVERGED
+    from ddp_cnn.dist.faults import EXIT_DIVERGED
     code, err = run(["--data", data, "--comm", "single", "--device", "cpu", "--run-dir", tmp_path, "--progress",
                      "off", "--eval-every", 0, "--optimizer", "sgd", "--lr", "1e6", "--epochs", 3], capsys)
     errors = [line for line in err if line.startswith("error:")]
@@ -394,7 +394,7 @@ def test_a_diverging_run_ends_with_one_line_and_exit_65(data, tmp_path, capsys):
 
 
 def test_a_run_dir_in_use_by_another_job_is_refused_naming_it(data, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddp_cnn.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddp_cnn.run.rundir import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

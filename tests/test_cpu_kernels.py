@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (ddp_cnn.cpu_kernels) against their NumPy twins, in float64 and float32.
+"""The compiled CPU kernels (ddp_cnn.model.cpu_kernels) against their NumPy twins, in float64 and float32.
 
 Elementwise kernels must be bitwise their twins; the convolution, whose GEMMs
 are cut into other blocks, agrees to rounding.  Also: the switch, the
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import cpu_kernels, kernels, optim
-from ddp_cnn import layers as L
+from ddp_cnn.model import cpu_gemm, cpu_kernels, kernels, optim
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as model_mod
-from ddp_cnn.backend import get_backend
-from ddp_cnn.layers import SoftmaxCrossEntropy
+from ddp_cnn.system.backend import get_backend
+from ddp_cnn.model.layers import SoftmaxCrossEntropy
 from ddp_cnn.model import Sequential
 
 numba = pytest.importorskip("numba", reason="Numba is not installed: the compiled CPU kernels cannot run")
@@ -237,9 +237,9 @@ def test_the_switch_and_the_fallback_without_numba(monkeypatch):
 @pytest.mark.parametrize("n,d,f,bias", [(70, 45, 9, True), (5, 100, 33, False), (32, 32, 1, True),
                                         (50, 300, 300, True)])  # the last over DENSE_PARALLEL_MIN
 def test_compiled_dense_matches_the_numpy_dense(monkeypatch, dtype, n, d, f, bias):
-    """Blocks of cpu_kernels.DENSE_BLOCK rows and features, the last one short; on the calling
-    thread below cpu_kernels.DENSE_PARALLEL_MIN multiply-adds, on every core above."""
-    assert 50 * 300 * 300 >= cpu_kernels.DENSE_PARALLEL_MIN > 70 * 45 * 9
+    """Blocks of cpu_gemm.DENSE_BLOCK rows and features, the last one short; on the calling
+    thread below cpu_gemm.DENSE_PARALLEL_MIN multiply-adds, on every core above."""
+    assert 50 * 300 * 300 >= cpu_gemm.DENSE_PARALLEL_MIN > 70 * 45 * 9
     bk = get_backend("cpu", np.dtype(dtype).name)
     nets = []
     for choice in ("numpy", "jit"):

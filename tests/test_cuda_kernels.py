@@ -1,9 +1,9 @@
-"""The dedicated CUDA kernels (ddp_cnn/cuda_kernels.py) against their generic NumPy twins."""
+"""The dedicated CUDA kernels (ddp_cnn/model/cuda_kernels.py) against their generic NumPy twins."""
 import numpy as np
 import pytest
 
-from ddp_cnn import kernels
-from ddp_cnn.backend import gpu_available
+from ddp_cnn.model import kernels
+from ddp_cnn.system.backend import gpu_available
 from helpers import GPU_REASON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=GPU_REASON)]
@@ -24,7 +24,7 @@ def geometry(h, w, kh, kw, stride, padding):
 @pytest.mark.parametrize("h,w,c,kh,kw,stride,padding", CASES)
 def test_im2col_and_col2im_match_the_generic_pair(dtype, h, w, c, kh, kw, stride, padding):
     import cupy
-    from ddp_cnn import cuda_kernels as ck
+    from ddp_cnn.model import cuda_kernels as ck
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, h, w, c)).astype(dtype)
     pads, oh, ow = geometry(h, w, kh, kw, stride, padding)
@@ -42,9 +42,9 @@ def test_im2col_and_col2im_match_the_generic_pair(dtype, h, w, c, kh, kw, stride
                                                        (7, 7, 2, 3, 3, 2, 1), (6, 6, 1, 3, 3, 1, 0)])
 def test_maxpool_kernels_match_the_layer_on_numpy(h, w, c, kh, kw, stride, padding):
     import cupy
-    from ddp_cnn import cuda_kernels as ck
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.layers import Pool2D
+    from ddp_cnn.model import cuda_kernels as ck
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.model.layers import Pool2D
     from ddp_cnn.model import Sequential
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, h, w, c))
@@ -62,7 +62,7 @@ def test_maxpool_kernels_match_the_layer_on_numpy(h, w, c, kh, kw, stride, paddi
 
 def test_fused_adam_matches_the_numpy_update():
     import cupy
-    from ddp_cnn import optim
+    from ddp_cnn.model import optim
     rng = np.random.default_rng(2)
     p0, gs = rng.standard_normal(1000), [rng.standard_normal(1000) for _ in range(3)]
     results = []
@@ -79,8 +79,8 @@ def test_fused_adam_matches_the_numpy_update():
 @pytest.mark.parametrize("shape", [(4, 5, 6, 3), (7, 4), (0, 3)])
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm_on_the_gpu_matches_the_cpu_path(shape, train):
-    from ddp_cnn.backend import get_backend, to_host
-    from ddp_cnn.layers import BatchNorm
+    from ddp_cnn.system.backend import get_backend, to_host
+    from ddp_cnn.model.layers import BatchNorm
     from ddp_cnn.model import Sequential
     rng = np.random.default_rng(2)
     x = 3.0 + 2.0 * rng.standard_normal(shape)

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from data_tools import h5format
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.data import (Augment, DataError, Loader, ShardData, find_shards, normalize, open_rank_data,
-                          plan_reads, random_erase, random_hflip, random_shift, slice_rows)
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.data.pixels import Augment, normalize, random_erase, random_hflip, random_shift
+from ddp_cnn.data.shards import DataError, ShardData, find_shards, plan_reads, slice_rows
+from ddp_cnn.data.loader import Loader, open_rank_data
 
 SHAPE = (5, 6)
 try:
@@ -252,10 +253,10 @@ def test_normalize_refuses_pixels_it_cannot_read():
 
 
 def test_evaluate_takes_the_loader_batches_as_they_come_for_a_cnn_and_an_mlp():
-    from ddp_cnn import layers as L
+    from ddp_cnn.model import layers as L
     from ddp_cnn import model as model_mod
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.evaluate import evaluate
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.run.evaluation import evaluate
     data = memory_data(10)
     backend = get_backend("cpu", "float64")
     cnn = model_mod.Sequential([L.Conv2D(2, 3, padding="same"), L.ReLU(), L.Flatten(), L.Dense(3)],
@@ -426,7 +427,7 @@ def test_closing_an_epoch_early_stops_the_thread_without_hanging():
 # ---------------------------------------------------------------- several ranks (mpirun -n N, N >= 2)
 
 def _mpi():
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     return MPIComm()
 
 

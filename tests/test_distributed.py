@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
-from ddp_cnn import optim
-from ddp_cnn.backend import get_backend
-from ddp_cnn.comm import MPIComm, SingleComm
-from ddp_cnn.evaluate import evaluate
+from ddp_cnn.model import layers as L
+from ddp_cnn.model import optim
+from ddp_cnn.system.backend import get_backend
+from ddp_cnn.dist.comm import MPIComm, SingleComm
+from ddp_cnn.run.evaluation import evaluate
 from ddp_cnn.model import Sequential
-from ddp_cnn.reducer import GradReducer, plan_buckets
-from ddp_cnn.step import compute_gradients
+from ddp_cnn.dist.reducer import GradReducer, plan_buckets
+from ddp_cnn.run.step import compute_gradients
 from helpers import make_synthetic_shards
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
@@ -187,12 +187,12 @@ def shared_folder(comm, tmp_path_factory, name):
 
 
 def run_train(args):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     return main([str(a) for a in args])
 
 
 def final_params(run_dir):
-    from ddp_cnn.checkpoint import list_checkpoints, load
+    from ddp_cnn.run.checkpoint import list_checkpoints, load
     return load(list_checkpoints(run_dir / "checkpoints")[-1])
 
 
@@ -242,7 +242,7 @@ def test_resume_is_bitwise_exact_on_n_ranks(tmp_path_factory):
 
 @pytest.mark.mpi(min_size=2)
 def test_distributed_evaluation_equals_single_process(tmp_path_factory):
-    from ddp_cnn.data import Loader, open_rank_data
+    from ddp_cnn.data.loader import Loader, open_rank_data
     comm = MPIComm()
     base = shared_folder(comm, tmp_path_factory, "eval")
     if comm.rank == 0:
@@ -266,8 +266,8 @@ def test_distributed_evaluation_equals_single_process(tmp_path_factory):
 
 def test_a_wait_past_its_deadline_raises_instead_of_hanging():
     import time
-    from ddp_cnn.comm import CollectiveTimeout
-    from ddp_cnn.comm.mpi import ThreadHandle
+    from ddp_cnn.dist.comm import CollectiveTimeout
+    from ddp_cnn.dist.comm.mpi import ThreadHandle
     handle = ThreadHandle(size=1000, on_gpu=False)  # never completed: a rank that stalled
     t0 = time.monotonic()
     with pytest.raises(CollectiveTimeout, match="allreduce of 1000 gradient values not complete by its deadline"):

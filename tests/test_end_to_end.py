@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as M
-from ddp_cnn import optim
-from ddp_cnn.backend import get_backend
+from ddp_cnn.model import optim
+from ddp_cnn.system.backend import get_backend
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]

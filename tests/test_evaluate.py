@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ddp_cnn.checkpoint import list_checkpoints
-from ddp_cnn.evaluate import main as evaluate_main
-from ddp_cnn.export import main as export_main
-from ddp_cnn.train import main as train_main
+from ddp_cnn.run.checkpoint import list_checkpoints
+from ddp_cnn.cli.evaluate import main as evaluate_main
+from ddp_cnn.cli.export import main as export_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

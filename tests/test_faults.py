@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_DIVERGED, EXIT_PREEMPTED
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.dist.faults import EXIT_DIVERGED, EXIT_PREEMPTED
 from helpers import HANG_S, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

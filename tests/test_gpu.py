@@ -3,11 +3,11 @@ transports.  Skipped, with the reason shown, where CuPy or a GPU is missing."""
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as M
-from ddp_cnn import optim
-from ddp_cnn.backend import get_backend, gpu_available, to_host
-from ddp_cnn.reducer import GradReducer
+from ddp_cnn.model import optim
+from ddp_cnn.system.backend import get_backend, gpu_available, to_host
+from ddp_cnn.dist.reducer import GradReducer
 from helpers import GPU_REASON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=GPU_REASON)]
@@ -44,7 +44,7 @@ def test_gpu_and_cpu_training_agree(dtype, optimizer, tol):
 
 def test_nccl_communicator_with_one_rank_averages_in_place():
     pytest.importorskip("cupy.cuda.nccl")
-    from ddp_cnn.comm import MPIComm, NCCLComm
+    from ddp_cnn.dist.comm import MPIComm, NCCLComm
     world = MPIComm()
     if world.size != 1:
         pytest.skip("the NCCL check runs with one rank (NCCL cannot pair ranks on one GPU)")
@@ -62,7 +62,7 @@ def test_nccl_communicator_with_one_rank_averages_in_place():
 
 
 def test_host_staged_reducer_on_gpu_with_one_rank_thread():
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     comm = MPIComm()
     bk = get_backend("gpu", "float64")
     model = M.build("lenet", bk, seed=0)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from data_tools import datasets
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn import export, inference, predict
-from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend
-from ddp_cnn.data import normalize as loader_normalize
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.cli import export, predict
+from ddp_cnn import inference
+from ddp_cnn.model import layers as L
+from ddp_cnn.system.backend import get_backend
+from ddp_cnn.data.pixels import normalize as loader_normalize
 from ddp_cnn.model import Sequential
 from helpers import make_synthetic_shards
 
@@ -31,7 +32,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("P
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A lenet checkpoint from 30 steps of ddp_cnn.train on the synthetic set (about 1 s)."""
-    from ddp_cnn.train import main as train_main
+    from ddp_cnn.cli.train import main as train_main
     root = tmp_path_factory.mktemp("trained")
     data = make_synthetic_shards(root / "data", 1)
     code = train_main(["--data", str(data), "--model", "lenet", "--comm", "single", "--device", "cpu",
@@ -467,7 +468,7 @@ def test_predict_does_not_import_mpi4py(trained, tmp_path):
     np.save(tmp_path / "x.npy", band_images(2))
     script = textwrap.dedent("""
         import sys
-        from ddp_cnn import predict
+        from ddp_cnn.cli import predict
         code = predict.main(sys.argv[1:])
         assert "mpi4py" not in sys.modules, "predict imported mpi4py"
         print("exit", code)
@@ -484,7 +485,8 @@ def test_npz_model_needs_neither_h5py_nor_mpi4py(trained, tmp_path):
         import sys
         sys.modules["h5py"] = None    # importing either now fails
         sys.modules["mpi4py"] = None
-        from ddp_cnn import inference, predict
+        from ddp_cnn import inference
+        from ddp_cnn.cli import predict
         model, meta = inference.load(sys.argv[1])
         print("exit", predict.main(["--checkpoint", sys.argv[1], sys.argv[2]]))
     """)
@@ -520,7 +522,7 @@ def test_readme_npz_snippet(trained, tmp_path, monkeypatch):
 
 
 def test_a_run_with_ema_is_loaded_and_exported_with_its_averaged_weights(tmp_path):
-    from ddp_cnn.train import main as train_main
+    from ddp_cnn.cli.train import main as train_main
     data = make_synthetic_shards(tmp_path / "data", 1)
     code = train_main(["--data", str(data), "--model", "lenet", "--comm", "single", "--device", "cpu",
                        "--eval-every", "1", "--max-steps", "12", "--batch-size", "32", "--progress", "off",
@@ -543,7 +545,7 @@ def test_a_run_with_ema_is_loaded_and_exported_with_its_averaged_weights(tmp_pat
 
 
 def test_resuming_an_ema_run_without_ema_says_the_average_is_dropped(tmp_path, capsys):
-    from ddp_cnn.train import main as train_main
+    from ddp_cnn.cli.train import main as train_main
     data = make_synthetic_shards(tmp_path / "data", 1)
     common = ["--data", str(data), "--model", "lenet", "--comm", "single", "--device", "cpu", "--eval-every", "0",
               "--batch-size", "32", "--progress", "off", "--run-dir", str(tmp_path / "run")]

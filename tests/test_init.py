@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from ddp_cnn import init
-from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend
+from ddp_cnn.model import init
+from ddp_cnn.model import layers as L
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.model import Sequential
 
 

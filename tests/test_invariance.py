@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn.checkpoint import list_checkpoints, load
-from ddp_cnn.comm import MPIComm, SingleComm
-from ddp_cnn.faults import EXIT_PREEMPTED
+from ddp_cnn.run.checkpoint import list_checkpoints, load
+from ddp_cnn.dist.comm import MPIComm, SingleComm
+from ddp_cnn.dist.faults import EXIT_PREEMPTED
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ AUGMENT = ["--augment-shift", 2, "--hflip", "--erase", 0.3]
 
 
 def train(args, single=False):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     return main([str(a) for a in args] + (["--comm", "single"] if single else []))
 
 
@@ -61,8 +61,8 @@ def on_one_rank(comm, args):
 # ---- pieces ------------------------------------------------------------------
 
 def test_batch_slices_draw_what_the_whole_batch_draws():
-    from ddp_cnn.data import Augment
-    from ddp_cnn.global_order import BatchSlice
+    from ddp_cnn.data.pixels import Augment
+    from ddp_cnn.data.order import BatchSlice
     images = np.random.default_rng(0).integers(0, 255, (10, 12, 12), dtype=np.uint8)
     augment = Augment(shift=2, hflip=True, erase=0.5)
     whole = augment(images, np.random.default_rng(7), fill=30)
@@ -74,8 +74,8 @@ def test_batch_slices_draw_what_the_whole_batch_draws():
 
 
 def test_global_rows_read_the_rows_of_every_shard_in_any_order(tmp_path):
-    from ddp_cnn.data import read_planned
-    from ddp_cnn.global_order import open_global_train
+    from ddp_cnn.data.shards import read_planned
+    from ddp_cnn.data.order import open_global_train
     data_dir = make_synthetic_shards(tmp_path / "data", 3)
     everything = open_global_train(data_dir)
     parts = [read_planned([(p, None, None)]) for p in everything.paths]
@@ -89,9 +89,9 @@ def test_global_rows_read_the_rows_of_every_shard_in_any_order(tmp_path):
 
 
 def test_sync_batchnorm_on_one_rank_is_batchnorm():
-    from ddp_cnn import layers as L
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.layers.normalization import SyncStatistics
+    from ddp_cnn.model import layers as L
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.model.layers.normalization import SyncStatistics
     bk = get_backend("cpu", "float64")
     rng = np.random.default_rng(0)
     x, dy = rng.standard_normal((6, 5, 5, 3)), rng.standard_normal((6, 5, 5, 3))
@@ -234,7 +234,7 @@ def test_sigterm_on_4_ranks_then_resume_on_2_and_on_1_continues_the_4_rank_run(t
 
 
 def test_dropout_masks_of_any_slice_are_the_whole_batch_masks_of_its_rows():
-    from ddp_cnn.kernels import dropout_mask
+    from ddp_cnn.model.kernels import dropout_mask
     key, shape = (5, 2, 0, 7, 3), (7, 3, 5)  # 15 values a row: odd offsets too
     whole = dropout_mask(shape, 0.4, key, np, np.float64)
     for a in range(7):

@@ -1,13 +1,13 @@
-"""The fast CPU paths of ddp_cnn.kernels (and the layers that use them) against
+"""The fast CPU paths of ddp_cnn.model.kernels (and the layers that use them) against
 the generic formulations they replace: same numbers, whatever the batch size,
 chunking, dtype or how many models share the process."""
 import numpy as np
 import pytest
 
-from ddp_cnn import kernels
-from ddp_cnn import layers as L
-from ddp_cnn import optim
-from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.model import kernels
+from ddp_cnn.model import layers as L
+from ddp_cnn.model import optim
+from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.model import Sequential, build
 from helpers import BACKENDS
 

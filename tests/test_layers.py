@@ -3,9 +3,9 @@ conv/pool forward against direct nested-loop references."""
 import numpy as np
 import pytest
 
-from ddp_cnn import cpu_kernels
-from ddp_cnn import layers as L
-from ddp_cnn.backend import get_backend, to_host
+from ddp_cnn.model import cpu_kernels
+from ddp_cnn.model import layers as L
+from ddp_cnn.system.backend import get_backend, to_host
 from ddp_cnn.model import Sequential
 from helpers import BACKENDS, backend64, check_layer_gradients, rel_error
 
@@ -389,8 +389,8 @@ def test_mlp_with_batchnorm_and_one_dropout_rate_round_trips_its_description():
 def test_the_cli_and_model_build_give_the_same_network(name):
     """The command line has always trained with dropout (--no-dropout removes it); build(name) now does too."""
     from ddp_cnn import model as model_mod
-    from ddp_cnn.config import TrainConfig
-    from ddp_cnn.train import arch_kwargs
+    from ddp_cnn.run.config import TrainConfig
+    from ddp_cnn.cli.train import arch_kwargs
     bk = get_backend("cpu")
     cli = model_mod.build(name, bk, seed=1, **arch_kwargs(TrainConfig(model=name)))
     lib = model_mod.build(name, bk, seed=1)
@@ -441,7 +441,7 @@ def test_gradients_on_an_odd_batch(layer, shape):
 
 
 def test_dropout_masks_are_bitwise_one_draw_of_the_stream():
-    from ddp_cnn import kernels
+    from ddp_cnn.model import kernels
     key, shape, p = (5, 2, 1, 9, 3), (3, 7, 5), 0.3
     u = np.random.default_rng(list(key)).random(shape, dtype=np.float32)  # the definition
     expected = (u < 1 - p).astype(np.float32) * np.float32(1 / (1 - p))
@@ -507,7 +507,7 @@ def _train(steps=3, batch=7, **arch):
     """fmnist-cnn float64 (dropout on) after a few Adam steps; the model and the layers
     whose backward reported done, in order."""
     from ddp_cnn import model as model_mod
-    from ddp_cnn import optim
+    from ddp_cnn.model import optim
     rng = np.random.default_rng(0)
     x, labels = rng.random((batch, 28, 28, 1)), rng.integers(0, 10, batch)
     model = model_mod.build("fmnist-cnn", backend64(), seed=0, **arch)
@@ -555,7 +555,7 @@ def test_each_layer_is_reported_once_its_gradient_is_final():
 def test_the_gradient_buffer_has_one_spare_element_after_the_gradients():
     """The spare element carries the step's flags through the gradients' allreduce; backward never writes it."""
     from ddp_cnn import model as model_mod
-    from ddp_cnn import optim
+    from ddp_cnn.model import optim
     model = model_mod.build("lenet", backend64(), seed=0)
     assert model.grad_buffer.shape == (model.num_params + 1,)
     assert model.grads.shape == (model.num_params,) and np.shares_memory(model.grads, model.grad_buffer)

@@ -7,12 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
-from ddp_cnn import modelfile
-from ddp_cnn.backend import get_backend
+from ddp_cnn.model import layers as L
+from ddp_cnn.model import modelfile
+from ddp_cnn.system.backend import get_backend
 from ddp_cnn.inference import load_model_from_checkpoint
 from ddp_cnn.model import Sequential, from_description
-from ddp_cnn.train import main as train_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,12 +265,12 @@ def test_a_model_files_checkpoint_evaluates_predicts_and_exports_without_it(data
     (ckpt,) = (tmp_path / "run" / "checkpoints").glob("ckpt-*.h5")
     model, meta = load_model_from_checkpoint(ckpt)
     assert model.describe() == built.describe() and np.array_equal(model.params, final_params(tmp_path / "run"))
-    from ddp_cnn.evaluate import main as evaluate_main
-    from ddp_cnn.export import main as export_main
+    from ddp_cnn.cli.evaluate import main as evaluate_main
+    from ddp_cnn.cli.export import main as export_main
     assert evaluate_main(["--checkpoint", str(ckpt), "--data", str(data)]) == 0
     assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "net.npz")]) == 0
     np.save(tmp_path / "batch.npy", np.zeros((2, 28, 28), np.uint8))
-    from ddp_cnn.predict import main as predict_main
+    from ddp_cnn.cli.predict import main as predict_main
     assert predict_main(["--checkpoint", str(tmp_path / "net.npz"), str(tmp_path / "batch.npy")]) == 0
 
 
@@ -298,7 +298,7 @@ def test_a_resume_without_model_takes_a_named_models_checkpoint(data, tmp_path, 
 
 
 def test_without_model_or_resume_the_model_is_lenet(data, tmp_path, capsys):
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     assert parse_args([]).model == "lenet" and parse_args(["--resume", "latest"]).model is None
     code, err = train(["--resume", "auto", "--max-steps", 1, "--run-dir", tmp_path / "run"], data, capsys)
     assert code == 0, err  # no checkpoint yet: a new run of the default model

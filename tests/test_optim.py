@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from ddp_cnn import optim
+from ddp_cnn.model import optim
 from helpers import BACKENDS, backend64
 
 GRADS = [[0.5, -1.0], [-0.25, 0.5], [1.0, 1.0]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn.backend import gpu_available
+from ddp_cnn.system.backend import gpu_available
 from helpers import GPU_REASON, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ddp_cnn.report import confusion_figure, curve_figures, epochs_of, read_metrics, summary_markdown
-from ddp_cnn.report import main as report_main
-from ddp_cnn.train import main as train_main
+from ddp_cnn.cli.report import confusion_figure, curve_figures, epochs_of, read_metrics, summary_markdown
+from ddp_cnn.cli.report import main as report_main
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 pytest.importorskip("matplotlib")
@@ -152,7 +152,7 @@ def write_trace(path, steps=4, slow_step=3):
     """Two ranks; each step 10 ms (step `slow_step`: 20 ms): forward 0-3 ms, backward 4-8 (layer b 4-6, then
     layer a 6-8), bucket 0 issued at 6 (queued 1 ms) done at 9, bucket 1 issued at 8 done at 9.5, the wait
     8-9.5, the optimizer 9.5-10.  Backward hides 2 of the 3.5 ms the allreduce is in flight."""
-    from ddp_cnn.trace import chrome_trace
+    from ddp_cnn.system.trace import chrome_trace
     ranks = []
     for rank in (0, 1):
         events = []
@@ -176,7 +176,7 @@ def write_trace(path, steps=4, slow_step=3):
 
 
 def test_the_timeline_shows_a_typical_step_with_the_allreduce_hidden_behind_backward(tmp_path, plt):
-    from ddp_cnn.report import read_trace, timeline_figure
+    from ddp_cnn.cli.timeline import read_trace, timeline_figure
     trace = read_trace(write_trace(tmp_path / "trace.json"))
     ax = timeline_figure(trace, plt).axes[0]  # later half: steps 2 and 3; step 3 is slow
     assert ax.get_title().startswith("Step 2, 2 rank(s): backward and the gradient allreduce")

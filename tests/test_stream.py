@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.data import DataError, Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache, block_order
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.data.shards import DataError
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache, block_order
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,9 +106,9 @@ def test_a_resumed_streamed_epoch_continues_with_the_batches_of_the_whole_epoch(
 PEAK = r"""
 import json, sys
 import numpy as np
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.data import Loader, open_rank_data
-from ddp_cnn.stream import ChunkCache
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.data.loader import Loader, open_rank_data
+from ddp_cnn.data.stream import ChunkCache
 folder, stream = sys.argv[1], sys.argv[2] == "stream"
 data = open_rank_data(folder, "train", SingleComm(), stream=stream, cache=ChunkCache(8 * 2**20))
 loader = Loader(data, batch_size=64, comm=SingleComm(), seed=0, window=4, prefetch=2)
@@ -144,7 +145,7 @@ def test_a_cache_too_small_for_one_batch_is_refused_with_the_size_it_needs(tmp_p
     with pytest.raises(DataError, match=r"--data-cache-mb 0\.5: too small for one batch of 64 .* give "
                                         r"--data-cache-mb 1 or more"):
         Loader(streamed(data_dir, mb=0.5), batch_size=64, comm=SingleComm(), seed=0, window=1)
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     code = main(["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--run-dir", str(tmp_path / "r"),
                  "--batch-size", "64", "--data-cache-mb", "0.5", "--shuffle-window", "1", "--comm", "single"])
     err = capsys.readouterr().err
@@ -152,7 +153,7 @@ def test_a_cache_too_small_for_one_batch_is_refused_with_the_size_it_needs(tmp_p
 
 
 def test_a_run_prints_its_cache_and_logs_each_epochs_data_wait(tmp_path, capsys):
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     data_dir = make_synthetic_shards(tmp_path / "data", 2)
     flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64", "--epochs", "2",
              "--eval-every", "0", "--comm", "single"]
@@ -172,7 +173,7 @@ def test_a_run_prints_its_cache_and_logs_each_epochs_data_wait(tmp_path, capsys)
 ])
 def test_a_resume_that_would_change_the_epochs_order_is_refused(tmp_path, capsys, change, needle):
     """Mid-epoch, another window (or the in-memory loader's order) would see some rows twice and others never."""
-    from ddp_cnn.train import main
+    from ddp_cnn.cli.train import main
     data_dir = make_synthetic_shards(tmp_path / "data", 1)
     flags = ["--data", str(data_dir), "--device", "cpu", "--progress", "off", "--batch-size", "64",
              "--eval-every", "0", "--comm", "single", "--run-dir", str(tmp_path / "run"), "--checkpoint-every", "4"]
@@ -321,7 +322,7 @@ BLOCKS = ["--shuffle-window", 1, "--data-cache-mb", 4]  # 3 shards of one chunk 
 
 @pytest.mark.mpi(min_size=2)
 def test_the_block_shuffled_global_stream_on_n_ranks_equals_one_rank(tmp_path_factory):
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
     comm = MPIComm()
     base = shared_data(comm, tmp_path_factory, "stream-global")
@@ -339,7 +340,7 @@ def test_the_block_shuffled_global_stream_on_n_ranks_equals_one_rank(tmp_path_fa
 
 @pytest.mark.mpi(min_size=2)
 def test_a_block_shuffled_stream_stopped_mid_epoch_on_n_ranks_continues_on_one(tmp_path_factory):
-    from ddp_cnn.comm import MPIComm
+    from ddp_cnn.dist.comm import MPIComm
     from test_invariance import AUGMENT, COMMON, final, on_one_rank, relative, shared_data, train
     comm = MPIComm()
     base = shared_data(comm, tmp_path_factory, "stream-elastic")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ddp_cnn import summary
+from ddp_cnn.cli import summary
+from ddp_cnn.model.network import format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,8 +69,8 @@ def test_mlp_counts_by_hand(capsys):
 
 def test_pool_flops_count_each_window_per_axis():
     """One compare (or add) per window cell: OH x OW x C x KH x KW, with a stride per axis."""
-    from ddp_cnn import layers as L
-    from ddp_cnn.backend import get_backend
+    from ddp_cnn.model import layers as L
+    from ddp_cnn.system.backend import get_backend
     from ddp_cnn.model import Sequential
     model = Sequential([L.MaxPool2D((2, 3)), L.AvgPool2D((3, 2), stride=(1, 2), padding=(1, 0))], (6, 9, 4),
                        get_backend("cpu"))
@@ -77,7 +78,7 @@ def test_pool_flops_count_each_window_per_axis():
     # 6x9 -> 3x3 (stride = window); then 3x3 padded to 5x3 -> (5-3)/1+1 = 3 by (3-2)//2+1 = 1.
     assert [tuple(r[2]) for r in rows] == [(3, 3, 4), (3, 1, 4)]
     assert [r[4] * 1e6 for r in rows] == [pytest.approx(3 * 3 * 4 * 6), pytest.approx(3 * 1 * 4 * 6)]
-    text = summary.format_summary(model)
+    text = format_summary(model)
     assert "(3, 3, 4)" in text and "(3, 1, 4)" in text
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_DIVERGED, EXIT_PREEMPTED
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.dist.faults import EXIT_DIVERGED, EXIT_PREEMPTED
 from helpers import HANG_S, make_synthetic_shards, ranks_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def test_stop_and_checkpoint_requests_agree_in_the_flag_on_3_ranks(tmp_path):
     script.write_text(
         "import itertools, numpy as np\n"
         "from ddp_cnn import comm\n"
-        "from ddp_cnn.reducer import GradReducer\n"
+        "from ddp_cnn.dist.reducer import GradReducer\n"
         "world = comm.create()\n"
         "buffer = np.zeros(5, np.float32)\n"
         "reducer = GradReducer(world, buffer, [(0, 4)], bucket_mb=0)\n"

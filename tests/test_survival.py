@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
-from ddp_cnn.faults import EXIT_DISK_FULL
+from ddp_cnn.run import checkpoint as ckpt
+from ddp_cnn.dist.faults import EXIT_DISK_FULL
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,8 +186,8 @@ def test_a_disk_full_at_start_names_the_file_it_could_not_write(data, small_disk
 
 
 def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
-    from ddp_cnn.nospace import DiskFull
-    from ddp_cnn.rundir import MetricsLog
+    from ddp_cnn.system.nospace import DiskFull
+    from ddp_cnn.run.rundir import MetricsLog
     path = small_disk / "metrics.jsonl"
     path.write_text('{"kind": "start"}'.ljust(4090) + "\n")  # one page, all but a few bytes
     fill(small_disk)
@@ -200,7 +200,7 @@ def test_a_metrics_line_cut_short_by_a_full_disk_is_rolled_back(small_disk):
 def test_a_checkpoint_write_that_finds_no_space_names_the_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
     """Where no tmpfs can be mounted: ENOSPC injected at the checkpoint's fsync."""
     import errno
-    from ddp_cnn.nospace import DiskFull
+    from ddp_cnn.system.nospace import DiskFull
 
     def no_space(path):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -320,7 +320,7 @@ def test_the_time_left_with_max_steps_covers_the_steps_that_will_run(monkeypatch
     """A clock that moves 1 s per step: 2 steps done of the 10 that --max-steps lets run, 8 s left (not the 98 s
     of the whole 100-step epoch)."""
     import types
-    from ddp_cnn import progress as progress_mod
+    from ddp_cnn.run import progress as progress_mod
     clock = {"t": 0.0}
     monkeypatch.setattr(progress_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
     progress = progress_mod.Progress("lines", 0, 2, steps=100, start_step=0, world_size=1, every_s=0.0, end=10)
@@ -365,7 +365,7 @@ def test_a_one_process_run_reports_no_communication_and_one_epoch_numbering(data
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ddp_cnn.report import confusion_figure, read_metrics, summary_markdown
+    from ddp_cnn.cli.report import confusion_figure, read_metrics, summary_markdown
     run_dir = tmp_path / "run"
     proc = train(data, run_dir, "--model", "mlp", "--epochs", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -387,7 +387,7 @@ def test_report_reads_a_log_whose_test_record_counted_epochs_from_1(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ddp_cnn.report import confusion_figure
+    from ddp_cnn.cli.report import confusion_figure
     epoch = {"kind": "epoch", "complete": True, "train_loss": 1.0, "train_acc": 0.5, "images_per_s": 10.0,
              "seconds": 1.0}
     records = [{"kind": "start", "step": 0, "world_size": 2, "class_names": ["a", "b"]},

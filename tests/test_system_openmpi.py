@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import system_openmpi
-from ddp_cnn.checkpoint import list_checkpoints, load
+from ddp_cnn.run.checkpoint import list_checkpoints, load
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ddp_cnn import model as model_mod
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.trace import NO_TRACE, Tracer, chrome_trace
-from ddp_cnn.train import main as train_main
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.system.trace import NO_TRACE, Tracer, chrome_trace
+from ddp_cnn.cli.train import main as train_main
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,8 +207,8 @@ def test_with_one_bucket_the_allreduce_starts_after_backward(tmp_path):
 
 
 def test_a_stopped_run_writes_its_trace_too(tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
-    from ddp_cnn.trainer import Trainer
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
+    from ddp_cnn.run.trainer import Trainer
     data = make_synthetic_shards(tmp_path / "data", 1)
     trainer = Trainer(model_mod.build("lenet"), comm=SingleComm(), data=str(data), run_dir=str(tmp_path / "run"),
                       epochs=1, batch_size=100, progress="off", trace=str(tmp_path / "t.json"))
@@ -229,7 +229,7 @@ def test_a_stopped_run_writes_its_trace_too(tmp_path):
 
 def test_the_report_draws_a_step_of_the_two_rank_trace(two_rank_trace, tmp_path):
     pytest.importorskip("matplotlib")
-    from ddp_cnn.report import main as report_main
+    from ddp_cnn.cli.report import main as report_main
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(two_rank_trace))
     assert report_main(["--trace", str(trace), "--step", "4"]) == 0

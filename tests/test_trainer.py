@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import layers as L
+from ddp_cnn.model import layers as L
 from ddp_cnn import model as model_mod
-from ddp_cnn.checkpoint import list_checkpoints, load
-from ddp_cnn.comm import SingleComm
-from ddp_cnn.config import TrainConfig
+from ddp_cnn.run.checkpoint import list_checkpoints, load
+from ddp_cnn.dist.comm import SingleComm
+from ddp_cnn.run.config import TrainConfig
 from ddp_cnn.model import Sequential
-from ddp_cnn.faults import SetupError
-from ddp_cnn.trainer import Trainer
+from ddp_cnn.dist.agree import SetupError
+from ddp_cnn.run.trainer import Trainer
 from helpers import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_readme_example_runs_unchanged_under_mpirun(data, tmp_path):
 
 
 def test_library_trainer_equals_the_command_line(data, tmp_path):
-    from ddp_cnn.backend import get_backend
-    from ddp_cnn.train import main
+    from ddp_cnn.system.backend import get_backend
+    from ddp_cnn.cli.train import main
     flags = dict(max_steps=6, batch_size=32, eval_every=0, optimizer="nesterov", lr=0.05, augment_shift=1, seed=4)
     argv = ["--data", data[1], "--model", "lenet", "--comm", "single", "--device", "cpu", "--progress", "off",
             "--run-dir", tmp_path / "cli"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", v)]
@@ -96,9 +96,9 @@ def test_a_model_that_does_not_fit_the_data_is_a_setup_error(data, tmp_path, mak
 
 def test_the_step_alone_memorises_a_batch():
     """The step under the Trainer (compute_gradients + the optimizer), driven by hand as before the Trainer."""
-    from ddp_cnn import optim
-    from ddp_cnn.reducer import GradReducer
-    from ddp_cnn.step import compute_gradients
+    from ddp_cnn.model import optim
+    from ddp_cnn.dist.reducer import GradReducer
+    from ddp_cnn.run.step import compute_gradients
     model = Sequential([L.Conv2D(8, 3, padding="same"), L.BatchNorm(), L.ReLU(), L.MaxPool2D(2),
                         L.Flatten(), L.Dropout(0.2), L.Dense(10)], input_shape=(28, 28, 1), seed=0)
     opt = optim.create("adam", model.params, model.grads, lr=1e-3, decay_ranges=model.decay_ranges)
@@ -128,7 +128,7 @@ def metric_kinds(run_dir):
 
 
 def test_a_signal_during_backward_stops_after_that_step(data, tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
 
     def during_backward_of_step_3(trainer):
         layer_done = trainer.reducer.layer_done
@@ -144,7 +144,7 @@ def test_a_signal_during_backward_stops_after_that_step(data, tmp_path):
 
 
 def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
-    from ddp_cnn.faults import EXIT_PREEMPTED
+    from ddp_cnn.dist.faults import EXIT_PREEMPTED
 
     def after_the_last_allreduce(trainer):
         step = trainer.opt.step
@@ -162,7 +162,7 @@ def test_a_signal_during_the_last_step_stops_before_evaluation(data, tmp_path):
 
 
 def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypatch):
-    from ddp_cnn.progress import Progress
+    from ddp_cnn.run.progress import Progress
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # as under mpirun
     progress = Progress("auto", epoch=1, epochs=3, steps=4, start_step=0, world_size=2, every_s=0.0)
     assert progress.mode == "lines"
@@ -176,8 +176,8 @@ def test_progress_lines_say_epoch_step_loss_speed_and_time_left(capsys, monkeypa
 
 
 def test_held_out_validation_rows_are_the_same_whatever_the_ranks_and_disjoint_from_training(data):
-    from ddp_cnn.data import open_rank_data
-    from ddp_cnn.splits import hold_out, holdout_mask
+    from ddp_cnn.data.loader import open_rank_data
+    from ddp_cnn.data.splits import hold_out, holdout_mask
     whole = open_rank_data(data[1], "train", SingleComm())
     train, val = hold_out(whole, 0.25)
     assert len(train) + len(val) == len(whole) and abs(len(val) / len(whole) - 0.25) < 0.05
@@ -201,7 +201,7 @@ class _FakeRank(SingleComm):
 
 def test_epochs_are_scored_on_validation_the_best_is_kept_and_the_test_set_once_at_the_end(data, tmp_path):
     import json
-    from ddp_cnn.checkpoint import BEST_NAME
+    from ddp_cnn.run.checkpoint import BEST_NAME
     model = model_mod.build("lenet", seed=1)
     trainer = Trainer(model, comm=SingleComm(), data=str(data[1]), run_dir=str(tmp_path), epochs=3, batch_size=64,
                       progress="off", val_fraction=0.2, keep=1, lr=3e-3)
@@ -231,7 +231,7 @@ def test_without_a_validation_split_epochs_are_not_scored(data, tmp_path, capsys
 
 
 def test_adamw_weight_decay_zero_means_none_from_the_command_line_and_the_library(data, tmp_path):
-    from ddp_cnn.train import parse_args
+    from ddp_cnn.cli.train import parse_args
     assert parse_args(["--optimizer", "adamw"]).weight_decay is None  # the optimizer's default: 0.01
     assert parse_args(["--optimizer", "adamw", "--weight-decay", "0"]).weight_decay == 0.0
     common = dict(comm=SingleComm(), data=str(data[1]), optimizer="adamw", eval_every=0, progress="off")

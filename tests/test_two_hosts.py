@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_cnn import checkpoint as ckpt
+from ddp_cnn.run import checkpoint as ckpt
 from helpers import make_synthetic_shards, ranks_of
 
 REPO = Path(__file__).resolve().parents[1]
