@@ -243,6 +243,19 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_deadline(data, tmp_path, 
     assert "Traceback" not in err
 
 
+def test_the_first_step_may_compile_the_cpu_kernels_beyond_a_short_deadline(data, tmp_path):
+    """A cold kernel cache (a fresh install, an edited kernel): compiling in the first step is no lost rank."""
+    from ddp_cnn.model import cpu_kernels
+    if not cpu_kernels.active():
+        pytest.skip("the compiled CPU kernels are not in use (numba missing or DDP_CNN_CPU_KERNELS=numpy)")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "empty-cache")}
+    proc = subprocess.run(train_cmd(2, data[2], tmp_path / "run", "--max-steps", 3, "--eval-every", 0,
+                                    "--collective-timeout", 1),
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any((tmp_path / "empty-cache").rglob("*.nbi")), "nothing was compiled: the test tests nothing"
+
+
 def test_a_blocking_collective_past_its_deadline_ends_the_job_with_one_line(tmp_path):
     script = tmp_path / "stall.py"
     script.write_text(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ddp_cnn.run import checkpoint as ckpt
-from helpers import make_synthetic_shards, ranks_of
+from helpers import HANG_S, make_synthetic_shards, ranks_of
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -154,10 +154,8 @@ def test_a_cut_link_ends_the_job_within_the_deadline_and_leaves_no_rank(hosts, d
     wait_for_steps(job, tmp_path / "metrics.jsonl", 20, seen)
     first = next(iter(HOSTS.values()))
     sh("ip", "netns", "exec", first, "ip", "link", "set", f"{TAG}x", "down")  # the cable is pulled, for good
-    t0 = time.time()
     try:
-        out, err = job.communicate(timeout=90)
-        took = time.time() - t0
+        out, err = job.communicate(timeout=HANG_S)  # the 5 s deadline ends it; the line below says so
         left = orphans_after_cut(tmp_path)
         stale = sorted(f for f in seen if os.path.exists(f))
     finally:
@@ -167,7 +165,6 @@ def test_a_cut_link_ends_the_job_within_the_deadline_and_leaves_no_rank(hosts, d
             os.kill(pid, signal.SIGKILL)
         sh("ip", "netns", "exec", first, "ip", "link", "set", f"{TAG}x", "up")
     assert job.returncode != 0
-    assert took < 5 + 25, f"the job took {took:.0f} s to end after the cut"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     # The ranks of the first host agree that those of the second did not arrive (in the step's gradient
     # allreduce, or the allreduce of its logged loss); one line.
@@ -229,7 +226,9 @@ def test_the_supervisor_goes_on_without_a_host_that_stays_cut_off(hosts, data, t
     assert job.returncode == 0, err[-3000:]
     restarts = [line for line in err.splitlines() if line.startswith("supervise: restart")]
     second = list(HOSTS)[1]
-    assert len(restarts) == 1 and f"ranks 2, 3 on {HOSTS[second]} did not reach the gradient allreduce" in restarts[0] \
+    # the cut meets the first host's ranks in the step's gradient allreduce or in the allreduce of its logged loss
+    assert len(restarts) == 1 and re.search(rf"ranks 2, 3 on {HOSTS[second]} did not reach (the gradient allreduce|"
+                                            r"an allreduce of a number)", restarts[0]) \
         and f"on 2 rank(s), without {second} (unreachable)" in restarts[0], err[-3000:]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     restart = [r for r in records if r["kind"] == "restart"]

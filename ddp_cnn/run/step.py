@@ -11,6 +11,20 @@ accumulation the weight is exactly 1 and nothing is scaled.
 """
 from __future__ import annotations
 
+from ddp_cnn.model import cpu_kernels
+
+# The deadline of the first step a process runs: it compiles the CPU kernels (Numba) where their disk cache is cold
+# or stale, seconds to a minute or more on a busy machine, on every rank at once.  A stall there still ends the job,
+# later; every later step has --collective-timeout.
+FIRST_STEP_TIMEOUT = 600.0
+
+
+def step_timeout(timeout: float, first: bool) -> float:
+    """Seconds a step may take before its gradient allreduce is called lost (0: no limit)."""
+    if timeout > 0 and first and cpu_kernels.active():
+        return max(timeout, FIRST_STEP_TIMEOUT)
+    return timeout
+
 
 def compute_gradients(model, loss_fn, reducer, x, y, step: int, *, soft=None, poison: bool = False,
                       stop=False, checkpoint=False, deadline: float | None = None, micro_batches: int = 1, share: float = 1.0,

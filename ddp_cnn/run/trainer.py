@@ -42,7 +42,7 @@ from ddp_cnn.run.evaluation import split_scores
 from ddp_cnn.run.progress import Progress, RootLog
 from ddp_cnn.run.runstate import RunState
 from ddp_cnn.run.shrink import AfterShrink, LiveRecovery, choose as choose_on_rank_loss, maybe_die
-from ddp_cnn.run.step import compute_gradients
+from ddp_cnn.run.step import compute_gradients, step_timeout
 from ddp_cnn.system.nospace import DiskFull
 from ddp_cnn.system.trace import Tracer
 
@@ -164,7 +164,8 @@ class Trainer(RunState, AfterShrink):
     def train_step(self, x, y, soft=None):
         """Gradient, allreduce, update (or a skip agreed by every rank).  Returns (loss, correct, stop)."""
         cfg = self.config
-        deadline = time.monotonic() + cfg.collective_timeout if cfg.collective_timeout > 0 else None
+        timeout = step_timeout(cfg.collective_timeout, first=not getattr(self, "stepped", False))
+        deadline = time.monotonic() + timeout if timeout > 0 else None
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
             poison=cfg.inject_nan == (self.world.rank, self.global_step), stop=lambda: self.stop.requested,
@@ -174,6 +175,7 @@ class Trainer(RunState, AfterShrink):
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)
+        self.stepped = True
         stop, self.checkpoint_due = self.reducer.requests(flag)
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
