@@ -106,6 +106,7 @@ class Trainer(RunState, AfterShrink):
         # Which process is which rank, for a supervisor told only that a pid died (start/resume records)
         self.processes = self.world.allgather_obj((comm_mod.hostname(), os.getpid()))
         self.checkpoint_due, self.checkpoint_clock = False, time.monotonic()  # --checkpoint-every-seconds
+        self.first_step = True  # this process's first step compiles the CPU kernels: run.step.step_timeout
         self.lock = rundir.RunLock(self.run_dir)  # from here on this job writes in the run dir
         agreed(self.world, lambda: startup.lock_run_dir(self.world, self.lock, self.checkpoint_dir, self.log))
         try:
@@ -164,7 +165,7 @@ class Trainer(RunState, AfterShrink):
     def train_step(self, x, y, soft=None):
         """Gradient, allreduce, update (or a skip agreed by every rank).  Returns (loss, correct, stop)."""
         cfg = self.config
-        timeout = step_timeout(cfg.collective_timeout, first=not getattr(self, "stepped", False))
+        timeout = step_timeout(cfg.collective_timeout, first=self.first_step)
         deadline = time.monotonic() + timeout if timeout > 0 else None
         loss, correct = compute_gradients(
             self.model, self.loss_fn, self.reducer, x, y, self.global_step, soft=soft, deadline=deadline,
@@ -175,7 +176,7 @@ class Trainer(RunState, AfterShrink):
         # The flag is bitwise the same on every rank, so this decision is too.  Reading it
         # is free on the CPU; on a GPU it is the step's one synchronisation.
         flag = float(self.reducer.flag)
-        self.stepped = True
+        self.first_step = False
         stop, self.checkpoint_due = self.reducer.requests(flag)
         if math.isnan(flag):
             if not cfg.skip_nonfinite:
